@@ -1,0 +1,206 @@
+"""Safetensors read and write, by hand, plus the atomic-write helper every output uses.
+
+The format (https://github.com/huggingface/safetensors, "Format" section):
+    8 bytes   N, the header length, unsigned little-endian
+    N bytes   a JSON object: {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...}
+              and an optional "__metadata__": {str: str}; padded with spaces
+    rest      the tensors' raw little-endian bytes; offsets are relative to the start of this part
+
+`load_file` memory-maps the file, so a 4 GB checkpoint is not read into memory twice:
+tensors are views of the mapping (copy-on-write) until moved to another device or dtype.
+Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+if sys.byteorder != "little":  # the format is little-endian and we read it by reinterpretation
+    raise ImportError("weights.py reads safetensors by reinterpreting bytes and needs a little-endian machine")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
+    """Return (tensor entries, metadata, byte offset of the data part) of a safetensors file, checked."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, need at least 8 for the header length)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER or 8 + n > size:
+            raise ValueError(f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated or not a safetensors file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: the header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header must be a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: '__metadata__' must map strings to strings")
+    data_start, data_size = 8 + n, size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise ValueError(f"{path}: key '{name}': entry must have dtype, shape and data_offsets, got {entry!r}")
+        if entry["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: key '{name}': unknown dtype {entry['dtype']!r} (known: {', '.join(DTYPES)})")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(f"{path}: key '{name}': shape must be a list of non-negative integers, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"{path}: key '{name}': data_offsets must be [begin, end], got {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(f"{path}: key '{name}': data_offsets {offsets} out of range (data part is {data_size} bytes)")
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = numel * DTYPES[entry["dtype"]].itemsize
+        if end - begin != expected:
+            raise ValueError(f"{path}: key '{name}': shape {shape} of {entry['dtype']} needs {expected} bytes, "
+                             f"data_offsets give {end - begin}")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ValueError(f"{path}: keys '{n0}' and '{n1}' overlap (bytes {b0}-{e0} and {b1}-{e1})")
+    return header, metadata, data_start
+
+
+def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file; memory-mapped on the CPU."""
+    header, _, data_start = read_header(path)
+    size = Path(path).stat().st_size
+    storage = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+    tensors = {}
+    for name, entry in header.items():
+        dtype = DTYPES[entry["dtype"]]
+        begin, end = (data_start + o for o in entry["data_offsets"])
+        chunk = raw[begin:end]
+        if begin % dtype.itemsize:  # unaligned: a view would be refused, so copy
+            chunk = chunk.clone()
+        tensors[name] = chunk.view(dtype).reshape(entry["shape"]).to(device)
+    return tensors
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file, without reading any tensor."""
+    return read_header(path)[1]
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside `path`; on success rename it over `path`, on failure remove it.
+
+    Readers never see a half-written file, and an existing file survives a crash mid-write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (moved to the CPU) to a safetensors file, atomically."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"{path}: metadata must map strings to strings")
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{path}: key '{name}' is a {type(t).__name__}, not a tensor")
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"{path}: key '{name}' has dtype {t.dtype}, which safetensors cannot store here")
+    # Largest element size first keeps every tensor aligned to its own size, as the safetensors library does.
+    names = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
+    header, offset = {}, 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header = {"__metadata__": dict(metadata), **header}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def resolve_component(path: str | os.PathLike, subfolder: str, filenames: tuple[str, ...]) -> Path:
+    """Find one model part's weights file.
+
+    `path` may be the file itself, a diffusers pipeline folder (with `subfolder/` inside), or that
+    subfolder. `filenames` are tried in order (e.g. the fp32 file before the `.fp16` one).
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            raise ValueError(f"{path}: pickled checkpoints are not loaded (unpickling can run code); "
+                             "use the .safetensors version of this file")
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    for folder in (path / subfolder, path):
+        for name in filenames:
+            if (folder / name).is_file():
+                return folder / name
+    raise FileNotFoundError(f"{path}: found none of {', '.join(filenames)} in it or in its '{subfolder}/' folder")
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
+                dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Copy `state` into `module`, refusing missing keys, unexpected keys and shape mismatches.
+
+    Floating tensors are cast to `dtype` (default: the module's own dtype, fp32 unless changed),
+    so an fp16 file loads into an fp32 model unless asked otherwise.
+    """
+    if dtype is not None:
+        module.to(dtype)
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = sorted(f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+                    for k in own.keys() & state.keys() if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        def listing(title, items):
+            if not items:
+                return ""
+            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+            return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:20]) + more
+        raise ValueError(f"{source}: weights do not match {type(module).__name__}:"
+                         + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+                         + listing("shape mismatches", shapes))
+    with torch.no_grad():
+        for name, target in own.items():
+            target.copy_(state[name])  # copy_ casts, e.g. fp16 file -> fp32 model
+    return module
