@@ -1,0 +1,73 @@
+"""Training-state checkpoints without pickles: optimizer moments, RNG states and counters in safetensors.
+
+A checkpoint holds what `--resume` needs to continue a run exactly: the optimizer's per-parameter state
+(keyed by the parameter's qualified name, so it survives re-creating the model and re-injecting adapters
+with grown ranks), its param-group hyperparameters, the generators' states, and the loop counters.
+The adapters themselves are saved beside it by `adapters.save_adapters`, in their own file.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+import weights
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    """Flatten the optimizer's state into `optim.<param name>.<state key>` tensors."""
+    out = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            out[f"optim.{names[param]}.{key}"] = value
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
+                           tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Put back the state written by `optimizer_tensors`; every parameter must match by name and shape."""
+    by_name = {name: p for p, name in names.items()}
+    optimizer.state.clear()
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        name, state_key = key[len("optim."):].rsplit(".", 1)
+        if name not in by_name:
+            raise ValueError(f"{source}: optimizer state for '{name}', which the model does not have")
+        param = by_name[name]
+        if state_key != "step" and value.shape != param.shape:
+            raise ValueError(f"{source}: optimizer state '{key}' has shape {tuple(value.shape)}, "
+                             f"parameter has {tuple(param.shape)}")
+        optimizer.state[param][state_key] = value.to(param.device, torch.float32 if state_key == "step" else param.dtype)
+
+
+def save_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
+                    generators: dict[str, torch.Generator], counters: dict) -> None:
+    """Write optimizer state, generator states and counters (JSON in the metadata), atomically."""
+    tensors = optimizer_tensors(optimizer, names)
+    for key, gen in generators.items():
+        tensors[f"rng.{key}"] = gen.get_state()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    weights.save_file(tensors, path, metadata={"counters": json.dumps(counters), "param_groups": json.dumps(groups)})
+
+
+def load_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
+                    generators: dict[str, torch.Generator]) -> dict:
+    """Restore what `save_checkpoint` wrote into the given optimizer and generators; return the counters."""
+    tensors = weights.load_file(path)
+    meta = weights.load_metadata(path)
+    if "counters" not in meta:
+        raise ValueError(f"{path}: not a training checkpoint (no 'counters' in its metadata)")
+    load_optimizer_tensors(optimizer, names, tensors, str(path))
+    groups = json.loads(meta["param_groups"])
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{path}: {len(groups)} optimizer param groups saved, the optimizer has {len(optimizer.param_groups)}")
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    for key, gen in generators.items():
+        if f"rng.{key}" not in tensors:
+            raise ValueError(f"{path}: no state for generator '{key}'")
+        gen.set_state(tensors[f"rng.{key}"])
+    return json.loads(meta["counters"])
