@@ -42,12 +42,16 @@ class VAEConfig:
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> VAEConfig:
-        """Read a diffusers `AutoencoderKL` config.json (as a dict), refusing variants this VAE does not build."""
+        """Read a diffusers `AutoencoderKL` config.json (as a dict), refusing variants this VAE does not build.
+
+        A key the file leaves out takes diffusers' default for it, as diffusers itself would.
+        """
         levels = len(cfg.get("block_out_channels", (64,)))
         expected = {
             "down_block_types": ["DownEncoderBlock2D"] * levels,
             "up_block_types": ["UpDecoderBlock2D"] * levels,
             "act_fn": "silu", "scaling_factor": LATENT_SCALE, "shift_factor": None,
+            "latents_mean": None, "latents_std": None,
             "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
         }
         for key, value in expected.items():

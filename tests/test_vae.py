@@ -105,6 +105,15 @@ def test_tiny_ldm_layout(tmp_path):
     check_ldm_layout(VAEConfig.tiny(), tmp_path, size=32)
 
 
+def test_standalone_original_vae_file(tmp_path):
+    """An original-layout VAE on its own (LDM names, no `first_stage_model.` prefix), as Stability ships them."""
+    cfg = VAEConfig.tiny()
+    state = randomise(VAE(cfg)).state_dict()
+    save_file(state, tmp_path / "vae-ft-mse.safetensors")
+    loaded = load_vae(tmp_path / "vae-ft-mse.safetensors", config=cfg).state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
 def test_fp16_variant_and_dtype(tmp_path):
     cfg = VAEConfig.tiny()
     ref = randomise(AutoencoderKL(**diffusers_config(cfg))).half()
