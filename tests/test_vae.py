@@ -51,8 +51,8 @@ def assert_same_vae(ours: VAE, ref: AutoencoderKL, size: int, batch: int = 2) ->
     assert max(errors) < TOL, errors
 
 
-def save_diffusers(ref: AutoencoderKL, folder, rename: dict[str, str] | None = None, variant: str | None = None):
-    ref.save_pretrained(folder, safe_serialization=True, variant=variant)
+def save_diffusers(ref: AutoencoderKL, folder, rename: dict[str, str] | None = None):
+    ref.save_pretrained(folder, safe_serialization=True)
     if rename:  # rewrite the weights under other (older) attention names
         file = folder / "diffusion_pytorch_model.safetensors"
         save_file({_rename(k, rename): v.clone() for k, v in load_file(file).items()}, file)
