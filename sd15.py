@@ -1,0 +1,116 @@
+"""Stable Diffusion 1.5 as one object: UNet, CLIP text encoder, tokenizer and VAE, and text-to-image generation.
+
+`load_sd15` reads the real weights (a diffusers folder, or the single-file checkpoint plus a tokenizer);
+`tiny_sd15` builds the same architecture, tiny and with random weights, for the embedded default run and
+the tests, where no real weights can be had.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import sampling
+from clip_text import END, END_OF_WORD, START, CLIPTextConfig, CLIPTextModel, Tokenizer, bytes_to_unicode, \
+    load_text_encoder, load_tokenizer
+from sd_unet import UNet, UNetConfig, load_unet
+from vae import VAE, VAEConfig, latents_to_images, load_vae
+
+
+@dataclass
+class SD15:
+    unet: UNet
+    text_encoder: CLIPTextModel
+    tokenizer: Tokenizer
+    vae: VAE
+    name: str  # where the weights came from, recorded in run folders and adapter files
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SD15:
+        for part in (self.unet, self.text_encoder, self.vae):
+            part.to(device, dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_factor(self) -> int:
+        """How many image pixels one latent pixel spans (8 for SD 1.5: one halving per VAE level after the first)."""
+        return 2 ** (len(self.vae.config.channels) - 1)
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, int]:
+        """Text-encoder context (B, 77, d) for the prompts, and how many were truncated to 77 tokens."""
+        ids, truncated = self.tokenizer.encode(prompts)
+        return self.text_encoder(ids.to(self.device)), truncated
+
+
+def load_sd15(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+              dtype: torch.dtype | None = None) -> SD15:
+    """Load SD 1.5 from a diffusers pipeline folder or an original single-file checkpoint.
+
+    A single file carries no tokenizer: give `tokenizer` (a diffusers `tokenizer/` folder with vocab.json and
+    merges.txt, or CLIP's `bpe_simple_vocab_16e6.txt.gz`). Weights load in fp32 unless `dtype` says otherwise.
+    """
+    path = Path(path)
+    if tokenizer is None:
+        if not path.is_dir():
+            raise ValueError(f"{path} is a single-file checkpoint, which carries no tokenizer: give --tokenizer PATH "
+                             "(a diffusers 'tokenizer/' folder with vocab.json and merges.txt, or CLIP's "
+                             "bpe_simple_vocab_16e6.txt.gz)")
+        tokenizer = path
+    return SD15(unet=load_unet(path, dtype=dtype).eval(), text_encoder=load_text_encoder(path, dtype=dtype).eval(),
+                tokenizer=load_tokenizer(tokenizer), vae=load_vae(path, dtype=dtype).eval(), name=str(path))
+
+
+def byte_tokenizer() -> Tokenizer:
+    """CLIP's tokenizer with no merges: every character is one token (514 ids in CLIP's order: the 256 byte
+    symbols, the same with the end-of-word mark, then start and end). Needs no vocabulary file."""
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + END_OF_WORD for s in symbols] + [START, END])}
+    return Tokenizer(vocab, [], source="byte-level vocabulary")
+
+
+def tiny_sd15(seed: int = 0) -> SD15:
+    """SD 1.5's architecture at toy size with random weights (same seed, same model): the embedded default.
+
+    It shows the mechanics of training and sampling on a CPU in minutes; it cannot make real images.
+    """
+    tokenizer = byte_tokenizer()
+    text_config = dataclasses.replace(CLIPTextConfig.tiny(), vocab_size=len(tokenizer.encoder),
+                                      eos_token_id=tokenizer.end_id)
+    unet_config = dataclasses.replace(UNetConfig.tiny(), context_dim=text_config.hidden_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        parts = UNet(unet_config), CLIPTextModel(text_config), VAE(VAEConfig.tiny())
+    unet, text_encoder, vae = (p.eval() for p in parts)
+    return SD15(unet, text_encoder, tokenizer, vae, name=f"embedded tiny random SD 1.5 (seed {seed})")
+
+
+@torch.no_grad()
+def generate(sd: SD15, prompts: list[str], steps: int = 50, guidance: float = 7.5, seed: int = 0, size: int = 224,
+             batch: int = 8, eta: float = 0.0, progress: bool = True) -> torch.Tensor:
+    """Text to images in [-1, 1], (N, 3, size, size): guided DDIM (sampling.sample), then the VAE decoder.
+
+    Image i starts from noise drawn from its own generator seeded with (seed, i), so an image does not
+    depend on the batch size or on the other prompts: same seed, same images.
+    """
+    if size % sd.latent_factor:
+        raise ValueError(f"size {size} must be a multiple of {sd.latent_factor}, the VAE's downsampling factor")
+    latent_size, channels = size // sd.latent_factor, sd.vae.config.latent_channels
+    uncond, _ = sd.encode_prompts([""])
+    images = []
+    for start in tqdm(range(0, len(prompts), batch), desc="images", unit="batch", disable=not progress):
+        chunk = prompts[start:start + batch]
+        noise = torch.stack([torch.randn(channels, latent_size, latent_size,
+                                         generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
+                             for i in range(len(chunk))]).to(sd.device)
+        context, _ = sd.encode_prompts(chunk)
+        generator = torch.Generator(sd.device).manual_seed(seed) if eta > 0 else None
+        latents = sampling.sample(sd.unet, noise, context, uncond, steps, guidance, eta, generator)
+        images.append(latents_to_images(sd.vae, latents).float().cpu())
+    return torch.cat(images)
