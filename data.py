@@ -17,6 +17,7 @@ images on both sides, and is stored as JSON of names per split: evaluation reloa
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -24,13 +25,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
-from weights import atomic_write
+from weights import atomic_write, load_file, save_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -343,6 +345,43 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"image": load_image(e.path, self.size), "caption": e.caption, "name": e.name}
 
 
+# ---------------------------------------------------------------- latent cache
+
+def latent_key(path: str | os.PathLike, size: int, model_key: str) -> str:
+    """Cache key of one image's latents: the file (path, byte size, modification time), the crop size, the VAE."""
+    stat = Path(path).stat()
+    ident = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}|{model_key}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def cached_latents(examples: list[Example], size: int, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   cache_dir: str | os.PathLike, model_key: str, batch_size: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (mean, logvar)} of the VAE posterior of each example's preprocessed image, encoded once.
+
+    Exact, since the crop is deterministic: training samples mean + exp(logvar / 2) * noise each step, as it
+    would from a fresh encoding. `encode` maps images [B, 3, size, size] in [-1, 1] to (mean, logvar);
+    `model_key` names the VAE (e.g. its weights file and dtype) so that another VAE never reads these files.
+    """
+    cache_dir = Path(cache_dir)
+    out, todo = {}, []
+    for e in examples:
+        file = cache_dir / f"{latent_key(e.path, size, model_key)}.safetensors"
+        if file.is_file():
+            t = load_file(file)
+            out[e.name] = (t["mean"].clone(), t["logvar"].clone())
+        else:
+            todo.append((e, file))
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        with torch.no_grad():
+            mean, logvar = encode(torch.stack([load_image(e.path, size) for e, _ in chunk]))
+        for j, (e, file) in enumerate(chunk):
+            m, lv = mean[j].detach().float().cpu().contiguous(), logvar[j].detach().float().cpu().contiguous()
+            save_file({"mean": m, "logvar": lv}, file, {"name": e.name, "size": str(size), "model": model_key})
+            out[e.name] = (m, lv)
+    return out
+
+
 # ---------------------------------------------------------------- split
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -455,18 +494,19 @@ def make_phantom_folder(root: str | os.PathLike, n: int = 96, size: int = 64, se
     """Write `n` phantoms as PNGs plus metadata.jsonl (the `folder` layout) into `root`; returns `root`.
 
     Shows the mechanics of fine-tuning on a caption that names a location; it is no medical data.
+    metadata.jsonl is written last and atomically: a folder that has it is complete.
     """
     if n < 1 or size < 16:
         raise ValueError(f"phantoms: need n >= 1 and size >= 16, got n={n}, size={size}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    (root / "metadata.jsonl").unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
         im, caption = draw_phantom(rng, size)
         name = f"phantom_{i:04d}.png"
-        with atomic_write(root / name) as f:
-            im.save(f, format="PNG")
+        im.save(root / name, format="PNG")
         lines.append(json.dumps({"file_name": name, "text": caption}))
     with atomic_write(root / "metadata.jsonl", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -391,3 +391,34 @@ def test_phantoms_are_seeded_fast_and_show_the_stated_opacity(tmp_path):
         stated = [lobe for lobe in means if e.caption.endswith(lobe)]
         assert all(means[lobe] > 140 for lobe in stated), (e.caption, means)
         assert all(means[lobe] < 100 for lobe in means if lobe not in stated), (e.caption, means)
+
+
+# ---------------------------------------------------------------- latent cache
+
+def test_latent_cache_encodes_once_and_is_keyed_by_file_size_and_model(tmp_path):
+    root = data.make_phantom_folder(tmp_path / "ph", n=5, size=48)
+    examples = data.load_dataset("folder", root).examples
+    calls = []
+
+    def encode(images):
+        calls.append(len(images))
+        pooled = torch.nn.functional.avg_pool2d(images, 8)
+        return pooled.repeat(1, 2, 1, 1)[:, :4] * 0.5, pooled.repeat(1, 2, 1, 1)[:, :4] - 3
+
+    cache = tmp_path / "cache"
+    first = data.cached_latents(examples, 32, encode, cache, "vae-a", batch_size=2)
+    assert calls == [2, 2, 1] and len(list(cache.glob("*.safetensors"))) == 5
+    mean, logvar = first[examples[3].name]
+    expected = encode(data.load_image(examples[3].path, 32)[None])
+    assert torch.equal(mean, expected[0][0]) and torch.equal(logvar, expected[1][0]) and mean.shape == (4, 4, 4)
+
+    calls.clear()
+    again = data.cached_latents(examples, 32, encode, cache, "vae-a")
+    assert calls == [] and all(torch.equal(again[n][0], first[n][0]) for n in first)
+    data.cached_latents(examples, 40, encode, cache, "vae-a")                 # another size
+    data.cached_latents(examples[:2], 32, encode, cache, "vae-b")             # another VAE
+    assert calls == [5, 2]
+    calls.clear()
+    data.make_phantom_folder(root, n=5, size=48, seed=9)                      # the files change
+    data.cached_latents(examples, 32, encode, cache, "vae-a")
+    assert calls == [5]
