@@ -11,8 +11,9 @@ Problems with one example (image missing or unreadable, empty caption) skip it a
 folder, nothing usable left) raise ValueError naming the file. Every image is decoded once by `load_dataset`,
 so a truncated file is found before training rather than in the middle of an epoch.
 
-The split is drawn over groups (the report's uid, the gastric slide id), so that no report or slide has
-images on both sides, and is stored as JSON of names per split: evaluation reloads exactly the held-out images.
+The split is drawn over groups (the report's uid, the gastric slide id, a Montgomery reading's "same pt as"
+reference), so that no report, slide or patient has images on both sides, and is stored as JSON of names
+per split: evaluation reloads exactly the held-out images.
 """
 from __future__ import annotations
 
@@ -63,10 +64,15 @@ class DataSet:
     kind: str
     root: Path
     examples: list[Example]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, "reason (detail)")
 
     def skipped_counts(self) -> dict[str, int]:
-        return dict(Counter(reason for _, reason in self.skipped))
+        """How many examples were skipped for each reason (the detail in parentheses left out)."""
+        return _reason_counts(self.skipped)
+
+
+def _reason_counts(skipped: list[tuple[str, str]]) -> dict[str, int]:
+    return dict(Counter(reason.split(" (")[0] for _, reason in skipped).most_common())
 
 
 # ---------------------------------------------------------------- reading the layouts
@@ -145,7 +151,7 @@ def read_folder(root: Path) -> tuple[list[Example], list[tuple[str, str]]]:
         if caption.is_file():
             _add(examples, skipped, root, image, caption.read_text(encoding="utf-8", errors="replace"))
         else:
-            skipped.append((str(image), f"no caption file {caption.name}"))
+            skipped.append((str(image), f"no caption file ({caption.name})"))
     return examples, skipped
 
 
@@ -166,7 +172,7 @@ def read_iu_xray(root: Path, empty_findings: str = "skip") -> tuple[list[Example
         path = _inside(folder, row["filename"], root / "indiana_projections.csv")
         report = reports.get(row["uid"])
         if report is None:
-            skipped.append((str(path), f"uid {row['uid']} not in indiana_reports.csv"))
+            skipped.append((str(path), f"uid not in indiana_reports.csv (uid {row['uid']})"))
             continue
         caption = report["findings"]
         if not caption and empty_findings == "impression":
@@ -198,7 +204,7 @@ def read_montgomery(root: Path) -> tuple[list[Example], list[tuple[str, str]]]:
     for path in sorted(images_dir.glob("*.png")):
         reading = readings_dir / f"{path.stem}.txt"
         if not reading.is_file():
-            skipped.append((str(path), f"no clinical reading {reading.name}"))
+            skipped.append((str(path), f"no clinical reading ({reading.name})"))
             continue
         raw = reading.read_bytes()
         try:
@@ -208,9 +214,10 @@ def read_montgomery(root: Path) -> tuple[list[Example], list[tuple[str, str]]]:
         try:
             caption = parse_clinical_reading(text, reading)
         except ValueError as err:
-            skipped.append((str(path), str(err)))
+            skipped.append((str(path), f"bad clinical reading ({err})"))
             continue
-        _add(examples, skipped, root, path, caption)
+        same = re.search(r"same pt as (MCUCXR_\d+_\d)", caption, re.I)  # one patient, one side of the split
+        _add(examples, skipped, root, path, caption, group=f"CXR_png/{same.group(1).upper()}.png" if same else None)
     return examples, skipped
 
 
@@ -232,7 +239,7 @@ def read_patchgastric(root: Path, per_subtype: int | None = None, subtypes: tupl
     for row in captions:
         slides = by_slide.get(row["id"], [])
         if not slides:
-            skipped.append((str(root / "captions.csv"), f"slide {row['id']}: no patches"))
+            skipped.append((str(root / "captions.csv"), f"no patches for a slide (id {row['id']})"))
         for path in slides:
             count = len(examples)
             _add(examples, skipped, root, path, row["text"], group=row["id"])
@@ -278,8 +285,7 @@ def load_dataset(kind: str, root: str | os.PathLike, *, empty_findings: str = "s
                 skipped.append((str(e.path), f"unreadable image ({type(err).__name__}: {err})"))
         examples = usable
     if not examples:
-        counts = Counter(reason.split(" (")[0] for _, reason in skipped)
-        detail = "; ".join(f"{n} x {reason}" for reason, n in counts.most_common()) or "no entries"
+        detail = "; ".join(f"{n} x {reason}" for reason, n in _reason_counts(skipped).items()) or "no entries"
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise ValueError(f"{root}: no usable image-caption pairs in this {kind} data set ({detail}){first}")
     return DataSet(kind, root, examples, skipped)
@@ -325,8 +331,11 @@ def preprocess(im: Image.Image, size: int, source: str | os.PathLike = "<image>"
 
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    with Image.open(path) as im:
-        return preprocess(im, size, path)
+    try:
+        with Image.open(path) as im:
+            return preprocess(im, size, path)
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from None
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):

@@ -118,7 +118,7 @@ def test_folder_metadata_jsonl_csv_and_txt(tmp_path):
     gray_png(kohya / "10_xray" / "img2.png")  # no caption beside it
     ds = data.load_dataset("folder", kohya)
     assert [(e.name, e.caption) for e in ds.examples] == [("10_xray/img1.png", "opacity")]
-    assert ds.skipped == [(str(kohya / "10_xray" / "img2.png"), "no caption file img2.txt")]
+    assert ds.skipped == [(str(kohya / "10_xray" / "img2.png"), "no caption file (img2.txt)")]
 
 
 def test_iu_xray_frontal_findings_and_empty_findings_policy(iu_root):
@@ -156,6 +156,9 @@ def test_montgomery_prompt_as_in_figure_7(montgomery_root):
         "CXR_png/MCUCXR_0004_1.png": "age:61, gender:Other, findings:NO REPORT (same pt as MCUCXR_0003_1)",
         "CXR_png/MCUCXR_0005_0.png": "age:8, gender:Female, findings:normal",
     }
+    groups = {e.name: e.group for e in ds.examples}
+    assert groups["CXR_png/MCUCXR_0004_1.png"] == groups["CXR_png/MCUCXR_0003_1.png"] == "CXR_png/MCUCXR_0003_1.png"
+    assert len(set(groups.values())) == 4
 
 
 def test_montgomery_bad_reading_is_skipped_with_its_name(montgomery_root):
@@ -164,8 +167,10 @@ def test_montgomery_bad_reading_is_skipped_with_its_name(montgomery_root):
     ds = data.load_dataset("montgomery", montgomery_root)
     assert len(ds.examples) == 3
     reasons = dict(ds.skipped)
-    assert "MCUCXR_0002_0.txt" in reasons[str(montgomery_root / "CXR_png" / "MCUCXR_0002_0.png")]
-    assert reasons[str(montgomery_root / "CXR_png" / "MCUCXR_0005_0.png")] == "no clinical reading MCUCXR_0005_0.txt"
+    assert reasons[str(montgomery_root / "CXR_png" / "MCUCXR_0002_0.png")].startswith(
+        f"bad clinical reading ({montgomery_root / 'ClinicalReadings' / 'MCUCXR_0002_0.txt'}: expected lines")
+    assert reasons[str(montgomery_root / "CXR_png" / "MCUCXR_0005_0.png")] == "no clinical reading (MCUCXR_0005_0.txt)"
+    assert ds.skipped_counts() == {"bad clinical reading": 1, "no clinical reading": 1}
 
 
 def test_patchgastric_all_and_appendix_c2_sampling(gastric_root):
@@ -306,6 +311,8 @@ def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path):
     assert reasons[str(root / "gone.png")] == "image missing"
     assert reasons[str(root / "truncated.png")].startswith("unreadable image")
     assert reasons[str(root / "text.png")].startswith("unreadable image")
+    with pytest.raises(ValueError, match=r"truncated\.png: cannot read the image"):
+        data.load_image(root / "truncated.png", 32)
 
     (root / "good.png").unlink()
     with pytest.raises(ValueError, match=r"no usable.*2 x image missing; 2 x unreadable image"):
