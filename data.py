@@ -274,16 +274,20 @@ def load_dataset(kind: str, root: str | os.PathLike, *, empty_findings: str = "s
         examples, skipped = read_patchgastric(root, per_subtype, seed=seed)
     else:
         raise ValueError(f"unknown data set kind {kind!r}; expected one of {', '.join(PAPER_SPLITS)}")
-    if check_images:
-        usable = []
-        for e in examples:
-            try:
+    usable, seen = [], set()
+    for e in examples:
+        if e.name in seen:
+            skipped.append((str(e.path), "listed twice (kept the first)"))
+            continue
+        seen.add(e.name)
+        try:
+            if check_images:
                 with Image.open(e.path) as im:
-                    im.load()
-                usable.append(e)
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                skipped.append((str(e.path), f"unreadable image ({type(err).__name__}: {err})"))
-        examples = usable
+                    image_to_array(im, e.path)
+            usable.append(e)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            skipped.append((str(e.path), f"unreadable image ({type(err).__name__}: {err})"))
+    examples = usable
     if not examples:
         detail = "; ".join(f"{n} x {reason}" for reason, n in _reason_counts(skipped).items()) or "no entries"
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""

@@ -109,8 +109,11 @@ def test_folder_metadata_jsonl_csv_and_txt(tmp_path):
 
     csv_root = tmp_path / "csv"
     gray_png(csv_root / "x.jpg")
-    write_csv(csv_root / "metadata.csv", ["file_name", "text", "extra"], [["x.jpg", "a, quoted caption", "1"]])
-    assert [e.caption for e in data.load_dataset("folder", csv_root).examples] == ["a, quoted caption"]
+    write_csv(csv_root / "metadata.csv", ["file_name", "text", "extra"],
+              [["x.jpg", "a, quoted caption", "1"], ["x.jpg", "again", "2"]])
+    ds = data.load_dataset("folder", csv_root)
+    assert [e.caption for e in ds.examples] == ["a, quoted caption"]
+    assert ds.skipped == [(str(csv_root / "x.jpg"), "listed twice (kept the first)")]
 
     kohya = tmp_path / "kohya"
     gray_png(kohya / "10_xray" / "img1.png")
@@ -303,19 +306,21 @@ def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path):
     gray_png(root / "good.png")
     (root / "truncated.png").write_bytes(gray_png(tmp_path / "t.png", (64, 64)).read_bytes()[:100])
     (root / "text.png").write_text("not an image")
+    Image.fromarray(np.ones((8, 8), np.float32)).save(root / "float.tif")
     (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "c"}) + "\n"
-                                                 for n in ("good.png", "truncated.png", "text.png", "gone.png")))
+                                                 for n in ("good.png", "truncated.png", "text.png", "gone.png", "float.tif")))
     ds = data.load_dataset("folder", root)
     assert [e.name for e in ds.examples] == ["good.png"]
     reasons = dict(ds.skipped)
     assert reasons[str(root / "gone.png")] == "image missing"
     assert reasons[str(root / "truncated.png")].startswith("unreadable image")
     assert reasons[str(root / "text.png")].startswith("unreadable image")
+    assert "mode F" in reasons[str(root / "float.tif")]
     with pytest.raises(ValueError, match=r"truncated\.png: cannot read the image"):
         data.load_image(root / "truncated.png", 32)
 
     (root / "good.png").unlink()
-    with pytest.raises(ValueError, match=r"no usable.*2 x image missing; 2 x unreadable image"):
+    with pytest.raises(ValueError, match=r"no usable.*3 x unreadable image; 2 x image missing"):
         data.load_dataset("folder", root)
 
 
