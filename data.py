@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from weights import atomic_write, load_file, save_file
 
@@ -337,7 +337,7 @@ def preprocess(im: Image.Image, size: int, source: str | os.PathLike = "<image>"
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:
-            return preprocess(im, size, path)
+            return preprocess(ImageOps.exif_transpose(im), size, path)  # photos stored rotated, as diffusers does
     except (OSError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from None
 

@@ -148,6 +148,28 @@ def test_iu_xray_authors_image_path(iu_root):
     assert len(ds.examples) == 9 and ds.examples[0].name.startswith("images/images/")
 
 
+def test_iu_xray_openi_names_and_unknown_uid(iu_root):
+    """The filename column is used as it is: OpenI's CXR1_1_IM-0001-4001.png names work as well."""
+    images = iu_root / "images" / "images_normalized"
+    (images / "1_IM-0001-4001.dcm.png").rename(images / "CXR1_1_IM-0001-4001.png")
+    text = (iu_root / "indiana_projections.csv").read_text().replace("1_IM-0001-4001.dcm.png", "CXR1_1_IM-0001-4001.png")
+    gray_png(images / "99_IM-0099-4001.dcm.png")
+    (iu_root / "indiana_projections.csv").write_text(text + "99,99_IM-0099-4001.dcm.png,Frontal\n")
+    ds = data.load_dataset("iu-xray", iu_root)
+    assert "images/images_normalized/CXR1_1_IM-0001-4001.png" in [e.name for e in ds.examples]
+    assert ds.skipped_counts() == {"empty findings": 2, "uid not in indiana_reports.csv": 1}
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((20, 40), np.uint8)
+    a[:, :20] = 255                                   # stored wide, bright on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(a).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    x = data.load_image(tmp_path / "photo.jpg", 20)
+    assert x[0, :5].mean() > 0.8 and x[0, -5:].mean() < -0.8  # displayed tall: bright on top
+
+
 def test_montgomery_prompt_as_in_figure_7(montgomery_root):
     ds = data.load_dataset("montgomery", montgomery_root)
     captions = {e.name: e.caption for e in ds.examples}
