@@ -455,12 +455,12 @@ def read_split(path: str | os.PathLike) -> dict[str, list[str]]:
     return splits
 
 
-def select(data: DataSet, names: list[str], source: str | os.PathLike = "split") -> list[Example]:
+def select(dataset: DataSet, names: list[str], source: str | os.PathLike = "split") -> list[Example]:
     """The examples named by a split part, in its order; a name no longer in the data set is an error."""
-    by_name = {e.name: e for e in data.examples}
+    by_name = {e.name: e for e in dataset.examples}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"{source}: {len(missing)} image(s) of the split are not usable in {data.root} "
+        raise ValueError(f"{source}: {len(missing)} image(s) of the split are not usable in {dataset.root} "
                          f"(first: {missing[0]})")
     return [by_name[n] for n in names]
 
