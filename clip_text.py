@@ -193,19 +193,11 @@ SINGLE_FILE_PREFIX = "cond_stage_model.transformer."
 IGNORED = re.compile(r"(text_model\.)?embeddings\.position_ids|vision_model\..*|visual_projection\.weight|logit_scale")
 
 
-def text_encoder_state(state: dict[str, torch.Tensor], source: str | os.PathLike) -> dict[str, torch.Tensor]:
+def text_encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map a checkpoint's keys to CLIPTextModel's: strip the layout's prefixes, drop the keys we do not use."""
     if any(k.startswith(SINGLE_FILE_PREFIX) for k in state):
         state = {k[len(SINGLE_FILE_PREFIX):]: v for k, v in state.items() if k.startswith(SINGLE_FILE_PREFIX)}
-    out = {}
-    for key, value in state.items():
-        if IGNORED.fullmatch(key):
-            continue
-        out[key.removeprefix("text_model.")] = value
-    if not out:
-        raise ValueError(f"{source}: no text encoder weights found (expected keys like "
-                         f"'text_model.embeddings.token_embedding.weight' or '{SINGLE_FILE_PREFIX}text_model.…')")
-    return out
+    return {key.removeprefix("text_model."): value for key, value in state.items() if not IGNORED.fullmatch(key)}
 
 
 def load_text_encoder(path: str | os.PathLike, config: CLIPTextConfig | None = None,
@@ -221,7 +213,7 @@ def load_text_encoder(path: str | os.PathLike, config: CLIPTextConfig | None = N
     if config is None and not single_file and (file.parent / "config.json").is_file():
         config = CLIPTextConfig.from_transformers(read_json(file.parent / "config.json"))
     model = CLIPTextModel(config)
-    return load_strict(model, text_encoder_state(state, file), file, dtype).eval()
+    return load_strict(model, text_encoder_state(state), file, dtype).eval()
 
 
 def read_json(path: Path):
