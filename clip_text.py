@@ -154,7 +154,7 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> final-normed hidden states [B, T, width]: SD 1.5's cross-attention context."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {T} tokens per prompt, more than the "
                              f"{self.config.max_position_embeddings} positions of this text encoder")
@@ -186,8 +186,8 @@ class CLIPTextModel(nn.Module):
         return self.text_projection(pooled)
 
 
-# Outer prefixes of the layouts we read, tried in order: an original SD single-file checkpoint, then a
-# transformers file (transformers >= 5 saves CLIPTextModel without the `text_model.` prefix).
+# An original SD single-file checkpoint holds transformers' layout under this prefix, beside the UNet and VAE.
+# transformers < 5 prefixes the keys with `text_model.` (CLIPModel files too), transformers >= 5 does not.
 SINGLE_FILE_PREFIX = "cond_stage_model.transformer."
 # Keys a text encoder file may hold that are not ours: the position_ids buffer, and a CLIPModel's image side.
 IGNORED = re.compile(r"(text_model\.)?embeddings\.position_ids|vision_model\..*|visual_projection\.weight|logit_scale")
@@ -234,7 +234,6 @@ N_MERGES = 49152 - 256 - 2  # merges used from CLIP's bpe_simple_vocab_16e6.txt.
 # counts the separators U+001C..U+001F, which CLIP treats as punctuation).
 WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
                        "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
-CATEGORY_KIND = {"L": "L", "N": "N"}
 SPECIALS = re.compile(f"({re.escape(START)}|{re.escape(END)})")
 
 
@@ -268,7 +267,10 @@ def split(text: str) -> list[str]:
     which `Tokenizer.tokenize` takes out before cleaning. We do the same, so no alternatives for them here.
     """
     def kind(c: str) -> str:  # " " whitespace, "L" letter, "N" number, "P" anything else
-        return " " if c in WHITESPACE else CATEGORY_KIND.get(unicodedata.category(c)[0], "P")
+        if c in WHITESPACE:
+            return " "
+        major = unicodedata.category(c)[0]
+        return major if major in "LN" else "P"
 
     words, i = [], 0
     while i < len(text):
