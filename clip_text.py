@@ -51,7 +51,7 @@ class CLIPTextConfig:
 
     @classmethod
     def tiny(cls) -> CLIPTextConfig:
-        """A few-thousand-parameter tower for fast tests; 77 positions so tokenizer output fits."""
+        """A tower of about 50k parameters for fast tests; 77 positions, so tokenizer output fits."""
         return cls(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, eos_token_id=999)
 
