@@ -16,6 +16,16 @@ from adapters import inject, load_adapters, merge_all, resize_parameter, save_ad
 from selora import SeLoRA, SeLoRALinear, draw_candidate, expand, literal_fi_ratios, literal_fisher_scores
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: extra threads only add synchronisation, which costs seconds per test when
+    other processes load the machine (measured: 28 s with 2 threads, 0.13 s with 1, for `train` below)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class MLP(nn.Module):
     def __init__(self, d=6, h=9, o=4):
         super().__init__()
