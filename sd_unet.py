@@ -66,7 +66,7 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls) -> UNetConfig:
-        """A few-hundred-thousand-parameter UNet with SD 1.5's structure, for fast tests."""
+        """A 2M-parameter UNet with SD 1.5's structure (4 levels, attention at the first three), for fast tests."""
         return cls(model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, num_heads=2,
                    context_dim=24, norm_groups=8)
 
@@ -107,9 +107,9 @@ class UNetConfig:
 
 # diffusers UNet2DConditionModel options that must keep these values (their SD 1.5 values) for our UNet.
 DIFFUSERS_FIXED = {
-    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "transformer_layers_per_block": 1, "num_attention_heads": None,
+    "dropout": 0.0, "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
+    "norm_eps": 1e-5, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "transformer_layers_per_block": 1, "num_attention_heads": None,
     "dual_cross_attention": False, "use_linear_projection": False, "upcast_attention": False,
     "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
@@ -176,6 +176,15 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class TransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text, feed-forward; each pre-normed and residual."""
 
@@ -183,14 +192,12 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, dim, heads)
         self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, context_dim, heads)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = nn.Module()
-        self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff.net(self.norm3(x))
+        return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):

@@ -35,7 +35,8 @@ SD15_CONFIG_JSON = {
 
 def inputs(cfg, size, batch=2, tokens=7, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, cfg.in_channels, *size, generator=gen), torch.randn(batch, tokens, cfg.context_dim, generator=gen)
+    latents = torch.randn(batch, cfg.in_channels, *size, generator=gen)
+    return latents, torch.randn(batch, tokens, cfg.context_dim, generator=gen)
 
 
 @torch.no_grad()
@@ -177,6 +178,7 @@ def test_from_diffusers_reads_the_published_sd15_config():
     ({"mid_block_type": None}, "mid_block_type"),
     ({"class_embed_type": "timestep"}, "class_embed_type"),
     ({"flip_sin_to_cos": False}, "flip_sin_to_cos"),
+    ({"dropout": 0.1}, "dropout"),
     ({"block_out_channels": [320, 480, 1280, 1280]}, "multiples"),
     ({"up_block_types": ["UpBlock2D"] * 4}, "up"),
     ({"down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}, "block types"),
