@@ -109,14 +109,14 @@ class UNetConfig:
 DIFFUSERS_FIXED = {
     "dropout": 0.0, "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
     "norm_eps": 1e-5, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "transformer_layers_per_block": 1, "num_attention_heads": None,
-    "dual_cross_attention": False, "use_linear_projection": False, "upcast_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
-    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "attention_type": "default", "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "transformer_layers_per_block": 1,
+    "num_attention_heads": None, "dual_cross_attention": False, "use_linear_projection": False,
+    "upcast_attention": False, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "encoder_hid_dim": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
+    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
+    "conv_out_kernel": 3, "attention_type": "default", "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
 }
 
 
