@@ -44,9 +44,12 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.n
 
 
 def save_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
-                    generators: dict[str, torch.Generator], counters: dict) -> None:
-    """Write optimizer state, generator states and counters (JSON in the metadata), atomically."""
+                    generators: dict[str, torch.Generator], counters: dict,
+                    extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write optimizer state, generator states, counters (JSON in the metadata) and `extra` tensors (e.g. a
+    method's own state, such as AdaLoRA's importance averages), atomically."""
     tensors = optimizer_tensors(optimizer, names)
+    tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
     for key, gen in generators.items():
         tensors[f"rng.{key}"] = gen.get_state()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -54,8 +57,9 @@ def save_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, n
 
 
 def load_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
-                    generators: dict[str, torch.Generator]) -> dict:
-    """Restore what `save_checkpoint` wrote into the given optimizer and generators; return the counters."""
+                    generators: dict[str, torch.Generator]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore what `save_checkpoint` wrote into the given optimizer and generators; return the counters
+    and the `extra` tensors."""
     tensors = weights.load_file(path)
     meta = weights.load_metadata(path)
     if "counters" not in meta:
@@ -70,4 +74,5 @@ def load_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, n
         if f"rng.{key}" not in tensors:
             raise ValueError(f"{path}: no state for generator '{key}'")
         gen.set_state(tensors[f"rng.{key}"])
-    return json.loads(meta["counters"])
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return json.loads(meta["counters"]), extra
