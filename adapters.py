@@ -1,0 +1,257 @@
+"""Method-independent plumbing for low-rank adapters on nn.Linear layers.
+
+Every method (SeLoRA in selora.py; the baselines later) is an `Adapter`: a module that holds a frozen
+nn.Linear `base` (W0, b0) and trainable low-rank factors named as in the SeLoRA paper (eq. 1):
+A in R^{d_in x r} and B in R^{r x d_out}, so that the update of W0 is A B (applied as x A B).
+The weight of nn.Linear is stored transposed, [d_out, d_in]; `delta_weight()` returns the update in
+that layout so that merging is one addition.
+
+This module puts adapters into a model (`inject`), counts parameters (`trainable_fraction`), keeps an
+optimizer consistent when a parameter changes shape (`resize_parameter`), saves and loads adapters of
+any rank (`save_adapters`, `load_adapters`) and folds them into plain nn.Linear layers (`merge`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from fnmatch import fnmatchcase
+from typing import Callable
+
+import torch
+from torch import nn
+
+import weights
+
+
+class Adapter(nn.Module):
+    """Base of every adapter: a frozen `base` nn.Linear plus trainable factors A (d_in x r) and B (r x d_out).
+
+    Subclasses set `method` (the name written into saved files), create `self.A` and `self.B`, and define
+    `forward` and `delta_weight`. Anything else the forward depends on (a scale, a mask) should be a
+    buffer, so that `save_adapters` stores it and `load_adapters` restores it.
+    """
+    method = "adapter"
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}")
+        self.base = base.requires_grad_(False)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update of W0 in nn.Linear's [d_out, d_in] layout."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.base.in_features}, d_out={self.base.out_features}, rank={self.rank}"
+
+
+def kaiming_uniform(d_in: int, n: int, generator: torch.Generator | None = None, a: float = 0.0) -> torch.Tensor:
+    """A [d_in, n] matrix drawn Kaiming-uniform with fan_in = d_in: U(-b, b), b = sqrt(6 / ((1 + a^2) d_in)).
+
+    fan_in is given explicitly because torch's `nn.init.kaiming_uniform_` would take it from dimension 1,
+    which for A (d_in x r) is r. The default a = 0 is torch's default gain sqrt(2), as the SeLoRA authors'
+    script calls it on their A (stored r x d_in, so there fan_in = d_in too); peft's LoRA uses a = sqrt(5).
+    Drawn on the CPU so that a seeded generator gives the same numbers on every device.
+    """
+    bound = math.sqrt(6.0 / ((1.0 + a * a) * d_in))
+    return torch.empty(d_in, n).uniform_(-bound, bound, generator=generator)
+
+
+def matches(name: str, pattern: str) -> bool:
+    """True when the glob `pattern` matches the qualified name `name` or one of its dotted suffixes.
+
+    `to_q` matches `down.0.attn1.to_q`; `attn2.to_*` matches only the cross-attention projections;
+    `*` also crosses dots, so `down.*.ff.*` works.
+    """
+    return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
+
+
+def _is_adapter_base(model: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return name.endswith(".base") and isinstance(model.get_submodule(parent), Adapter)
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    trainable = {id(p) for m in model.modules() if isinstance(m, Adapter)
+                 for name, p in m.named_parameters() if not name.startswith("base.")}
+    for p in model.parameters():
+        if id(p) not in trainable:
+            p.requires_grad_(False)
+
+
+def _wrap(model: nn.Module, names: list[str], make_adapter: Callable[[nn.Linear], Adapter]) -> dict[str, Adapter]:
+    """Replace the nn.Linear at each qualified name by make_adapter(it); freeze all but the adapters."""
+    _freeze_all_but_adapters(model)
+    adapters = {}
+    for name in names:
+        if not name:
+            raise ValueError("the model itself is an nn.Linear: wrap a module that contains linear layers")
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} has no layer '{name}'") from None
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"layer '{name}' is a {type(base).__name__}, expected a plain nn.Linear")
+        adapter = make_adapter(base)
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"make_adapter returned a {type(adapter).__name__} for '{name}', not an Adapter")
+        setattr(model.get_submodule(parent_name), attr, adapter)
+        adapters[name] = adapter
+    return adapters
+
+
+def inject(model: nn.Module, make_adapter: Callable[[nn.Linear], Adapter],
+           targets: list[str] | None = None) -> dict[str, Adapter]:
+    """Wrap nn.Linear layers of `model` in adapters, freeze the model, and return the adapters by name.
+
+    Every nn.Linear is wrapped (the SeLoRA paper's setting, section 3.5), or, with `targets`, those whose
+    qualified names match one of the glob patterns (see `matches`). A pattern that matches no linear
+    layer is an error: a typo must not silently train nothing. Linear layers already inside an adapter
+    are never wrapped twice. The model is modified in place.
+    """
+    linears = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not _is_adapter_base(model, name)]
+    if targets is not None:
+        if isinstance(targets, str):
+            raise TypeError(f"targets must be a list of patterns, got the string {targets!r}")
+        for pattern in targets:
+            if not any(matches(name, pattern) for name in linears):
+                shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
+                raise ValueError(f"target pattern {pattern!r} matches no nn.Linear of {type(model).__name__} "
+                                 f"({len(linears)} linear layers: {shown or 'none'})")
+        linears = [name for name in linears if any(matches(name, p) for p in targets)]
+    return _wrap(model, linears, make_adapter)
+
+
+def trainable_fraction(model: nn.Module) -> tuple[int, int, float]:
+    """(trainable parameters, all parameters, trainable as a percent of all), adapters included in 'all'.
+
+    This is the figure the SeLoRA paper reports (0.121 % of the text encoder, 0.368 % of the UNet, section 4).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total, 100.0 * trainable / total if total else 0.0
+
+
+def resize_parameter(param: nn.Parameter, data: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Give `param` new values of a new shape, in place, and resize its optimizer state to match.
+
+    The Parameter object stays the same, so it stays in its param group (same learning rate, weight
+    decay) and the optimizer's state stays keyed by it: nothing stale is left behind. Every state tensor
+    shaped like the parameter (Adam's and AdamW's exp_avg, exp_avg_sq, max_exp_avg_sq; SGD's
+    momentum_buffer) keeps its values where the old and new shapes overlap (the leading block) and is
+    zero elsewhere; scalar state (Adam's `step`, hence its bias correction) is kept. So a grown tensor
+    trains on exactly as if the optimizer had always held the larger shape with zero moments for the new
+    entries, and a truncated one keeps the moments of the entries it keeps. The stale gradient, of the
+    old shape, is dropped.
+    """
+    old_shape = param.shape
+    if data.dim() != len(old_shape):
+        raise ValueError(f"cannot resize a {tuple(old_shape)} parameter to {tuple(data.shape)}: "
+                         "the number of dimensions must stay the same")
+    if optimizer is not None:
+        if not any(p is param for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(f"the {tuple(old_shape)} parameter being resized is not in the optimizer's param groups")
+        state = optimizer.state.get(param, {})
+        overlap = tuple(slice(0, min(a, b)) for a, b in zip(old_shape, data.shape))
+        for key, value in state.items():
+            if not torch.is_tensor(value) or value.dim() == 0:
+                continue
+            if value.shape != old_shape:
+                raise ValueError(f"optimizer state '{key}' has shape {tuple(value.shape)}, not the parameter's "
+                                 f"{tuple(old_shape)}: {type(optimizer).__name__} is not element-wise and "
+                                 "cannot be resized")
+            resized = value.new_zeros(data.shape)
+            resized[overlap] = value[overlap]
+            state[key] = resized
+    param.data = data.to(device=param.device, dtype=param.dtype)
+    param.grad = None
+
+
+def _own_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter's parameters and persistent buffers, without those of its frozen base layer."""
+    return {k: v for k, v in adapter.state_dict().items() if not k.startswith("base.")}
+
+
+def save_adapters(adapters: dict[str, Adapter], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write every adapter's own tensors as `{layer}.{tensor}` to a safetensors file, atomically.
+
+    The metadata holds the method, every layer's rank (JSON, in `ranks`) and the caller's strings
+    (for SeLoRA: lambda, t, step, the base model's name).
+    """
+    metadata = dict(metadata or {})
+    for reserved in ("method", "ranks"):
+        if reserved in metadata:
+            raise ValueError(f"{path}: metadata key '{reserved}' is written by save_adapters itself")
+    methods = {a.method for a in adapters.values()}
+    if len(methods) != 1:
+        raise ValueError(f"{path}: expected adapters of one method, got {sorted(methods) or 'none'}")
+    tensors = {f"{name}.{key}": value for name, a in adapters.items() for key, value in _own_tensors(a).items()}
+    metadata["method"] = methods.pop()
+    metadata["ranks"] = json.dumps({name: a.rank for name, a in adapters.items()})
+    weights.save_file(tensors, path, metadata)
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike,
+                  make_adapter: Callable[[nn.Linear], Adapter]) -> tuple[dict[str, Adapter], dict[str, str]]:
+    """Wrap the layers named in a `save_adapters` file with make_adapter(base) and load their tensors.
+
+    Each adapter takes the shapes in the file, so layers of any rank come back as saved; the ranks in
+    the metadata are checked against them. `make_adapter` says which method to build (this module knows
+    no method by name); its method must be the file's. Returns (adapters by name, the file's metadata).
+    """
+    metadata = weights.load_metadata(path)
+    if "ranks" not in metadata or "method" not in metadata:
+        raise ValueError(f"{path}: no 'ranks'/'method' metadata: not an adapter file written by save_adapters")
+    ranks = json.loads(metadata["ranks"])
+    tensors = weights.load_file(path)
+    adapters = _wrap(model, list(ranks), make_adapter)
+    unexpected = set(tensors)
+    for name, adapter in adapters.items():
+        if adapter.method != metadata["method"]:
+            raise ValueError(f"{path}: holds {metadata['method']} adapters, asked to load them as {adapter.method}")
+        for key, own in _own_tensors(adapter).items():
+            full = f"{name}.{key}"
+            if full not in tensors:
+                raise ValueError(f"{path}: missing tensor '{full}'")
+            unexpected.discard(full)
+            value = tensors[full].to(device=own.device, dtype=own.dtype)
+            owner, _, leaf = key.rpartition(".")
+            module = adapter.get_submodule(owner)
+            if leaf in module._parameters:
+                module._parameters[leaf].data = value
+            else:
+                module._buffers[leaf] = value
+        d_in, r, d_out = adapter.base.in_features, ranks[name], adapter.base.out_features
+        if adapter.A.shape != (d_in, r) or adapter.B.shape != (r, d_out):
+            raise ValueError(f"{path}: layer '{name}': A {tuple(adapter.A.shape)} and B {tuple(adapter.B.shape)} do not "
+                             f"fit d_in={d_in}, rank={r} (metadata), d_out={d_out}")
+    if unexpected:
+        raise ValueError(f"{path}: tensors for no listed layer: {', '.join(sorted(unexpected)[:10])}")
+    return adapters, metadata
+
+
+def merge(adapter: Adapter) -> nn.Linear:
+    """A plain nn.Linear computing what the adapter computes: W = W0 + delta (eq. 1), for inference."""
+    base = adapter.base
+    merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                       device=base.weight.device, dtype=base.weight.dtype)
+    with torch.no_grad():
+        merged.weight.copy_(base.weight + adapter.delta_weight().to(base.weight.dtype))
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+    return merged.requires_grad_(False)
+
+
+def merge_all(model: nn.Module, adapters: dict[str, Adapter]) -> None:
+    """Replace every adapter of `model`, by name, with its merged nn.Linear, in place."""
+    for name, adapter in adapters.items():
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, merge(adapter))

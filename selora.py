@@ -1,0 +1,324 @@
+"""SeLoRA: Self-Expanding Low-Rank Adaptation (paper: ../shared/papers/selora-paper.txt, section 3).
+
+Every adapted layer starts at rank 1. Every t training steps each layer is tested: would appending one
+rank, A <- [A K], B <- [B; 0] (eq. 2), raise the empirical Fisher information of its weights (eq. 3-4)
+by more than a factor lambda (the FI-ratio, eq. 5)? If so, the layer grows by that rank. Appending a
+zero row to B leaves the output unchanged, and the random column K lets gradient reach the new row.
+
+Read top to bottom:
+- `SeLoRALinear`: x W0 + b0 + s x A B (eq. 1-2) on a frozen nn.Linear.
+- `expand`: eq. 2, with the optimizer's state resized (adapters.resize_parameter).
+- `per_sample_grads`, `fisher_score`, `fi_ratio`: eq. 3, 4, 5 from a layer's input x and output
+  gradient g, which the training step's own backward produces (the fast test).
+- `literal_fisher_scores`, `literal_fi_ratios`: the same numbers by definition, one backward per sample
+  on an expanded copy of the model (for readers, and the tests' oracle).
+- `SeLoRA`: the schedule (test every t steps, expand above lambda, log) as a training loop calls it.
+
+Per-sample gradient convention. The training loss is the batch mean of per-sample losses,
+L = (1/b) sum_i l_i, with l_i the MSE of sample i (mean over its elements). Eq. 3 uses the gradient of
+each sample's own loss l_i, so the output gradient dL/dy that backward gives is multiplied by b to
+undo the batch mean. Tokens and spatial positions of one sample (the N of an input [b, N, d_in]) are
+summed into that sample's gradient. This assumes l_i depends only on sample i's rows of every layer's
+output, true for Stable Diffusion (GroupNorm and LayerNorm are per sample; there is no BatchNorm).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters import Adapter, kaiming_uniform, resize_parameter
+
+BLOCK = 8  # ranks per matmul block in SeLoRALinear's forward; see `low_rank`
+FISHER_MODES = ("sample", "batch")
+
+
+class SeLoRALinear(Adapter):
+    """A frozen nn.Linear (W0, b0) plus a trainable rank-r update: f(x) = x W0 + b0 + s x A B (eq. 1, 2).
+
+    A (d_in x r) starts Kaiming-uniform, B (r x d_out) at zero, r = 1 (section 3), so the layer starts
+    equal to the base layer. The scale s is a constant that does not depend on r: a LoRA-style alpha / r
+    would change the output whenever r grows, which eq. 2 forbids. The default s = 8 is the value the
+    authors' script uses in effect (lora_alpha = 8 divided by the initial r = 1, computed once and never
+    updated when the rank grows); the paper's eq. 1 writes no scale (s = 1). With Adam, s multiplies the
+    step size of the update x A B, so s = 8 with the paper's learning rate 1e-4 reproduces the authors'
+    runs. s is a buffer, so saved adapters carry it.
+    """
+    method = "selora"
+
+    def __init__(self, base: nn.Linear, scale: float = 8.0, generator: torch.Generator | None = None):
+        super().__init__(base)
+        dev, dtype = base.weight.device, base.weight.dtype
+        dtype = dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
+        self.A = nn.Parameter(kaiming_uniform(base.in_features, 1, generator).to(dev, dtype))
+        self.B = nn.Parameter(torch.zeros(1, base.out_features, device=dev, dtype=dtype))
+        self.register_buffer("scale", torch.tensor(float(scale), device=dev, dtype=dtype))
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """x A B (eq. 1), summed over blocks of BLOCK ranks, A and B zero-padded to whole blocks.
+
+        A plain (x @ A) @ B would be exact in real arithmetic after an expansion, but not in floating
+        point: the matmul kernels pick their summation order from the shapes, so going from r to r + 1
+        changes the rounding of the ranks that were already there. With fixed-width blocks, appending a
+        rank either fills a zero padding column (the block's shapes do not change) or opens a new block
+        whose product is exactly zero, so the output stays the same bit for bit.
+        """
+        pad = -self.rank % BLOCK
+        A, B = F.pad(self.A, (0, pad)), F.pad(self.B, (0, 0, 0, pad))
+        out = None
+        for i in range(0, A.shape[1], BLOCK):
+            part = (x @ A[:, i:i + BLOCK].contiguous()) @ B[i:i + BLOCK]
+            out = part if out is None else out + part
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + (self.scale * self.low_rank(x.to(self.A.dtype))).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.scale * (self.A @ self.B)).T
+
+
+def draw_candidate(d_in: int, seed: int, step: int, name: str) -> torch.Tensor:
+    """The candidate column K (d_in x 1) that layer `name` is tested with at `step`, Kaiming-uniform.
+
+    Drawn from a generator seeded by (seed, step, layer name), so a run's growth is reproducible and a
+    resumed run draws the same K without saving any generator state.
+    """
+    key = int(np.random.SeedSequence([seed, step, zlib.crc32(name.encode())]).generate_state(1, np.uint64)[0])
+    return kaiming_uniform(d_in, 1, torch.Generator().manual_seed(key))
+
+
+def expand(layer: SeLoRALinear, K: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Grow the layer by one rank: A <- [A K], B <- [B; 0] (eq. 2). The output does not change.
+
+    With an optimizer, the state of A and B grows with them: existing moments kept, new entries zero,
+    same param group (adapters.resize_parameter).
+    """
+    d_in, d_out = layer.base.in_features, layer.base.out_features
+    if K.numel() != d_in:
+        raise ValueError(f"K must have d_in = {d_in} entries (a {d_in} x 1 column), got shape {tuple(K.shape)}")
+    with torch.no_grad():
+        A = torch.cat([layer.A, K.reshape(d_in, 1).to(layer.A)], dim=1)
+        B = torch.cat([layer.B, layer.B.new_zeros(1, d_out)], dim=0)
+    resize_parameter(layer.A, A, optimizer)
+    resize_parameter(layer.B, B, optimizer)
+
+
+def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor,
+                     K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of A, B and of the candidate row of B, from the layer's input and output gradient.
+
+    x: the input [b, ..., d_in]; g: the gradient of each sample's own loss l_i with respect to the
+    layer's output [b, ..., d_out] (the captured dL/dy of the batch-mean loss times b). With y = s x A B:
+        dl_i/dA = s sum_n x_n^T (g_n B^T)          [b, d_in, r]
+        dl_i/dB = s sum_n (x_n A)^T g_n            [b, r, d_out]
+        dl_i/db_new = s sum_n (x_n K) g_n          [b, d_out]  (the zero row that eq. 2 appends to B)
+    The expanded layer's gradient of K is zero because its row of B is zero, and the gradients of A and
+    B are those of the original layer, so these three give the Fisher of both. Sums over n (tokens,
+    positions) are einsums: no per-sample copy of any weight is formed.
+    """
+    b = x.shape[0]
+    A, B, s = layer.A, layer.B, layer.scale
+    x = x.reshape(b, -1, A.shape[0]).to(A.dtype)
+    g = g.reshape(b, -1, B.shape[1]).to(A.dtype)
+    grad_A = s * torch.einsum("bnd,bnr->bdr", x, g @ B.T)
+    grad_B = s * torch.einsum("bnr,bno->bro", x @ A, g)
+    grad_new = s * torch.einsum("bn,bno->bo", (x @ K.reshape(-1, 1).to(x)).squeeze(-1), g)
+    return grad_A, grad_B, grad_new
+
+
+def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> float:
+    """The FI-score (eq. 4): the empirical Fisher (eq. 3) summed over every entry of the given tensors.
+
+    per_sample: gradients [b, ...] of each sample's own loss. fisher="sample" is eq. 3, the batch mean of
+    squared per-sample gradients. fisher="batch" squares the batch-mean gradient instead, as the authors'
+    script does (sum of squared .grad after one backward of the batch-mean loss).
+    """
+    if fisher == "sample":
+        return sum(float(p.double().square().sum()) for p in per_sample) / per_sample[0].shape[0]
+    if fisher == "batch":
+        return sum(float(p.double().mean(0).square().sum()) for p in per_sample)
+    raise ValueError(f"fisher must be one of {FISHER_MODES}, got {fisher!r}")
+
+
+def fi_ratio(score_original: float, score_expanded: float) -> float:
+    """The FI-ratio: FI-score(expanded) / FI-score(original). A layer expands when it exceeds lambda.
+
+    The paper's eq. 5 prints this fraction upside down (original / expanded). Its section 3.2 (lambda = 1
+    "accepts any improvement") and 3.3 ((rank + 1) / rank favours expansion at small rank) need expanded
+    over original, and the authors' script computes it so (get_ratio: temp-weight gradients over the
+    recorded ones). The expanded score is never smaller, so the ratio is >= 1. A layer whose original
+    score is zero gets ratio inf if the candidate has any Fisher, else 1.
+    """
+    if score_original == 0:
+        return math.inf if score_expanded > 0 else 1.0
+    return score_expanded / score_original
+
+
+def literal_fisher_scores(model: nn.Module, adapters: dict[str, SeLoRALinear],
+                          per_sample_losses: Callable[[nn.Module], torch.Tensor],
+                          fisher: str = "sample") -> dict[str, float]:
+    """FI-score (eq. 3-4) of each adapter by definition: one backward of every sample's own loss l_i.
+
+    per_sample_losses(model) runs the model on the batch and returns the vector [l_1 .. l_b].
+    """
+    losses = per_sample_losses(model)
+    params = [p for a in adapters.values() for p in (a.A, a.B)]
+    per_sample = [torch.autograd.grad(l, params, retain_graph=True) for l in losses]
+    stacked = [torch.stack(gs) for gs in zip(*per_sample)]
+    return {name: fisher_score(stacked[2 * i:2 * i + 2], fisher) for i, name in enumerate(adapters)}
+
+
+def literal_fi_ratios(model: nn.Module, adapters: dict[str, SeLoRALinear],
+                      per_sample_losses: Callable[[nn.Module], torch.Tensor],
+                      candidates: dict[str, torch.Tensor], fisher: str = "sample") -> dict[str, float]:
+    """FI-ratio of each adapter by definition: score an expanded copy of the model against the original.
+
+    Each adapter is expanded with its candidate K in a deep copy (eq. 2); both are scored on the same
+    batch at the same weights with `literal_fisher_scores`. Slow (b backward passes, twice), exact.
+    """
+    original = literal_fisher_scores(model, adapters, per_sample_losses, fisher)
+    expanded_model = copy.deepcopy(model)
+    expanded = {name: expanded_model.get_submodule(name) for name in adapters}
+    for name, layer in expanded.items():
+        expand(layer, candidates[name])
+    scores = literal_fisher_scores(expanded_model, expanded, per_sample_losses, fisher)
+    return {name: fi_ratio(original[name], scores[name]) for name in adapters}
+
+
+@dataclass(frozen=True)
+class Test:
+    """One expansion test: at `step`, `layer` had FI-score `score` (eq. 4, original layer) and FI-ratio
+    `ratio` (eq. 5), and has `rank` after the decision."""
+    step: int
+    layer: str
+    score: float
+    ratio: float
+    rank: int
+    expanded: bool
+
+
+class SeLoRA:
+    """The expansion schedule (section 3.2): every t steps test every layer, expand those above lambda.
+
+    A training loop calls it so:
+
+        selora = SeLoRA(adapters, optimizer, lam=1.1, t=40)
+        for step, batch in enumerate(loader, start=1):
+            with selora.capture(step, batch_size=len(batch)):   # hooks only on test steps
+                loss = mse(model(batch), target)                 # batch mean of per-sample MSE
+                optimizer.zero_grad()
+                loss.backward()                                  # hooks compute per-sample grads here
+            optimizer.step()
+            selora.step()                                        # test steps: FI-ratios, expand, log
+
+    No extra forward or backward: the test reads the layer inputs x and output gradients g of the
+    step's own backward (`per_sample_grads`). Expansion comes after optimizer.step(): the gradient just
+    computed belongs to the old shapes and is used by the step as plain LoRA would use it; the expansion
+    then re-parameterises without changing the function, and the new entries, with zero moments, train
+    from the next step. (The test is measured at the weights before the step, the expansion applied
+    at the weights after it: a one-step lag the authors' script also has.) A layer expands when its
+    ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
+    """
+
+    def __init__(self, adapters: dict[str, SeLoRALinear], optimizer: torch.optim.Optimizer | None = None,
+                 lam: float = 1.1, t: int = 40, fisher: str = "sample", seed: int = 0, insist: bool = False):
+        if not adapters or not all(isinstance(a, SeLoRALinear) for a in adapters.values()):
+            raise ValueError("adapters must be a non-empty dict of SeLoRALinear layers (from adapters.inject)")
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"t must be an integer >= 1 (test for expansion every t steps), got {t!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ValueError(f"lam (lambda) must be a finite number, got {lam!r}")
+        if lam < 1:
+            message = (f"lam = {lam} < 1: the FI-ratio is never below 1, so every layer would expand at every test "
+                       "(the paper uses 1.1; 1 accepts any improvement)")
+            if not insist:
+                raise ValueError(message + "; pass insist=True to run so anyway")
+            warnings.warn(message, stacklevel=2)
+        if fisher not in FISHER_MODES:
+            raise ValueError(f"fisher must be one of {FISHER_MODES}, got {fisher!r}")
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [name for name, a in adapters.items() if id(a.A) not in held or id(a.B) not in held]
+            if missing:
+                raise ValueError(f"the optimizer does not hold A and B of {len(missing)} adapters, e.g. '{missing[0]}'")
+        self.adapters, self.optimizer = adapters, optimizer
+        self.lam, self.t, self.fisher, self.seed = float(lam), t, fisher, seed
+        self.log: list[Test] = []
+        self.last_step = 0
+        self._tested_step = None
+        self._candidates: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, list[torch.Tensor]] = {}
+
+    def is_test_step(self, step: int) -> bool:
+        return step % self.t == 0
+
+    @contextmanager
+    def capture(self, step: int, batch_size: int) -> Iterator[None]:
+        """Around the forward and backward of training step `step` (counted from 1): on test steps, hook
+        every adapter so that backward leaves its per-sample gradients here. Other steps: nothing."""
+        self.last_step = step
+        if not self.is_test_step(step):
+            yield
+            return
+        self._tested_step, self._grads = step, {}
+        self._candidates = {name: draw_candidate(a.base.in_features, self.seed, step, name)
+                            for name, a in self.adapters.items()}
+        handles = [a.register_forward_hook(self._hook(name, batch_size)) for name, a in self.adapters.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, name: str, batch_size: int):
+        def forward_hook(layer, inputs, output):
+            x = inputs[0].detach()
+            if x.shape[0] != batch_size:
+                raise ValueError(f"layer '{name}': input of shape {tuple(x.shape)} does not have the batch size "
+                                 f"{batch_size} first; the per-sample Fisher needs samples along dimension 0")
+            if not output.requires_grad:
+                return
+
+            def grad_hook(g):
+                grads = per_sample_grads(layer, x, g * batch_size, self._candidates[name])
+                held = self._grads.get(name)  # a layer called twice in one forward sums both calls
+                self._grads[name] = list(grads) if held is None else [h + n for h, n in zip(held, grads)]
+            output.register_hook(grad_hook)
+        return forward_hook
+
+    def step(self) -> list[Test]:
+        """After optimizer.step(): on a test step, compute each layer's FI-ratio, expand those above lambda
+        (resizing the optimizer's state), log and return the tests. Layers that received no gradient
+        this step are not tested. Other steps: nothing."""
+        if self._tested_step is None:
+            return []
+        tests = []
+        for name, layer in self.adapters.items():
+            if name not in self._grads:
+                continue
+            grad_A, grad_B, grad_new = self._grads[name]
+            original = fisher_score([grad_A, grad_B], self.fisher)
+            ratio = fi_ratio(original, original + fisher_score([grad_new], self.fisher))
+            grow = ratio > self.lam
+            if grow:
+                expand(layer, self._candidates[name], self.optimizer)
+            tests.append(Test(self._tested_step, name, original, ratio, layer.rank, grow))
+        self.log += tests
+        self._tested_step, self._candidates, self._grads = None, {}, {}
+        return tests
+
+    def metadata(self) -> dict[str, str]:
+        """The schedule's settings and the last step, for adapters.save_adapters (add the base model's name)."""
+        return {"lambda": repr(self.lam), "t": str(self.t), "fisher": self.fisher,
+                "seed": str(self.seed), "step": str(self.last_step)}

@@ -1,0 +1,363 @@
+"""SeLoRA (selora.py) and the adapter plumbing (adapters.py) on small torch models.
+
+Two models: a 2-layer MLP on [b, d] inputs, and a tiny attention block on [b, N, d] tokens whose
+feed-forward pair is applied twice (a layer called twice in one forward).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adapters
+import selora
+from adapters import inject, load_adapters, merge_all, resize_parameter, save_adapters, trainable_fraction
+from selora import SeLoRA, SeLoRALinear, draw_candidate, expand, literal_fi_ratios, literal_fisher_scores
+
+
+class MLP(nn.Module):
+    def __init__(self, d=6, h=9, o=4):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(d, h), nn.Linear(h, o)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, d=8, h=12):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(d, d) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(d, h), nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        x = x + self.to_out(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v)
+        for _ in range(2):  # weight-tied feed-forward: ff1 and ff2 are called twice per forward
+            x = x + self.ff2(F.gelu(self.ff1(x)))
+        return x
+
+
+def per_sample_mse(model, x, y):
+    return (model(x) - y).square().flatten(1).mean(1)
+
+
+def make(kind, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = (MLP() if kind == "mlp" else Block()).to(dtype)
+    return model, inject(model, SeLoRALinear)
+
+
+def batch(kind, b, n=5, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, 6) if kind == "mlp" else (b, n, 8)
+    out = (b, 4) if kind == "mlp" else (b, n, 8)
+    return torch.randn(shape, generator=g, dtype=dtype), torch.randn(out, generator=g, dtype=dtype)
+
+
+def randomise(adapters_, seed=2, grow=(0, 1, 2)):
+    """Give every adapter a trained-looking state: some ranks added and B non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    for i, a in enumerate(adapters_.values()):
+        for _ in range(grow[i % len(grow)]):
+            expand(a, torch.randn(a.base.in_features, generator=g))
+        with torch.no_grad():
+            a.B.copy_(0.3 * torch.randn(a.B.shape, generator=g))
+
+
+# ---------------------------------------------------------------- the layer and eq. 2
+
+def test_starts_as_the_base_layer_at_rank_one():
+    base = nn.Linear(20, 7)
+    layer = SeLoRALinear(base)
+    x = torch.randn(3, 20)
+    assert layer.rank == 1 and layer.A.shape == (20, 1) and layer.B.shape == (1, 7)
+    assert torch.equal(layer.B, torch.zeros(1, 7)) and torch.equal(layer(x), base(x))
+    bound = math.sqrt(6 / 20)  # Kaiming-uniform, fan_in = d_in, gain sqrt(2)
+    assert layer.A.abs().max() <= bound and layer.A.abs().max() > 0.5 * bound
+    assert not any(p.requires_grad for p in base.parameters())
+    assert float(layer.scale) == 8.0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "block"])
+def test_expansion_keeps_the_output_bit_for_bit(kind):
+    model, ads = make(kind, dtype=torch.float32)
+    randomise(ads)
+    x, _ = batch(kind, 3, dtype=torch.float32)
+    with torch.no_grad():
+        for r in range(12):  # crosses the 8-rank block boundary of SeLoRALinear.low_rank
+            before = model(x)
+            for name, a in ads.items():
+                expand(a, draw_candidate(a.base.in_features, 0, r, name))
+            assert torch.equal(model(x), before), f"output changed at expansion {r}"
+            for a in ads.values():
+                a.B.normal_()  # train between expansions
+
+
+def test_expand_is_eq_2():
+    layer = SeLoRALinear(nn.Linear(5, 3))
+    with torch.no_grad():
+        layer.B.normal_()
+    A, B, K = layer.A.detach().clone(), layer.B.detach().clone(), torch.randn(5, 1)
+    expand(layer, K)
+    assert layer.rank == 2
+    assert torch.equal(layer.A, torch.cat([A, K], 1)) and torch.equal(layer.B, torch.cat([B, torch.zeros(1, 3)], 0))
+    with pytest.raises(ValueError, match="d_in = 5"):
+        expand(layer, torch.randn(4))
+
+
+# ---------------------------------------------------------------- Fisher, FI-score, FI-ratio
+
+def fast_tests(model, ads, x, y, step, fisher="sample", lam=1e9):
+    """The training-loop path: capture during the step's own backward, then test (lam huge: no growth)."""
+    control = SeLoRA(ads, lam=lam, t=step, fisher=fisher, seed=3)
+    with control.capture(step, batch_size=x.shape[0]):
+        model.zero_grad()
+        per_sample_mse(model, x, y).mean().backward()
+    return {t.layer: t for t in control.step()}
+
+
+@pytest.mark.parametrize("fisher", ["sample", "batch"])
+@pytest.mark.parametrize("kind, b, n", [("mlp", 1, 1), ("mlp", 4, 1), ("mlp", 7, 1),
+                                        ("block", 1, 3), ("block", 3, 1), ("block", 3, 6), ("block", 5, 4)])
+def test_fast_fisher_equals_literal_fisher(kind, b, n, fisher):
+    model, ads = make(kind)
+    randomise(ads)
+    x, y = batch(kind, b, n)
+    tests = fast_tests(model, ads, x, y, step=40, fisher=fisher)
+    losses = lambda m: per_sample_mse(m, x, y)
+    scores = literal_fisher_scores(model, ads, losses, fisher)
+    candidates = {name: draw_candidate(a.base.in_features, 3, 40, name) for name, a in ads.items()}
+    ratios = literal_fi_ratios(model, ads, losses, candidates, fisher)
+    assert tests.keys() == ads.keys()
+    for name in ads:
+        attention_of_one_token = n == 1 and name in ("to_q", "to_k")  # softmax over one key: no gradient
+        assert (tests[name].score > 0 and ratios[name] > 1) or attention_of_one_token
+        assert tests[name].score == pytest.approx(scores[name], rel=1e-6, abs=0), name
+        assert tests[name].ratio == pytest.approx(ratios[name], rel=1e-6, abs=0), name
+
+
+def test_fisher_modes_differ():
+    model, ads = make("block")
+    randomise(ads)
+    x, y = batch("block", 4)
+    sample, batch_ = fast_tests(model, ads, x, y, 40, "sample"), fast_tests(model, ads, x, y, 40, "batch")
+    for name in ads:  # mean of squares >= square of mean, strictly for differing samples
+        assert sample[name].score > batch_[name].score * 1.01
+
+
+def test_ratio_by_hand_on_a_two_layer_toy():
+    """Scalar layers, d_in = d_out = 1: y1 = (w1 + s a1 b1) x + c1, y2 = (w2 + s a2 b2) y1 + c2,
+    l = (y2 - t)^2 per sample; derivatives written out by hand."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1)).double()
+    ads = inject(model, lambda base: SeLoRALinear(base, scale=2.0))
+    w1, c1, w2, c2, s = 0.7, -0.2, 1.3, 0.4, 2.0
+    a1, b1, a2, b2 = 0.5, -0.8, -1.1, 0.6
+    k1, k2 = (float(draw_candidate(1, 0, 1, n)) for n in "01")  # the candidates SeLoRA(seed=0) tests at step 1
+    with torch.no_grad():
+        for lin, w, c in ((model[0].base, w1, c1), (model[1].base, w2, c2)):
+            lin.weight.fill_(w), lin.bias.fill_(c)
+        for a, av, bv in ((ads["0"], a1, b1), (ads["1"], a2, b2)):
+            a.A.fill_(av), a.B.fill_(bv)
+    xs, ts = [0.3, -1.2, 2.0], [1.0, 0.1, -0.5]
+    fisher = {n: [0.0, 0.0] for n in "01"}  # [original, candidate row]
+    for x, t in zip(xs, ts):
+        y1 = (w1 + s * a1 * b1) * x + c1
+        y2 = (w2 + s * a2 * b2) * y1 + c2
+        e = 2 * (y2 - t)                      # dl/dy2
+        e1 = e * (w2 + s * a2 * b2)           # dl/dy1
+        fisher["1"][0] += (e * s * b2 * y1) ** 2 + (e * s * a2 * y1) ** 2  # dl/da2, dl/db2
+        fisher["1"][1] += (e * s * k2 * y1) ** 2                           # dl/db2_new
+        fisher["0"][0] += (e1 * s * b1 * x) ** 2 + (e1 * s * a1 * x) ** 2
+        fisher["0"][1] += (e1 * s * k1 * x) ** 2
+    expected = {n: (o + c) / o for n, (o, c) in fisher.items()}
+    x, y = torch.tensor(xs, dtype=torch.float64)[:, None], torch.tensor(ts, dtype=torch.float64)[:, None]
+    control = SeLoRA(ads, lam=1e9, t=1)
+    with control.capture(1, batch_size=3):
+        per_sample_mse(model, x, y).mean().backward()
+    tests = {t.layer: t for t in control.step()}
+    for n in "01":
+        assert tests[n].score == pytest.approx(fisher[n][0] / 3, rel=1e-12)
+        assert tests[n].ratio == pytest.approx(expected[n], rel=1e-12)
+    assert selora.fi_ratio(0.0, 0.0) == 1.0 and selora.fi_ratio(0.0, 1.0) == math.inf
+
+
+def test_batch_size_must_lead_the_input():
+    model, ads = make("block")
+    x, y = batch("block", 2)
+    control = SeLoRA(ads, t=1)
+    with pytest.raises(ValueError, match="'to_q'.*batch size 3"):
+        with control.capture(1, batch_size=3):
+            model(x)
+
+
+# ---------------------------------------------------------------- the schedule
+
+def train(kind, seed, steps=12, lam=1.5, t=3, opt=torch.optim.Adam):
+    model, ads = make(kind, seed=0)
+    optimizer = opt([p for a in ads.values() for p in (a.A, a.B)], lr=1e-2)
+    control = SeLoRA(ads, optimizer, lam=lam, t=t, seed=seed)
+    for step in range(1, steps + 1):
+        x, y = batch(kind, 4, seed=100 + step)
+        with control.capture(step, batch_size=4):
+            optimizer.zero_grad()
+            per_sample_mse(model, x, y).mean().backward()
+        optimizer.step()
+        control.step()
+    return model, ads, control
+
+
+def test_schedule_tests_every_t_steps_and_grows_deterministically():
+    _, ads, control = train("block", seed=5)
+    assert sorted({t.step for t in control.log}) == [3, 6, 9, 12]
+    assert len(control.log) == 4 * len(ads)
+    assert any(t.expanded for t in control.log) and not all(t.expanded for t in control.log)
+    for t in control.log:
+        assert t.expanded == (t.ratio > 1.5)
+    for name, a in ads.items():
+        assert a.rank == 1 + sum(t.expanded for t in control.log if t.layer == name)
+    _, ads2, control2 = train("block", seed=5)
+    assert control2.log == control.log
+    assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B) for a, b in zip(ads.values(), ads2.values()))
+    _, ads3, _ = train("block", seed=6)  # another seed draws other candidates K
+    both = [n for n in ads if ads[n].rank > 1 and ads3[n].rank > 1]
+    assert both and all(not torch.equal(ads[n].A[:, 1], ads3[n].A[:, 1]) for n in both)
+
+
+@pytest.mark.parametrize("opt", [torch.optim.Adam, torch.optim.AdamW])
+def test_grown_layer_trains_on_as_if_the_optimizer_always_held_the_larger_shape(opt):
+    """Ours: rank 1, 3 steps, expand with K, 3 more steps. Reference: rank 2 from the start, gradients of
+    the would-be entries masked to zero until step 3 (so their moments stay zero), then K written in.
+    Both must hold the same parameters and optimizer state after every step."""
+    torch.manual_seed(0)
+    ours = MLP().double()
+    ours_ads = inject(ours, SeLoRALinear)
+    ref = MLP().double()
+    ref.load_state_dict({k.replace(".base", ""): v for k, v in ours.state_dict().items()
+                         if ".base." in k})
+    ref_ads = inject(ref, SeLoRALinear)
+    K = torch.randn(6, 1, dtype=torch.float64)
+    with torch.no_grad():
+        for o, r in zip(ours_ads.values(), ref_ads.values()):
+            r.A.copy_(o.A)
+        expand(ref_ads["l1"], torch.full((6, 1), 0.25))  # placeholder column, overwritten by K at step 3
+    masks = {ref_ads["l1"].A: torch.tensor([1.0, 0.0]).double(), ref_ads["l1"].B: torch.tensor([[1.0], [0.0]]).double()}
+    handles = [p.register_hook(lambda g, m=m: g * m) for p, m in masks.items()]
+    params = lambda ads: [p for a in ads.values() for p in (a.A, a.B)]
+    kw = {"lr": 0.05, "weight_decay": 0.1} if opt is torch.optim.AdamW else {"lr": 0.05}
+    o_opt, r_opt = opt(params(ours_ads), **kw), opt(params(ref_ads), **kw)
+    for step in range(1, 7):
+        x, y = batch("mlp", 5, seed=step)
+        for model, optimizer in ((ours, o_opt), (ref, r_opt)):
+            optimizer.zero_grad()
+            per_sample_mse(model, x, y).mean().backward()
+            optimizer.step()
+        if step == 3:
+            expand(ours_ads["l1"], K, o_opt)
+            for h in handles:
+                h.remove()
+            with torch.no_grad():
+                ref_ads["l1"].A[:, 1:] = K
+        for p, q in zip(params(ours_ads), params(ref_ads)):
+            block = tuple(slice(0, n) for n in p.shape)  # before the expansion ours is the leading block
+            assert torch.equal(p, q[block]), f"step {step}"
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(o_opt.state[p][key], r_opt.state[q][key][block]), f"step {step}: {key}"
+            assert o_opt.state[p]["step"] == r_opt.state[q]["step"] == step
+    assert len(o_opt.param_groups) == 1 and set(o_opt.state) == set(params(ours_ads))
+    assert o_opt.param_groups[0]["lr"] == 0.05 and ours_ads["l1"].rank == 2
+
+
+def test_resize_keeps_the_leading_block_and_refuses_unknown_state():
+    p = nn.Parameter(torch.randn(4, 3))
+    optimizer = torch.optim.Adam([p])
+    p.grad = torch.randn(4, 3)
+    optimizer.step()
+    m = optimizer.state[p]["exp_avg"].clone()
+    resize_parameter(p, p.detach()[:, :2].clone(), optimizer)  # truncation, as a shrinking method does
+    assert p.shape == (4, 2) and p.grad is None and torch.equal(optimizer.state[p]["exp_avg"], m[:, :2])
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        resize_parameter(nn.Parameter(torch.zeros(2)), torch.zeros(3), optimizer)
+    optimizer.state[p]["row_var"] = torch.zeros(4)
+    with pytest.raises(ValueError, match="'row_var'.*not element-wise"):
+        resize_parameter(p, torch.zeros(4, 3), optimizer)
+
+
+# ---------------------------------------------------------------- injection, saving, merging
+
+def test_inject_wraps_every_linear_or_the_matching_ones():
+    model = Block()
+    ads = inject(model, SeLoRALinear)
+    assert list(ads) == ["to_q", "to_k", "to_v", "to_out", "ff1", "ff2"]
+    assert inject(model, SeLoRALinear) == {}  # the linear layers inside adapters are not wrapped again
+    trainable, total, percent = trainable_fraction(model)
+    lora = sum(d_in + d_out for d_in, d_out in [(8, 8)] * 4 + [(8, 12), (12, 8)])  # rank 1: d_in + d_out
+    assert trainable == lora and total == 4 * (64 + 8) + (96 + 12) + 96 + lora
+    assert percent == pytest.approx(100 * lora / total)
+    assert all(p.requires_grad == (n.endswith((".A", ".B"))) for n, p in model.named_parameters())
+    model = Block()
+    assert list(inject(model, SeLoRALinear, ["to_*", "ff2"])) == ["to_q", "to_k", "to_v", "to_out", "ff2"]
+    nested = nn.ModuleDict({"down": Block(), "up": Block()})
+    assert list(inject(nested, SeLoRALinear, ["up.to_q", "*ff1"])) == ["down.ff1", "up.to_q", "up.ff1"]
+    with pytest.raises(ValueError, match="'to_x' matches no nn.Linear of Block"):
+        inject(Block(), SeLoRALinear, ["to_q", "to_x"])
+
+
+def test_configuration_errors():
+    _, ads = make("mlp")
+    with pytest.raises(ValueError, match="lam = 0.9 < 1.*insist=True"):
+        SeLoRA(ads, lam=0.9)
+    with pytest.warns(UserWarning, match="every layer would expand"):
+        SeLoRA(ads, lam=0.9, insist=True)
+    for t in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="t must be an integer >= 1"):
+            SeLoRA(ads, t=t)
+    with pytest.raises(ValueError, match="finite"):
+        SeLoRA(ads, lam=float("nan"))
+    with pytest.raises(ValueError, match="fisher must be one of"):
+        SeLoRA(ads, fisher="exact")
+    with pytest.raises(ValueError, match="does not hold A and B"):
+        SeLoRA(ads, torch.optim.Adam([ads["l1"].A]))
+    default = SeLoRA(ads)
+    assert (default.lam, default.t, default.fisher) == (1.1, 40, "sample")
+
+
+def test_save_load_same_outputs_and_ranks(tmp_path):
+    model, ads = make("block", dtype=torch.float32)
+    for a in ads.values():
+        a.scale.fill_(2.0)
+    randomise(ads, grow=(0, 3, 9))
+    control = SeLoRA(ads)
+    control.last_step = 120
+    path = tmp_path / "adapters.safetensors"
+    save_adapters(ads, path, {**control.metadata(), "base_model": "tiny-block"})
+    x, _ = batch("block", 2, dtype=torch.float32)
+    fresh = Block()
+    fresh.load_state_dict({k.replace(".base", ""): v for k, v in model.state_dict().items() if ".base." in k})
+    loaded, meta = load_adapters(fresh, path, SeLoRALinear)
+    assert {n: a.rank for n, a in loaded.items()} == {n: a.rank for n, a in ads.items()}
+    assert sorted({a.rank for a in loaded.values()}) == [1, 4, 10]
+    assert torch.equal(fresh(x), model(x)) and float(loaded["to_k"].scale) == 2.0
+    assert (meta["lambda"], meta["t"], meta["step"], meta["base_model"], meta["method"]) == ("1.1", "40", "120", "tiny-block", "selora")
+    assert all(a.A.requires_grad and not a.base.weight.requires_grad for a in loaded.values())
+    with pytest.raises(ValueError, match="holds selora adapters, asked to load them as other"):
+        load_adapters(Block(), path, type("Other", (SeLoRALinear,), {"method": "other"}))
+    with pytest.raises(ValueError, match="has no layer 'to_q'"):
+        load_adapters(MLP(), path, SeLoRALinear)
+    with pytest.raises(ValueError, match="metadata key 'ranks'"):
+        save_adapters(ads, tmp_path / "x.safetensors", {"ranks": "{}"})
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_merge_equals_the_unmerged_forward(dtype, tol):
+    model, ads = make("block", dtype=dtype)
+    randomise(ads, grow=(1, 9))
+    x, _ = batch("block", 3, dtype=dtype)
+    with torch.no_grad():
+        before = model(x)
+        merge_all(model, ads)
+        after = model(x)
+    assert not any(isinstance(m, adapters.Adapter) for m in model.modules())
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in ads)
+    torch.testing.assert_close(after, before, rtol=tol, atol=tol)
