@@ -260,7 +260,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike,
             if full not in tensors:
                 raise ValueError(f"{path}: missing tensor '{full}'")
             unexpected.discard(full)
-            value = tensors[full].to(device=own.device, dtype=own.dtype)
+            # a copy of its own: load_file's tensors are views into one buffer, not 64-byte aligned, and
+            # CPU matmul kernels round differently on unaligned data, so a resumed run would drift
+            value = tensors[full].to(device=own.device, dtype=own.dtype, copy=True)
             owner, _, leaf = key.rpartition(".")
             module = adapter.get_submodule(owner)
             if leaf in module._parameters:
