@@ -22,7 +22,6 @@ The AdaLoRA formulas follow peft's `adalora` tuner (peft 0.21); where ours diffe
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from typing import ContextManager, Iterator
 
@@ -38,6 +37,17 @@ def factor_dtype(base: nn.Linear) -> tuple[torch.device, torch.dtype]:
     would lose small updates)."""
     dtype = base.weight.dtype
     return base.weight.device, dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
+
+
+def lora_factors(base: nn.Linear, r: int, generator: torch.Generator | None = None,
+                 name: str = "r") -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's start: A (d_in x r) Kaiming-uniform (`adapters.kaiming_uniform`), B (r x d_out) zero, so the
+    update A B is zero and the adapted layer starts equal to its base."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {r!r}")
+    dev, dtype = factor_dtype(base)
+    return (nn.Parameter(kaiming_uniform(base.in_features, r, generator).to(dev, dtype)),
+            nn.Parameter(torch.zeros(r, base.out_features, device=dev, dtype=dtype)))
 
 
 class Controller:
@@ -95,12 +105,8 @@ class LoRALinear(Adapter):
 
     def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 8.0, generator: torch.Generator | None = None):
         super().__init__(base)
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {r!r}")
-        dev, dtype = factor_dtype(base)
-        self.A = nn.Parameter(kaiming_uniform(base.in_features, r, generator).to(dev, dtype))
-        self.B = nn.Parameter(torch.zeros(r, base.out_features, device=dev, dtype=dtype))
-        self.register_buffer("scale", torch.tensor(alpha / r, device=dev, dtype=dtype))
+        self.A, self.B = lora_factors(base, r, generator)
+        self.register_buffer("scale", self.A.new_tensor(alpha / r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -130,14 +136,10 @@ class DyLoRALinear(Adapter):
     def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 8.0, mode: str = "full",
                  generator: torch.Generator | None = None):
         super().__init__(base)
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {r!r}")
         if mode not in DYLORA_MODES:
             raise ValueError(f"mode must be one of {DYLORA_MODES}, got {mode!r}")
-        dev, dtype = factor_dtype(base)
-        self.A = nn.Parameter(kaiming_uniform(base.in_features, r, generator).to(dev, dtype))
-        self.B = nn.Parameter(torch.zeros(r, base.out_features, device=dev, dtype=dtype))
-        self.register_buffer("alpha", torch.tensor(float(alpha), device=dev, dtype=dtype))
+        self.A, self.B = lora_factors(base, r, generator)
+        self.register_buffer("alpha", self.A.new_tensor(float(alpha)))
         self.mode = mode
         self.b: int | None = None
 

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import Adapter, kaiming_uniform, resize_parameter
-from baselines import Controller, factor_dtype
+from adapters import Adapter, resize_parameter
+from baselines import Controller, lora_factors
 from selora import draw_candidate
 
 
@@ -69,13 +69,9 @@ class LoRA2Linear(Adapter):
     def __init__(self, base: nn.Linear, rank: int = 4, k: float = 0.9, scale: float = 8.0,
                  generator: torch.Generator | None = None):
         super().__init__(base)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-        dev, dtype = factor_dtype(base)
-        self.A = nn.Parameter(kaiming_uniform(base.in_features, rank, generator).to(dev, dtype))
-        self.B = nn.Parameter(torch.zeros(rank, base.out_features, device=dev, dtype=dtype))
-        self.rho = nn.Parameter(torch.tensor(inverse_softplus(rate_for_rank(rank, k)), device=dev, dtype=dtype))
-        self.register_buffer("scale", torch.tensor(float(scale), device=dev, dtype=dtype))
+        self.A, self.B = lora_factors(base, rank, generator, name="rank")
+        self.rho = nn.Parameter(self.A.new_tensor(inverse_softplus(rate_for_rank(rank, k))))
+        self.register_buffer("scale", self.A.new_tensor(float(scale)))
 
     @property
     def rate(self) -> torch.Tensor:

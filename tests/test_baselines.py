@@ -9,15 +9,7 @@ from torch import nn
 from adapters import inject, merge
 from baselines import (AdaLoRA, AdaLoRALinear, DyLoRA, DyLoRALinear, LoRALinear, budget_schedule, draw_rank,
                        orthogonal_regulariser)
-
-
-class MLP(nn.Module):
-    def __init__(self, d=6, h=9, o=4):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(d, h), nn.Linear(h, o)
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
+from test_selora import MLP  # the same small models as the SeLoRA tests
 
 
 def fill(param, seed, scale=0.3):
@@ -126,7 +118,7 @@ def test_orthogonal_regulariser_is_zero_for_orthonormal_factors_and_the_frobeniu
         fill(a.A, 10 + i)
         fill(a.B, 20 + i)
     eye = torch.eye(4, dtype=torch.float64)
-    by_hand = sum(float(torch.sqrt(((a.A.T @ a.A - eye) ** 2).sum())) + float(torch.sqrt(((a.B @ a.B.T - eye) ** 2).sum()))
+    by_hand = sum(float(torch.sqrt(((a.A.T @ a.A - eye) ** 2).sum()) + torch.sqrt(((a.B @ a.B.T - eye) ** 2).sum()))
                   for a in ads.values()) / 4
     assert float(orthogonal_regulariser(ads)) == pytest.approx(by_hand, rel=1e-12) and by_hand > 0.1
     control = AdaLoRA(ads, total_steps=100, orth_reg_weight=0.25)

@@ -8,15 +8,7 @@ from torch import nn
 
 from adapters import inject, merge
 from lora2 import LoRA2, LoRA2Linear, inverse_softplus, normaliser, quantile_rank, rate_for_rank, resize
-
-
-class MLP(nn.Module):
-    def __init__(self, d=10, h=12, o=8):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(d, h), nn.Linear(h, o)
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
+from test_selora import MLP  # the same small models as the SeLoRA tests
 
 
 def set_rate(layer, rate):
@@ -65,7 +57,7 @@ def test_rank_is_the_k_quantile():
 
 def controlled(dtype=torch.float64, lr=0.0):
     torch.manual_seed(0)
-    model = MLP().to(dtype)
+    model = MLP(d=10, h=12, o=8).to(dtype)
     ads = inject(model, lambda base: LoRA2Linear(base, rank=3))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     return model, ads, opt, LoRA2(ads, opt, max_rank=8)
@@ -187,7 +179,7 @@ def test_training_moves_ranks_with_the_rates_and_keeps_adam_consistent():
 
 
 def test_configuration_errors():
-    ads = inject(MLP(), LoRA2Linear)
+    ads = inject(MLP(d=10, h=12, o=8), LoRA2Linear)
     with pytest.raises(ValueError, match="k \\(the quantile\\) must be in \\(0, 1\\)"):
         LoRA2(ads, k=1.0)
     with pytest.raises(ValueError, match="rank must be an integer >= 1"):

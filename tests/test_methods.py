@@ -1,10 +1,7 @@
 """The method table (methods.py): every method behind one interface trains, saves, loads, merges, reports
 its ranks in one format and resumes exactly from its saved state."""
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import weights
@@ -14,22 +11,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from lora2 import LoRA2, LoRA2Linear
 from methods import METHODS, SeLoRAController, adapter_for_file, build
 from selora import SeLoRALinear
-
-
-class Block(nn.Module):
-    """A tiny attention block on [b, N, d] tokens, its feed-forward pair applied twice."""
-
-    def __init__(self, d=8, h=12):
-        super().__init__()
-        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(d, d) for _ in range(4))
-        self.ff1, self.ff2 = nn.Linear(d, h), nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        x = x + self.to_out(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v)
-        for _ in range(2):
-            x = x + self.ff2(F.gelu(self.ff1(x)))
-        return x
+from test_selora import Block  # the same small models as the SeLoRA tests
 
 
 # options that make every method change something within a few steps of a tiny run
