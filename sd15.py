@@ -43,6 +43,10 @@ class SD15:
         """How many image pixels one latent pixel spans (8 for SD 1.5: one halving per VAE level after the first)."""
         return 2 ** (len(self.vae.config.channels) - 1)
 
+    def adaptable(self) -> torch.nn.ModuleDict:
+        """The parts that get adapters, under the names adapter files use: `unet.<module>`, `text_encoder.<module>`."""
+        return torch.nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder})
+
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, int]:
         """Text-encoder context (B, 77, d) for the prompts, and how many were truncated to 77 tokens."""
         ids, truncated = self.tokenizer.encode(prompts)

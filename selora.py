@@ -197,7 +197,7 @@ def literal_fi_ratios(model: nn.Module, adapters: dict[str, SeLoRALinear],
 
 
 @dataclass(frozen=True)
-class Test:
+class RankTest:
     """One expansion test: at `step`, `layer` had FI-score `score` (eq. 4, original layer) and FI-ratio
     `ratio` (eq. 5), and has `rank` after the decision."""
     step: int
@@ -254,7 +254,7 @@ class SeLoRA:
                 raise ValueError(f"the optimizer does not hold A and B of {len(missing)} adapters, e.g. '{missing[0]}'")
         self.adapters, self.optimizer = adapters, optimizer
         self.lam, self.t, self.fisher, self.seed = float(lam), t, fisher, seed
-        self.log: list[Test] = []
+        self.log: list[RankTest] = []
         self.last_step = 0
         self._tested_step = None
         self._candidates: dict[str, torch.Tensor] = {}
@@ -297,7 +297,7 @@ class SeLoRA:
             output.register_hook(grad_hook)
         return forward_hook
 
-    def step(self) -> list[Test]:
+    def step(self) -> list[RankTest]:
         """After optimizer.step(): on a test step, compute each layer's FI-ratio, expand those above lambda
         (resizing the optimizer's state), log and return the tests. Layers that received no gradient
         this step are not tested. Other steps: nothing."""
@@ -313,7 +313,7 @@ class SeLoRA:
             grow = ratio > self.lam
             if grow:
                 expand(layer, self._candidates[name], self.optimizer)
-            tests.append(Test(self._tested_step, name, original, ratio, layer.rank, grow))
+            tests.append(RankTest(self._tested_step, name, original, ratio, layer.rank, grow))
         self.log += tests
         self._tested_step, self._candidates, self._grads = None, {}, {}
         return tests

@@ -205,11 +205,18 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Ge
     return mean + torch.exp(0.5 * logvar) * noise
 
 
+def posterior_to_latents(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+                         sample: bool = True) -> torch.Tensor:
+    """The encoder's posterior -> the scaled latents the UNet is trained on (a sample, as LDM trains, or the mean).
+
+    Training from cached (mean, logvar) calls this directly, drawing a fresh sample each step."""
+    return (sample_latents(mean, logvar, generator) if sample else mean) * LATENT_SCALE
+
+
 def images_to_latents(vae: VAE, images: torch.Tensor, generator: torch.Generator | None = None,
                       sample: bool = True) -> torch.Tensor:
-    """Images in [-1, 1] -> the scaled latents the UNet is trained on (a sample, as LDM trains, or the mean)."""
-    mean, logvar = vae.encode(images)
-    return (sample_latents(mean, logvar, generator) if sample else mean) * LATENT_SCALE
+    """Images in [-1, 1] -> the scaled latents the UNet is trained on (see `posterior_to_latents`)."""
+    return posterior_to_latents(*vae.encode(images), generator, sample)
 
 
 def latents_to_images(vae: VAE, latents: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,16 @@ from adapters import inject, load_adapters, merge_all, resize_parameter, save_ad
 from selora import SeLoRA, SeLoRALinear, draw_candidate, expand, literal_fi_ratios, literal_fisher_scores
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: extra threads only add synchronisation, which costs seconds per test when
+    other processes load the machine (measured: 28 s with 2 threads, 0.13 s with 1, for `train` below)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class MLP(nn.Module):
     def __init__(self, d=6, h=9, o=4):
         super().__init__()
@@ -361,3 +371,32 @@ def test_merge_equals_the_unmerged_forward(dtype, tol):
     assert not any(isinstance(m, adapters.Adapter) for m in model.modules())
     assert all(type(model.get_submodule(n)) is nn.Linear for n in ads)
     torch.testing.assert_close(after, before, rtol=tol, atol=tol)
+
+
+def test_low_precision_base_keeps_fp32_adapters():
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = SeLoRALinear(base)
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.B.normal_()
+    assert layer.A.dtype == layer.B.dtype == torch.float32 and layer(x).dtype == torch.bfloat16
+    expected = base(x).float() + 8.0 * (x.float() @ layer.A @ layer.B)
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.full
+def test_authors_name_filter_on_the_sd15_unet():
+    """docs/paper-vs-code.md point 7, on diffusers' SD 1.5 UNet (built on the meta device: no memory)."""
+    import diffusers  # test-only oracle
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+    linears = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear)]
+    listed = ["to_q", "to_k", "to_v", "proj", "proj_in", "proj_out", "conv", "conv1", "conv2",
+              "conv_shortcut", "to_out.0", "time_emb_proj", "ff.net.2"]  # the script's UNET_TARGET_MODULES
+    theirs = [n for n in linears if n.split(".")[-1] in listed]  # their test compares the last component
+    assert len(linears) == 184 and len(theirs) == 134
+    assert not any(n.endswith(("to_out.0", "ff.net.2")) for n in theirs)
+    assert all(type(m) is nn.Conv2d for n, m in unet.named_modules() if n.endswith(("proj_in", "proj_out")))
+    ours = inject(unet, SeLoRALinear, ["to_q", "to_k", "to_v", "ff.net.0.proj", "time_emb_proj"])
+    assert list(ours) == theirs

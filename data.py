@@ -1,0 +1,526 @@
+"""Image-caption data sets of the paper, their preprocessing (appendix B.1) and the split written to the run folder.
+
+Four layouts are read into one list of `Example`s (image path, caption, name, group):
+    folder        images with metadata.jsonl / metadata.csv (file_name, text), or a same-named .txt beside each
+    iu-xray       indiana_reports.csv + indiana_projections.csv joined on uid, Frontal images, findings as prompt
+    montgomery    CXR_png/MCUCXR_####_Y.png + ClinicalReadings/MCUCXR_####_Y.txt, "age:27, gender:Female, findings:..."
+    patchgastric  captions.csv (id, subtype, text) + patches {id}_{hash}.jpg, optionally the appendix C.2 sample
+
+Problems with one example (image missing or unreadable, empty caption) skip it and are counted in
+`DataSet.skipped`; problems with the data set as a whole (missing files or columns, paths escaping the
+folder, nothing usable left) raise ValueError naming the file. Every image is decoded once by `load_dataset`,
+so a truncated file is found before training rather than in the middle of an epoch.
+
+The split is drawn over groups (the report's uid, the gastric slide id, a Montgomery reading's "same pt as"
+reference), so that no report, slide or patient has images on both sides, and is stored as JSON of names
+per split: evaluation reloads exactly the held-out images.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from weights import atomic_write, load_file, save_file
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SPLIT_NAMES = ("train", "validation", "test")
+PAPER_SPLITS = {  # the paper's section 3.4 and appendix C.2
+    "folder": (0.8, 0.16, 0.04), "iu-xray": (0.8, 0.16, 0.04), "montgomery": (0.8, 0.0, 0.2),
+    "patchgastric": (0.7, 0.1, 0.2),
+}
+GASTRIC_SUBTYPES = (  # appendix C.2, spelled as in captions.csv
+    "Moderately differentiated tubular adenocarcinoma",
+    "Well differentiated tubular adenocarcinoma",
+    "Moderately to poorly differentiated adenocarcinoma",
+    "Poorly differentiated adenocarcinoma, solid type",
+    "Poorly differentiated adenocarcinoma, non-solid type",
+)
+GENDERS = {"M": "Male", "F": "Female", "O": "Other"}
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path      # the image file
+    caption: str
+    name: str       # path relative to the data folder, POSIX style: the key used by the split
+    group: str      # examples sharing a group land in the same split
+
+
+@dataclass
+class DataSet:
+    kind: str
+    root: Path
+    examples: list[Example]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, "reason (detail)")
+
+    def skipped_counts(self) -> dict[str, int]:
+        """How many examples were skipped for each reason (the detail in parentheses left out)."""
+        return _reason_counts(self.skipped)
+
+
+def _reason_counts(skipped: list[tuple[str, str]]) -> dict[str, int]:
+    return dict(Counter(reason.split(" (")[0] for _, reason in skipped).most_common())
+
+
+# ---------------------------------------------------------------- reading the layouts
+
+def _inside(root: Path, file_name: str, source: Path) -> Path:
+    """Resolve `file_name` from a metadata file against `root`, rejecting anything that leaves it."""
+    pure = PurePosixPath(file_name.replace("\\", "/"))
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:", file_name) or ".." in pure.parts or not pure.parts:
+        raise ValueError(f"{source}: file_name {file_name!r} must be a relative path inside {root} (no absolute path, no '..')")
+    path = root.joinpath(*pure.parts)
+    if not path.resolve().is_relative_to(root.resolve()):  # a symlink pointing out
+        raise ValueError(f"{source}: file_name {file_name!r} resolves outside {root}")
+    return path
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}, "
+                             f"found {', '.join(columns) or 'no header'}")
+        return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {i} is not valid JSON ({err})") from None
+            if not isinstance(row, dict) or not {"file_name", "text"} <= row.keys():
+                raise ValueError(f"{path}: line {i} must be an object with keys file_name and text, got {line.strip()[:80]!r}")
+            if not isinstance(row["file_name"], str) or not isinstance(row["text"], (str, type(None))):
+                raise ValueError(f"{path}: line {i}: file_name and text must be strings")
+            rows.append({"file_name": row["file_name"], "text": (row["text"] or "").strip()})
+    return rows
+
+
+def _add(examples: list, skipped: list, root: Path, path: Path, caption: str, group: str | None = None) -> None:
+    """Append an example, or record why it is skipped (missing image, empty caption)."""
+    name = path.relative_to(root).as_posix()
+    if not path.is_file():
+        skipped.append((str(path), "image missing"))
+    elif not caption.strip():
+        skipped.append((str(path), "empty caption"))
+    else:
+        examples.append(Example(path, " ".join(caption.split()), name, group or name))
+
+
+def read_folder(root: Path) -> tuple[list[Example], list[tuple[str, str]]]:
+    """metadata.jsonl or metadata.csv (file_name, text) in `root`, else a .txt caption beside each image."""
+    examples, skipped = [], []
+    jsonl, csv_file = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.is_file() and csv_file.is_file():
+        raise ValueError(f"{root}: both metadata.jsonl and metadata.csv present; keep one")
+    if jsonl.is_file() or csv_file.is_file():
+        source = jsonl if jsonl.is_file() else csv_file
+        rows = _read_jsonl(jsonl) if jsonl.is_file() else _read_csv(csv_file, ("file_name", "text"))
+        for row in rows:
+            _add(examples, skipped, root, _inside(root, row["file_name"], source), row["text"])
+        return examples, skipped
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    captions = [p.with_suffix(".txt") for p in images]
+    if not any(c.is_file() for c in captions):
+        raise ValueError(f"{root}: no metadata.jsonl, metadata.csv or .txt captions beside the images "
+                         f"({len(images)} image(s) found)")
+    for image, caption in zip(images, captions):
+        if caption.is_file():
+            _add(examples, skipped, root, image, caption.read_text(encoding="utf-8", errors="replace"))
+        else:
+            skipped.append((str(image), f"no caption file ({caption.name})"))
+    return examples, skipped
+
+
+def read_iu_xray(root: Path, empty_findings: str = "skip") -> tuple[list[Example], list[tuple[str, str]]]:
+    """Frontal images of IU X-Ray with their report's findings; `empty_findings` is 'skip' or 'impression'."""
+    if empty_findings not in ("skip", "impression"):
+        raise ValueError(f"empty_findings must be 'skip' or 'impression', got {empty_findings!r}")
+    reports = {r["uid"]: r for r in _read_csv(root / "indiana_reports.csv", ("uid", "findings", "impression"))}
+    projections = _read_csv(root / "indiana_projections.csv", ("uid", "filename", "projection"))
+    folders = [root / "images" / "images_normalized", root / "images" / "images"]
+    folder = next((d for d in folders if d.is_dir()), None)
+    if folder is None:
+        raise ValueError(f"{root}: no image folder; expected {folders[0]} or {folders[1]}")
+    examples, skipped = [], []
+    for row in projections:
+        if row["projection"] != "Frontal":
+            continue
+        path = _inside(folder, row["filename"], root / "indiana_projections.csv")
+        report = reports.get(row["uid"])
+        if report is None:
+            skipped.append((str(path), f"uid not in indiana_reports.csv (uid {row['uid']})"))
+            continue
+        caption = report["findings"]
+        if not caption and empty_findings == "impression":
+            caption = report["impression"]
+        if not caption:
+            skipped.append((str(path), "empty findings" + (" and impression" if empty_findings == "impression" else "")))
+            continue
+        _add(examples, skipped, root, path, caption, group=f"uid{row['uid']}")
+    return examples, skipped
+
+
+def parse_clinical_reading(text: str, source: Path) -> str:
+    """Montgomery reading -> the paper's prompt (figure 7): "age:27, gender:Female, findings:normal"."""
+    sex = re.search(r"^\s*patient'?s\s+sex\s*:\s*([A-Za-z]*)", text, re.I | re.M)
+    age = re.search(r"^\s*patient'?s\s+age\s*:\s*(\d+)", text, re.I | re.M)
+    if not sex or not sex.group(1) or not age:
+        raise ValueError(f"{source}: expected lines \"Patient's Sex: M|F|O\" and \"Patient's Age: 027Y\"")
+    gender = GENDERS.get(sex.group(1)[0].upper(), sex.group(1))
+    rest = [line.strip() for line in text.splitlines() if line.strip() and not re.match(r"\s*patient'?s\s+(sex|age)\s*:", line, re.I)]
+    return f"age:{int(age.group(1))}, gender:{gender}, findings:{' '.join(rest)}"
+
+
+def read_montgomery(root: Path) -> tuple[list[Example], list[tuple[str, str]]]:
+    images_dir, readings_dir = root / "CXR_png", root / "ClinicalReadings"
+    for d in (images_dir, readings_dir):
+        if not d.is_dir():
+            raise ValueError(f"{root}: folder {d.name}/ not found (expected CXR_png/ and ClinicalReadings/)")
+    examples, skipped = [], []
+    for path in sorted(images_dir.glob("*.png")):
+        reading = readings_dir / f"{path.stem}.txt"
+        if not reading.is_file():
+            skipped.append((str(path), f"no clinical reading ({reading.name})"))
+            continue
+        raw = reading.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        try:
+            caption = parse_clinical_reading(text, reading)
+        except ValueError as err:
+            skipped.append((str(path), f"bad clinical reading ({err})"))
+            continue
+        same = re.search(r"same pt as (MCUCXR_\d+_\d)", caption, re.I)  # one patient, one side of the split
+        _add(examples, skipped, root, path, caption, group=f"CXR_png/{same.group(1).upper()}.png" if same else None)
+    return examples, skipped
+
+
+def read_patchgastric(root: Path, per_subtype: int | None = None, subtypes: tuple[str, ...] = GASTRIC_SUBTYPES,
+                      seed: int = 0) -> tuple[list[Example], list[tuple[str, str]]]:
+    """PatchGastricADC22 patches with their slide's caption; group = slide id.
+
+    With `per_subtype` (appendix C.2: 1,000), draw that many patches of each of `subtypes` with `seed`.
+    """
+    captions = _read_csv(root / "captions.csv", ("id", "subtype", "text"))
+    candidates = [root / "patches_captions" / "patches_captions", root / "patches_captions", root]
+    folder = next((d for d in candidates if d.is_dir() and any(d.glob("*.jpg"))), None)
+    if folder is None:
+        raise ValueError(f"{root}: no patches {{id}}_{{hash}}.jpg in {', '.join(str(d) for d in candidates)}")
+    by_slide: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob("*.jpg")):
+        by_slide.setdefault(path.stem.rsplit("_", 1)[0], []).append(path)
+    examples, skipped, pools = [], [], {}
+    for row in captions:
+        slides = by_slide.get(row["id"], [])
+        if not slides:
+            skipped.append((str(root / "captions.csv"), f"no patches for a slide (id {row['id']})"))
+        for path in slides:
+            count = len(examples)
+            _add(examples, skipped, root, path, row["text"], group=row["id"])
+            if len(examples) > count:
+                pools.setdefault(row["subtype"], []).append(examples[-1])
+    if per_subtype is None:
+        return examples, skipped
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for subtype in subtypes:
+        pool = pools.get(subtype, [])
+        if len(pool) < per_subtype:
+            raise ValueError(f"{root / 'captions.csv'}: subtype {subtype!r} has {len(pool)} usable patches, "
+                             f"{per_subtype} requested (subtypes present: {', '.join(sorted(pools))})")
+        chosen += [pool[i] for i in sorted(rng.choice(len(pool), per_subtype, replace=False))]
+    return chosen, skipped
+
+
+def load_dataset(kind: str, root: str | os.PathLike, *, empty_findings: str = "skip",
+                 per_subtype: int | None = None, seed: int = 0, check_images: bool = True) -> DataSet:
+    """Read one of the layouts; decode every image once (`check_images`) so unreadable ones are skipped now."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: data folder not found")
+    if kind == "folder":
+        examples, skipped = read_folder(root)
+    elif kind == "iu-xray":
+        examples, skipped = read_iu_xray(root, empty_findings)
+    elif kind == "montgomery":
+        examples, skipped = read_montgomery(root)
+    elif kind == "patchgastric":
+        examples, skipped = read_patchgastric(root, per_subtype, seed=seed)
+    else:
+        raise ValueError(f"unknown data set kind {kind!r}; expected one of {', '.join(PAPER_SPLITS)}")
+    usable, seen = [], set()
+    for e in examples:
+        if e.name in seen:
+            skipped.append((str(e.path), "listed twice (kept the first)"))
+            continue
+        seen.add(e.name)
+        try:
+            if check_images:
+                with Image.open(e.path) as im:
+                    image_to_array(im, e.path)
+            usable.append(e)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            skipped.append((str(e.path), f"unreadable image ({type(err).__name__}: {err})"))
+    examples = usable
+    if not examples:
+        detail = "; ".join(f"{n} x {reason}" for reason, n in _reason_counts(skipped).items()) or "no entries"
+        first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise ValueError(f"{root}: no usable image-caption pairs in this {kind} data set ({detail}){first}")
+    return DataSet(kind, root, examples, skipped)
+
+
+# ---------------------------------------------------------------- preprocessing (appendix B.1)
+
+def image_to_array(im: Image.Image, source: str | os.PathLike = "<image>") -> np.ndarray:
+    """PIL image -> float32 [H, W, C] in [0, 1], C = 1 or 3; 16-bit images are scaled by 65535, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # PNG 16-bit greyscale opens as I;16 (or I)
+        a = np.asarray(im, dtype=np.float32) / 65535.0
+        if a.min() < 0 or a.max() > 1:
+            raise ValueError(f"{source}: 32-bit integer image with values outside 0..65535")
+        return a[..., None]
+    if im.mode == "F":
+        raise ValueError(f"{source}: floating-point images (mode F) have no defined range; convert to 8 or 16 bit")
+    if im.mode in ("1", "L", "LA", "La"):
+        im = im.convert("L")
+    elif im.mode != "RGB":
+        im = im.convert("RGB")
+    a = np.asarray(im, dtype=np.float32) / 255.0
+    return a[..., None] if a.ndim == 2 else a
+
+
+def preprocess(im: Image.Image, size: int, source: str | os.PathLike = "<image>") -> torch.Tensor:
+    """Appendix B.1: shorter side to `size` (bilinear, antialiased), centre crop, grey to 3 channels, [-1, 1].
+
+    Sizes and crop offsets follow torchvision's Resize(size) + CenterCrop(size), so results match it.
+    """
+    x = torch.from_numpy(image_to_array(im, source)).permute(2, 0, 1)
+    h, w = x.shape[1:]
+    if min(h, w) != size:
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(size * long / short)
+        new = (size, new_long) if h <= w else (new_long, size)
+        x = F.interpolate(x[None], size=new, mode="bilinear", align_corners=False, antialias=True)[0]
+        h, w = new
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    x = x[:, top:top + size, left:left + size].clamp(0, 1)
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    return (x * 2 - 1).contiguous()
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    try:
+        with Image.open(path) as im:
+            return preprocess(ImageOps.exif_transpose(im), size, path)  # photos stored rotated, as diffusers does
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from None
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Items {"image": [3, size, size] in [-1, 1], "caption": str, "name": str}; no tokenizer here."""
+
+    def __init__(self, examples: list[Example], size: int):
+        if not examples:
+            raise ValueError("ImageCaptionDataset: no examples")
+        self.examples, self.size = list(examples), size
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        return {"image": load_image(e.path, self.size), "caption": e.caption, "name": e.name}
+
+
+# ---------------------------------------------------------------- latent cache
+
+def latent_key(path: str | os.PathLike, size: int, model_key: str) -> str:
+    """Cache key of one image's latents: the file (path, byte size, modification time), the crop size, the VAE."""
+    stat = Path(path).stat()
+    ident = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}|{model_key}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def cached_latents(examples: list[Example], size: int, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   cache_dir: str | os.PathLike, model_key: str, batch_size: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (mean, logvar)} of the VAE posterior of each example's preprocessed image, encoded once.
+
+    Exact, since the crop is deterministic: training samples mean + exp(logvar / 2) * noise each step, as it
+    would from a fresh encoding. `encode` maps images [B, 3, size, size] in [-1, 1] to (mean, logvar);
+    `model_key` names the VAE (e.g. its weights file and dtype) so that another VAE never reads these files.
+    """
+    cache_dir = Path(cache_dir)
+    out, todo = {}, []
+    for e in examples:
+        file = cache_dir / f"{latent_key(e.path, size, model_key)}.safetensors"
+        if file.is_file():
+            t = load_file(file)
+            out[e.name] = (t["mean"].clone(), t["logvar"].clone())
+        else:
+            todo.append((e, file))
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        with torch.no_grad():
+            mean, logvar = encode(torch.stack([load_image(e.path, size) for e, _ in chunk]))
+        for j, (e, file) in enumerate(chunk):
+            m, lv = mean[j].detach().float().cpu().contiguous(), logvar[j].detach().float().cpu().contiguous()
+            save_file({"mean": m, "logvar": lv}, file, {"name": e.name, "size": str(size), "model": model_key})
+            out[e.name] = (m, lv)
+    return out
+
+
+# ---------------------------------------------------------------- split
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """'80,16,4' (train, validation, test) or '80,20' (train, test) in percent -> fractions summing to 1."""
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise ValueError(f"split {text!r}: expected comma-separated percentages such as 80,16,4 or 80,20") from None
+    if len(parts) not in (2, 3) or any(p < 0 or not math.isfinite(p) for p in parts) or abs(sum(parts) - 100) > 1e-6:
+        raise ValueError(f"split {text!r}: expected 2 or 3 non-negative percentages summing to 100")
+    if len(parts) == 2:
+        parts.insert(1, 0.0)
+    if parts[0] == 0:
+        raise ValueError(f"split {text!r}: the training part must not be empty")
+    return tuple(p / 100 for p in parts)
+
+
+def make_split(examples: list[Example], fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
+    """Shuffle the groups with `seed` and fill train, then validation, then test up to their share of images.
+
+    Deterministic for a given set of examples and seed (independent of the examples' order).
+    """
+    groups: dict[str, list[str]] = {}
+    for e in sorted(examples, key=lambda e: e.name):
+        groups.setdefault(e.group, []).append(e.name)
+    keys = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    total = len(examples)
+    bounds = np.cumsum(fractions) * total
+    split = {name: [] for name in SPLIT_NAMES}
+    filled = 0
+    for i in order:
+        members = groups[keys[i]]
+        # the part whose range holds this group's midpoint
+        part = int(np.searchsorted(bounds, filled + len(members) / 2, side="right"))
+        split[SPLIT_NAMES[min(part, 2)]] += members
+        filled += len(members)
+    return {name: sorted(names) for name, names in split.items()}
+
+
+def write_split(path: str | os.PathLike, split: dict[str, list[str]], info: dict | None = None) -> None:
+    """Save {"splits": {train|validation|test: [names]}, **info} as JSON, atomically."""
+    payload = {**(info or {}), "splits": {name: list(split.get(name, [])) for name in SPLIT_NAMES}}
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def read_split(path: str | os.PathLike) -> dict[str, list[str]]:
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the split ({err})") from None
+    splits = payload.get("splits") if isinstance(payload, dict) else None
+    if not isinstance(splits, dict) or set(splits) != set(SPLIT_NAMES) or \
+            not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in splits.values()):
+        raise ValueError(f"{path}: expected {{\"splits\": {{\"train\": [...], \"validation\": [...], \"test\": [...]}}}}")
+    return splits
+
+
+def select(dataset: DataSet, names: list[str], source: str | os.PathLike = "split") -> list[Example]:
+    """The examples named by a split part, in its order; a name no longer in the data set is an error."""
+    by_name = {e.name: e for e in dataset.examples}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} image(s) of the split are not usable in {dataset.root} "
+                         f"(first: {missing[0]})")
+    return [by_name[n] for n in names]
+
+
+# ---------------------------------------------------------------- embedded default: chest-like phantoms
+
+PHANTOM_LOBES = {  # caption phrase -> (x, y) centre of the opacity as fractions of the image; patient's left is image right
+    "right upper lobe": (0.32, 0.35), "right lower lobe": (0.32, 0.62),
+    "left upper lobe": (0.68, 0.35), "left lower lobe": (0.68, 0.62),
+}
+
+
+def draw_phantom(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+    """One greyscale chest-like phantom: body, two dark lungs, spine, ribs, heart, maybe a bright opacity."""
+    s = size / 64  # all geometry in a 64 px frame
+    im = Image.new("L", (size, size), 20)
+    d = ImageDraw.Draw(im)
+
+    def jitter(v: float) -> float:
+        return v + rng.uniform(-1.5, 1.5) * s
+
+    d.ellipse([jitter(6 * s), jitter(4 * s), jitter(58 * s), jitter(66 * s)], fill=150)          # body
+    for x0, x1 in ((12, 30), (34, 52)):
+        d.ellipse([jitter(x0 * s), jitter(10 * s), jitter(x1 * s), jitter(56 * s)], fill=60)     # lungs
+    for y in range(14, 54, 6):
+        d.arc([10 * s, (y - 4) * s, 54 * s, (y + 6) * s], 200, 340, fill=115, width=max(1, round(s)))  # ribs
+    d.rectangle([30 * s, 0, 34 * s, size], fill=185)                                             # spine
+    d.ellipse([jitter(27 * s), jitter(40 * s), jitter(41 * s), jitter(54 * s)], fill=165)        # heart
+    if rng.random() < 0.25:
+        caption = "normal chest, no opacity"
+    else:
+        lobe = list(PHANTOM_LOBES)[rng.integers(len(PHANTOM_LOBES))]
+        big = rng.random() < 0.5
+        r = (7 if big else 4) * s
+        cx, cy = (f * size + rng.uniform(-2, 2) * s for f in PHANTOM_LOBES[lobe])
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=235)
+        caption = f"{'large' if big else 'small'} opacity in the {lobe}"
+    im = im.filter(ImageFilter.GaussianBlur(0.8 * s))
+    noise = rng.normal(0, 6, (size, size))
+    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8)), caption
+
+
+def make_phantom_folder(root: str | os.PathLike, n: int = 96, size: int = 64, seed: int = 0) -> Path:
+    """Write `n` phantoms as PNGs plus metadata.jsonl (the `folder` layout) into `root`; returns `root`.
+
+    Shows the mechanics of fine-tuning on a caption that names a location; it is no medical data.
+    metadata.jsonl is written last and atomically: a folder that has it is complete.
+    """
+    if n < 1 or size < 16:
+        raise ValueError(f"phantoms: need n >= 1 and size >= 16, got n={n}, size={size}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "metadata.jsonl").unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        im, caption = draw_phantom(rng, size)
+        name = f"phantom_{i:04d}.png"
+        im.save(root / name, format="PNG")
+        lines.append(json.dumps({"file_name": name, "text": caption}))
+    with atomic_write(root / "metadata.jsonl", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return root

@@ -1,0 +1,106 @@
+"""Generate images with SD 1.5 (optionally with a trained adapter): one PNG per image plus a grid.
+
+    python sample.py --model PATH --prompt "..." --out DIR [--steps 50 --guidance 7.5 --seed 0 --size 224
+                     --batch 8 --adapter FILE]
+    python sample.py --model PATH --prompts prompts.txt --out DIR      (one prompt per line)
+
+Without --model it uses the embedded tiny random model (`sd15.tiny_sd15`), which shows the mechanics only.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import adapters
+import methods
+import weights
+from sd15 import SD15, generate, load_sd15, tiny_sd15
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A (3, H, W) image in [-1, 1] as an 8-bit RGB picture."""
+    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels, "RGB")
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size side by side, `columns` per row (default: a near-square grid)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, math.ceil(len(images) / columns) * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    with weights.atomic_write(path) as f:
+        image.save(f, format="PNG")
+
+
+def load_adapter(sd: SD15, path: str | Path) -> dict[str, adapters.Adapter]:
+    """Put a trained adapter file (any method) into the UNet and text encoder."""
+    return adapters.load_adapters(sd.adaptable(), path, methods.adapter_for_file(path))[0]
+
+
+def write_images(images: torch.Tensor, out: Path, names: list[str] | None = None) -> list[Path]:
+    """One PNG per image (named `names[i]` or `{i:05d}.png`) and `grid.png`."""
+    pictures = [to_pil(im) for im in images]
+    paths = [out / (names[i] if names else f"{i:05d}.png") for i in range(len(pictures))]
+    for picture, path in zip(pictures, paths):
+        save_png(picture, path)
+    save_png(grid(pictures), out / "grid.png")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="SD 1.5: a diffusers folder or a single-file .safetensors checkpoint "
+                                   "(default: the embedded tiny random model)")
+    p.add_argument("--tokenizer", help="tokenizer folder or bpe_simple_vocab_16e6.txt.gz (needed with a single file)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", help="a text file, one prompt per line")
+    p.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default 224; 64 for the tiny model)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--adapter", help="a trained adapter file (best.safetensors from a train.py run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    if args.prompt is not None:
+        texts = [args.prompt]
+    else:
+        path = Path(args.prompts)
+        if not path.is_file():
+            p.error(f"--prompts {path}: no such file")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            p.error(f"--prompts {path}: no prompt in it (one per line expected)")
+    if args.model:
+        sd = load_sd15(args.model, args.tokenizer)
+        size = args.size or 224
+    else:
+        print("No --model given: using the embedded tiny random model, which shows the mechanics, not image quality.",
+              file=sys.stderr)
+        sd, size = tiny_sd15(), args.size or 64
+    if args.adapter:
+        load_adapter(sd, args.adapter)
+    sd.to(args.device)
+    images = generate(sd, texts, args.steps, args.guidance, args.seed, size, args.batch, args.eta)
+    paths = write_images(images, Path(args.out))
+    print(f"wrote {len(paths)} images and grid.png to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
