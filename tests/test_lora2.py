@@ -8,7 +8,7 @@ from torch import nn
 
 from adapters import inject, merge
 from lora2 import LoRA2, LoRA2Linear, inverse_softplus, normaliser, quantile_rank, rate_for_rank, resize
-from test_selora import MLP  # the same small models as the SeLoRA tests
+from test_selora import MLP, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
 
 
 def set_rate(layer, rate):

@@ -11,7 +11,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from lora2 import LoRA2, LoRA2Linear
 from methods import METHODS, SeLoRAController, adapter_for_file, build
 from selora import SeLoRALinear
-from test_selora import Block  # the same small models as the SeLoRA tests
+from test_selora import Block, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
 
 
 # options that make every method change something within a few steps of a tiny run
