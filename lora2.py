@@ -124,6 +124,19 @@ def resize(layer: LoRA2Linear, rank: int, new_columns: torch.Tensor | None = Non
     resize_parameter(layer.B, B, optimizer)
 
 
+def param_groups(adapters: dict[str, LoRA2Linear], lr: float, rate_lr: float) -> list[dict]:
+    """Optimizer param groups: A and B at `lr`, the rates (rho) at `rate_lr`.
+
+    With Adam a parameter moves by about its learning rate per step whatever its gradient's size, so
+    at a LoRA learning rate (1e-4) a rate would move by ~0.1 in 1000 steps and the ranks would hardly
+    change; give the rates a learning rate of their own (the reference code uses one learning rate for
+    everything, on networks trained at 1e-3 to 1e-2). Pass the groups to the optimizer's constructor.
+    """
+    rates = [a.rho for a in adapters.values()]
+    factors = [p for a in adapters.values() for p in (a.A, a.B)]
+    return [{"params": factors, "lr": lr}, {"params": rates, "lr": rate_lr}]
+
+
 class LoRA2(Controller):
     """After every optimizer step, sets each layer's rank to the k-quantile of its distribution; the prior
     is the penalty. Stateless: ranks follow from the rates, which are saved with the adapters, and new

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from adapters import inject, merge
-from lora2 import LoRA2, LoRA2Linear, inverse_softplus, normaliser, quantile_rank, rate_for_rank, resize
+from lora2 import LoRA2, LoRA2Linear, inverse_softplus, normaliser, param_groups, quantile_rank, rate_for_rank, resize
 from test_selora import MLP, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
 
 
@@ -176,6 +176,14 @@ def test_training_moves_ranks_with_the_rates_and_keeps_adam_consistent():
             assert opt.state[a.A]["exp_avg"].shape == a.A.shape
         seen.add(tuple(control.ranks().values()))
     assert len(seen) > 1 and all(r == 1 for r in control.ranks().values())
+
+
+def test_param_groups_give_the_rates_their_own_learning_rate():
+    model, ads, _, _ = controlled()
+    opt = torch.optim.Adam(param_groups(ads, lr=1e-4, rate_lr=1e-2))
+    held = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    assert held[1] == {id(a.rho) for a in ads.values()} and [g["lr"] for g in opt.param_groups] == [1e-4, 1e-2]
+    assert held[0] | held[1] == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def test_configuration_errors():
