@@ -127,9 +127,11 @@ class DyLoRALinear(Adapter):
     `b` is the rank in use: None (the default, and outside training) means the full rank r; the
     `DyLoRA` controller sets it for each training step, and at inference `set_rank` picks any rank.
     The scale alpha / b is the paper's (eq. 7; the author confirmed it in kohya-ss/sd-scripts issue
-    394). In "frozen" mode only the b-th rank (A's column b, B's row b) receives gradient, the first
-    b - 1 are detached (the paper's frozen update); "full" trains all first b. A buffer keeps alpha,
-    so saved files carry it.
+    394); the forward really is truncated to b ranks (kohya's implementation runs the full rank, which
+    LyCORIS issue 101 reports as wrong). In "frozen" mode only the b-th rank (A's column b, B's row b) receives gradient, the first
+    b - 1 are detached (the paper's frozen update; Adam's momentum still moves them a little, as in
+    any detached-gradient scheme); "full" trains all first b. A buffer keeps alpha, so saved files
+    carry it.
     """
     method = "dylora"
 

@@ -183,3 +183,25 @@ def test_lora2_controller_keeps_no_state_and_refuses_some():
     assert isinstance(control, LoRA2) and control.state() == {}
     with pytest.raises(ValueError, match="LoRA2 keeps no state"):
         control.load_state({"x": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_half_precision_base_keeps_float32_factors(name):
+    torch.manual_seed(0)
+    model = Block().to(torch.bfloat16)
+    method = build(name, **ACTIVE[name])
+    ads = inject(model, method.make_adapter)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    control = method.controller(ads, opt, TOTAL)
+    for step in range(1, 5):
+        x = data(step)[0].to(torch.bfloat16)
+        with control.capture(step, batch_size=3):
+            out = model(x)
+            loss = out.float().square().mean() + control.penalty()
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        control.step()
+    assert out.dtype == torch.bfloat16 and control.penalty().dtype == torch.float32
+    assert all(p.dtype == torch.float32 for a in ads.values() for n, p in a.named_parameters() if not n.startswith("base."))
+    assert all(b.dtype == torch.float32 for a in ads.values() for n, b in a.named_buffers() if not n.startswith("base."))
