@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import inject, merge
+from adapters import inject, merge, resize_parameter, select_parameter
 from baselines import (AdaLoRA, AdaLoRALinear, DyLoRA, DyLoRALinear, LoRALinear, budget_schedule, draw_rank,
                        orthogonal_regulariser)
 from test_selora import MLP, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
@@ -273,3 +273,34 @@ def test_adalora_configuration_errors():
         AdaLoRA(ads, total_steps=10, target_r=7)
     control = AdaLoRA(ads, total_steps=100)
     assert (control.tinit, control.tfinal, control.delta_t, control.target_r, control.init_r) == (10, 20, 10, 4, 6)
+
+
+# ---------------------------------------------------------------- plumbing added for these methods
+
+def test_select_parameter_keeps_the_chosen_slices_and_their_adam_moments():
+    p = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.randn(4, 6, dtype=torch.float64)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    values = p.detach().clone()
+    select_parameter(p, 1, torch.tensor([0, 2, 5]), opt)
+    assert torch.equal(p, values[:, [0, 2, 5]]) and p.grad is None and opt.param_groups[0]["params"][0] is p
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[p][key], before[key][:, [0, 2, 5]])
+    assert torch.equal(opt.state[p]["step"], before["step"])
+
+
+@pytest.mark.parametrize("change", ["resize", "select"])
+def test_a_changed_parameter_trains_while_the_previous_graph_is_still_alive(change):
+    """A loop that still holds last step's loss keeps autograd's accumulator for the old shape alive."""
+    p = nn.Parameter(torch.randn(3, 4))
+    x = torch.randn(2, 3)
+    old_loss = (x @ p).sum()
+    old_loss.backward()
+    if change == "resize":
+        resize_parameter(p, torch.randn(3, 6))
+    else:
+        select_parameter(p, 1, torch.tensor([1, 3]))
+    (x @ p).sum().backward()
+    assert p.grad.shape == p.shape and old_loss.grad_fn is not None
