@@ -22,6 +22,7 @@ The AdaLoRA formulas follow peft's `adalora` tuner (peft 0.21); where ours diffe
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager, nullcontext
 from typing import ContextManager, Iterator
 
@@ -387,10 +388,13 @@ class AdaLoRA(Controller):
         return {name: int(keep.sum()) for name, keep in self.kept.items()}
 
     def metadata(self) -> dict[str, str]:
+        """Settings, and `kept_ranks`: the ranks after masking (a file saved before the final phase holds
+        init_r ranks per layer, the masked ones with Lambda entries at zero)."""
         return {**super().metadata(), "init_r": str(self.init_r),
                 "target_r": str(self.target_r), "tinit": str(self.tinit), "tfinal": str(self.tfinal),
                 "deltaT": str(self.delta_t), "beta1": repr(self.beta1), "beta2": repr(self.beta2),
-                "orth_reg_weight": repr(self.orth_reg_weight), "total_steps": str(self.total_steps)}
+                "orth_reg_weight": repr(self.orth_reg_weight), "total_steps": str(self.total_steps),
+                "kept_ranks": json.dumps(self.ranks())}
 
     def state(self) -> dict[str, torch.Tensor]:
         return {**{f"ema.{k}": v for k, v in self.ema.items()},

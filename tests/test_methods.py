@@ -1,5 +1,7 @@
 """The method table (methods.py): every method behind one interface trains, saves, loads, merges, reports
 its ranks in one format and resumes exactly from its saved state."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -99,6 +101,8 @@ def test_every_method_trains_saves_loads_and_merges_alike(name, tmp_path):
     fresh.load_state_dict({k.replace(".base", ""): v for k, v in model.state_dict().items() if ".base." in k})
     loaded, meta = load_adapters(fresh, path, adapter_for_file(path))
     assert meta["method"] == name and meta["step"] == str(TOTAL) and meta["base_model"] == "tiny-block"
+    if name == "adalora":
+        assert json.loads(meta["kept_ranks"]) == ranks
     assert {n: a.rank for n, a in loaded.items()} == ranks
     with torch.no_grad():
         expected = model(x)
