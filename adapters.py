@@ -1,14 +1,15 @@
 """Method-independent plumbing for low-rank adapters on nn.Linear layers.
 
-Every method (SeLoRA in selora.py; the baselines later) is an `Adapter`: a module that holds a frozen
+Every method (SeLoRA in selora.py; LoRA, DyLoRA, AdaLoRA in baselines.py; LoRA^2 in lora2.py) is an `Adapter`: a module that holds a frozen
 nn.Linear `base` (W0, b0) and trainable low-rank factors named as in the SeLoRA paper (eq. 1):
 A in R^{d_in x r} and B in R^{r x d_out}, so that the update of W0 is A B (applied as x A B).
 The weight of nn.Linear is stored transposed, [d_out, d_in]; `delta_weight()` returns the update in
 that layout so that merging is one addition.
 
 This module puts adapters into a model (`inject`), counts parameters (`trainable_fraction`), keeps an
-optimizer consistent when a parameter changes shape (`resize_parameter`), saves and loads adapters of
-any rank (`save_adapters`, `load_adapters`) and folds them into plain nn.Linear layers (`merge`).
+optimizer consistent when a parameter changes shape (`resize_parameter`, `select_parameter`), saves and
+loads adapters of any rank (`save_adapters`, `load_adapters`) and folds them into plain nn.Linear layers
+(`merge`).
 """
 from __future__ import annotations
 
@@ -140,6 +141,39 @@ def trainable_fraction(model: nn.Module) -> tuple[int, int, float]:
     return trainable, total, 100.0 * trainable / total if total else 0.0
 
 
+def _map_optimizer_state(param: nn.Parameter, optimizer: torch.optim.Optimizer | None,
+                         fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every optimizer state tensor shaped like `param` by fn(it); scalar state is kept."""
+    if optimizer is None:
+        return
+    if not any(p is param for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(f"the {tuple(param.shape)} parameter being resized is not in the optimizer's param groups")
+    state = optimizer.state.get(param, {})
+    for key, value in state.items():
+        if not torch.is_tensor(value) or value.dim() == 0:
+            continue
+        if value.shape != param.shape:
+            raise ValueError(f"optimizer state '{key}' has shape {tuple(value.shape)}, not the parameter's "
+                             f"{tuple(param.shape)}: {type(optimizer).__name__} is not element-wise and "
+                             "cannot be resized")
+        state[key] = fn(value)
+
+
+def _replace_data(param: nn.Parameter, data: torch.Tensor) -> None:
+    """param.data = data, for data of a new shape, and drop the stale gradient.
+
+    Autograd keeps one gradient accumulator per leaf, alive as long as any graph that used the leaf
+    is (a training loop that still holds the previous step's `loss` keeps it), and that accumulator
+    remembers the leaf's old shape: backward through the resized leaf would then fail. Assigning
+    `.data` resets the accumulator only when the dtype or device changes, so the new values are
+    assigned through another dtype first.
+    """
+    data = data.to(device=param.device, dtype=param.dtype)
+    param.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
+    param.data = data
+    param.grad = None
+
+
 def resize_parameter(param: nn.Parameter, data: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Give `param` new values of a new shape, in place, and resize its optimizer state to match.
 
@@ -156,23 +190,27 @@ def resize_parameter(param: nn.Parameter, data: torch.Tensor, optimizer: torch.o
     if data.dim() != len(old_shape):
         raise ValueError(f"cannot resize a {tuple(old_shape)} parameter to {tuple(data.shape)}: "
                          "the number of dimensions must stay the same")
-    if optimizer is not None:
-        if not any(p is param for group in optimizer.param_groups for p in group["params"]):
-            raise ValueError(f"the {tuple(old_shape)} parameter being resized is not in the optimizer's param groups")
-        state = optimizer.state.get(param, {})
-        overlap = tuple(slice(0, min(a, b)) for a, b in zip(old_shape, data.shape))
-        for key, value in state.items():
-            if not torch.is_tensor(value) or value.dim() == 0:
-                continue
-            if value.shape != old_shape:
-                raise ValueError(f"optimizer state '{key}' has shape {tuple(value.shape)}, not the parameter's "
-                                 f"{tuple(old_shape)}: {type(optimizer).__name__} is not element-wise and "
-                                 "cannot be resized")
-            resized = value.new_zeros(data.shape)
-            resized[overlap] = value[overlap]
-            state[key] = resized
-    param.data = data.to(device=param.device, dtype=param.dtype)
-    param.grad = None
+    overlap = tuple(slice(0, min(a, b)) for a, b in zip(old_shape, data.shape))
+
+    def resize(value: torch.Tensor) -> torch.Tensor:
+        resized = value.new_zeros(data.shape)
+        resized[overlap] = value[overlap]
+        return resized
+    _map_optimizer_state(param, optimizer, resize)
+    _replace_data(param, data)
+
+
+def select_parameter(param: nn.Parameter, dim: int, index: torch.Tensor,
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Keep only the slices `index` of `param` along `dim`, in place, with the matching optimizer state.
+
+    For pruning ranks that are not the trailing ones (AdaLoRA keeps its most important triplets,
+    wherever they are): like `resize_parameter`, the Parameter object and its param group stay, every
+    state tensor shaped like it keeps the moments of the kept slices, and the stale gradient is dropped.
+    """
+    index = torch.as_tensor(index, dtype=torch.long, device=param.device)
+    _map_optimizer_state(param, optimizer, lambda value: value.index_select(dim, index))
+    _replace_data(param, param.data.index_select(dim, index))
 
 
 def _own_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -222,7 +260,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike,
             if full not in tensors:
                 raise ValueError(f"{path}: missing tensor '{full}'")
             unexpected.discard(full)
-            value = tensors[full].to(device=own.device, dtype=own.dtype)
+            # a copy of its own: load_file's tensors are views into one buffer, not 64-byte aligned, and
+            # CPU matmul kernels round differently on unaligned data, so a resumed run would drift
+            value = tensors[full].to(device=own.device, dtype=own.dtype, copy=True)
             owner, _, leaf = key.rpartition(".")
             module = adapter.get_submodule(owner)
             if leaf in module._parameters:

@@ -1,0 +1,418 @@
+"""The methods SeLoRA is compared with (SeLoRA paper, section 4): LoRA, DyLoRA and AdaLoRA.
+
+Each is an `adapters.Adapter` (frozen base W0, b0; factors A in R^{d_in x r}, B in R^{r x d_out}; the
+update applied as x A B) plus a `Controller` that a training loop drives the same way for every method:
+
+    controller = method.controller(adapters, optimizer, total_steps)
+    for step, batch in enumerate(loader, start=1):
+        with controller.capture(step, batch_size=len(batch)):  # DyLoRA samples its rank b here
+            loss = mse(model(batch), target) + controller.penalty()   # AdaLoRA's orthogonal regulariser
+            optimizer.zero_grad()
+            loss.backward()
+        optimizer.step()
+        events = controller.step()                               # AdaLoRA's importance and masking
+
+Read top to bottom:
+- `Controller`: the interface, and LoRA's controller (a fixed rank needs nothing).
+- `LoRALinear` (Hu et al. 2022): fixed rank r, scale alpha / r.
+- `DyLoRALinear`, `DyLoRA` (Valipour et al. 2022): nested ranks, one b ~ U{1..r} per step, scale alpha / b.
+- `AdaLoRALinear`, `orthogonal_regulariser`, `budget_schedule`, `AdaLoRA` (Zhang et al. 2023): SVD form
+  P Lambda Q, sensitivity-times-uncertainty importance, a cubic budget, masking, then truncation.
+The AdaLoRA formulas follow peft's `adalora` tuner (peft 0.21); where ours differ, the docstring says so.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from adapters import Adapter, kaiming_uniform, select_parameter
+
+
+def factor_dtype(base: nn.Linear) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for an adapter's factors: the base layer's, but at least float32 (fp16 factors
+    would lose small updates)."""
+    dtype = base.weight.dtype
+    return base.weight.device, dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
+
+
+def lora_factors(base: nn.Linear, r: int, generator: torch.Generator | None = None,
+                 name: str = "r") -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's start: A (d_in x r) Kaiming-uniform (`adapters.kaiming_uniform`), B (r x d_out) zero, so the
+    update A B is zero and the adapted layer starts equal to its base."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {r!r}")
+    dev, dtype = factor_dtype(base)
+    return (nn.Parameter(kaiming_uniform(base.in_features, r, generator).to(dev, dtype)),
+            nn.Parameter(torch.zeros(r, base.out_features, device=dev, dtype=dtype)))
+
+
+class Controller:
+    """What a training loop calls around every step, the same for every method; by itself LoRA's (no-op).
+
+    capture(step, batch_size): context manager around forward and backward of step `step` (from 1).
+    penalty(): a term added to the diffusion loss inside capture (zero here).
+    step(): after optimizer.step(); returns log events, dicts with at least "step", "layer", "rank".
+    metadata(): settings written into saved adapter files.
+    state() / load_state(tensors): what an exact resume needs besides adapters and optimizer (none here).
+    ranks(): every layer's current rank, the same format for every method (for rank heatmaps).
+    """
+
+    def __init__(self, adapters: dict[str, Adapter], optimizer: torch.optim.Optimizer | None = None,
+                 total_steps: int | None = None):
+        if not adapters:
+            raise ValueError("adapters must be a non-empty dict of adapters (from adapters.inject)")
+        self.adapters, self.optimizer, self.total_steps = adapters, optimizer, total_steps
+        self.last_step = 0
+
+    def capture(self, step: int, batch_size: int) -> ContextManager[None]:
+        self.last_step = step
+        return nullcontext()
+
+    def penalty(self) -> torch.Tensor:
+        return next(iter(self.adapters.values())).A.new_zeros(())
+
+    def step(self) -> list[dict]:
+        return []
+
+    def metadata(self) -> dict[str, str]:
+        return {"step": str(self.last_step)}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"{type(self).__name__} keeps no state, got tensors {sorted(tensors)[:5]}")
+
+    def ranks(self) -> dict[str, int]:
+        return {name: a.rank for name, a in self.adapters.items()}
+
+
+# ---------------------------------------------------------------- LoRA
+
+class LoRALinear(Adapter):
+    """f(x) = x W0 + b0 + (alpha / r) x A B with a fixed rank r: A Kaiming-uniform, B zero (Hu et al. 2022).
+
+    The paper setting for the comparison is r = 4. alpha defaults to 8, the lora_alpha of the SeLoRA
+    authors' script, so LoRA's scale is 2. A is drawn as SeLoRA's A is (`adapters.kaiming_uniform`,
+    gain sqrt(2)); peft draws it with a = sqrt(5), a bound sqrt(3) times smaller.
+    """
+    method = "lora"
+
+    def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 8.0, generator: torch.Generator | None = None):
+        super().__init__(base)
+        self.A, self.B = lora_factors(base, r, generator)
+        self.register_buffer("scale", self.A.new_tensor(alpha / r))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + (self.scale * ((x.to(self.A.dtype) @ self.A) @ self.B)).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.scale * (self.A @ self.B)).T
+
+
+# ---------------------------------------------------------------- DyLoRA
+
+DYLORA_MODES = ("full", "frozen")
+
+
+class DyLoRALinear(Adapter):
+    """Nested ranks: f(x) = x W0 + b0 + (alpha / b) x A[:, :b] B[:b] (DyLoRA eq. 7), any b in 1..r.
+
+    `b` is the rank in use: None (the default, and outside training) means the full rank r; the
+    `DyLoRA` controller sets it for each training step, and at inference `set_rank` picks any rank.
+    The scale alpha / b is the paper's (eq. 7; the author confirmed it in kohya-ss/sd-scripts issue
+    394); the forward really is truncated to b ranks (kohya's implementation runs the full rank, which
+    LyCORIS issue 101 reports as wrong). In "frozen" mode only the b-th rank (A's column b, B's row b) receives gradient, the first
+    b - 1 are detached (the paper's frozen update; Adam's momentum still moves them a little, as in
+    any detached-gradient scheme); "full" trains all first b. A buffer keeps alpha, so saved files
+    carry it.
+    """
+    method = "dylora"
+
+    def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 8.0, mode: str = "full",
+                 generator: torch.Generator | None = None):
+        super().__init__(base)
+        if mode not in DYLORA_MODES:
+            raise ValueError(f"mode must be one of {DYLORA_MODES}, got {mode!r}")
+        self.A, self.B = lora_factors(base, r, generator)
+        self.register_buffer("alpha", self.A.new_tensor(float(alpha)))
+        self.mode = mode
+        self.b: int | None = None
+
+    def set_rank(self, b: int | None) -> None:
+        """Use the first b ranks (None: all r) from now on, e.g. to sample or merge at a smaller rank."""
+        if b is not None and not 1 <= b <= self.rank:
+            raise ValueError(f"rank b must be in 1..{self.rank}, got {b}")
+        self.b = b
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A[:, :b], B[:b], alpha / b), the first b - 1 ranks detached in frozen mode."""
+        b = self.rank if self.b is None else self.b
+        A, B = self.A[:, :b], self.B[:b]
+        if self.mode == "frozen" and self.training:
+            A = torch.cat([A[:, :b - 1].detach(), A[:, b - 1:]], dim=1)
+            B = torch.cat([B[:b - 1].detach(), B[b - 1:]], dim=0)
+        return A, B, self.alpha / b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        A, B, scale = self.factors()
+        return y + (scale * ((x.to(A.dtype) @ A) @ B)).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        A, B, scale = self.factors()
+        return (scale * (A @ B)).T
+
+
+def draw_rank(seed: int, step: int, r: int) -> int:
+    """b ~ U{1..r} for training step `step`, from a generator seeded by (seed, step): a resumed run draws
+    the same b without saving any generator state."""
+    return int(np.random.default_rng([seed, step]).integers(1, r + 1))
+
+
+class DyLoRA(Controller):
+    """Samples one b ~ U{1..r} per training step for all layers together (as in the DyLoRA paper, whose
+    p_B is one draw per step) and sets it on every adapter for the step's forward and backward only.
+    A layer of smaller rank than b (only when adapters of several ranks are mixed) uses its full rank."""
+
+    def __init__(self, adapters: dict[str, DyLoRALinear], optimizer: torch.optim.Optimizer | None = None,
+                 total_steps: int | None = None, seed: int = 0):
+        super().__init__(adapters, optimizer, total_steps)
+        if not all(isinstance(a, DyLoRALinear) for a in adapters.values()):
+            raise ValueError("DyLoRA controls DyLoRALinear adapters only")
+        self.seed = seed
+        self.r = max(a.rank for a in adapters.values())
+        self.b: int | None = None
+
+    @contextmanager
+    def capture(self, step: int, batch_size: int) -> Iterator[None]:
+        self.last_step = step
+        self.b = draw_rank(self.seed, step, self.r)
+        for a in self.adapters.values():
+            a.set_rank(min(self.b, a.rank))
+        try:
+            yield
+        finally:
+            for a in self.adapters.values():
+                a.set_rank(None)
+
+    def metadata(self) -> dict[str, str]:
+        modes = {a.mode for a in self.adapters.values()}
+        return {**super().metadata(), "seed": str(self.seed), "mode": ",".join(sorted(modes))}
+
+
+# ---------------------------------------------------------------- AdaLoRA
+
+class AdaLoRALinear(Adapter):
+    """SVD-form update Delta W = P Lambda Q (AdaLoRA eq. 3): f(x) = x W0 + b0 + s x A diag(E) B.
+
+    In our layout A = Q^T (d_in x r) and B = P^T (r x d_out); E (peft's lora_E) is the diagonal Lambda,
+    started at zero, A and B drawn N(0, 0.02^2) as in peft, so the layer starts equal to its base.
+    s = alpha / init_r stays fixed when ranks are masked or truncated (peft: lora_alpha / ranknum;
+    peft adds 1e-5 to ranknum, we do not).
+    """
+    method = "adalora"
+
+    def __init__(self, base: nn.Linear, init_r: int = 6, alpha: float = 8.0, generator: torch.Generator | None = None):
+        super().__init__(base)
+        if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 1:
+            raise ValueError(f"init_r must be an integer >= 1, got {init_r!r}")
+        dev, dtype = factor_dtype(base)
+        self.A = nn.Parameter((0.02 * torch.randn(base.in_features, init_r, generator=generator)).to(dev, dtype))
+        self.E = nn.Parameter(torch.zeros(init_r, device=dev, dtype=dtype))
+        self.B = nn.Parameter((0.02 * torch.randn(init_r, base.out_features, generator=generator)).to(dev, dtype))
+        self.register_buffer("scale", torch.tensor(alpha / init_r, device=dev, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + (self.scale * (((x.to(self.A.dtype) @ self.A) * self.E) @ self.B)).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.scale * ((self.A * self.E) @ self.B)).T
+
+
+def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
+    """R(P, Q) = mean over all P and Q of ||P^T P - I||_F and ||Q Q^T - I||_F (peft's form).
+
+    With P = B^T and Q = A^T both Gram matrices are r x r: B B^T and A^T A. As in peft the norms are
+    not squared (the AdaLoRA paper's eq. 4 squares them) and the mean runs over the 2n matrices of n
+    adapters.
+    """
+    terms = []
+    for a in adapters.values():
+        eye = torch.eye(a.rank, device=a.A.device, dtype=a.A.dtype)
+        terms += [torch.linalg.matrix_norm(a.A.T @ a.A - eye), torch.linalg.matrix_norm(a.B @ a.B.T - eye)]
+    return torch.stack(terms).mean()
+
+
+def budget_schedule(step: int, init_budget: int, target_budget: int, total_steps: int,
+                    tinit: int, tfinal: int, delta_t: int) -> tuple[int, bool]:
+    """(total rank budget b(t), whether to mask at this step): AdaLoRA eq. 10 as peft computes it.
+
+    b(t) = init_budget for t <= tinit; target_budget for t > T - tfinal; in between
+    int((init_budget - target_budget) (1 - (t - tinit) / (T - tfinal - tinit))^3 + target_budget),
+    masking every delta_t steps.
+    """
+    if step <= tinit:
+        return init_budget, False
+    if step > total_steps - tfinal:
+        return target_budget, True
+    progress = 1 - (step - tinit) / (total_steps - tfinal - tinit)
+    return int((init_budget - target_budget) * progress ** 3 + target_budget), step % delta_t == 0
+
+
+class AdaLoRA(Controller):
+    """Importance, budget and masking (AdaLoRA section 3), and the orthogonal regulariser as the penalty.
+
+    Settings as peft's AdaLoraConfig (delta_t is its deltaT), except the defaults of the phases, which
+    peft leaves at 0 (no warm-up, no final phase, masking every step): here tinit = 10 % and tfinal =
+    20 % of total_steps, and masking every delta_t = 10 steps (peft's examples use deltaT = 10).
+
+    After optimizer.step() (gradients still present) each step until T - tfinal:
+      I = |w * grad w| for every entry of A, E, B (eq. 8); sensitivity EMA
+      Ibar <- beta1 Ibar + (1 - beta1) I; uncertainty Ubar <- beta2 Ubar + (1 - beta2) |I - Ibar| (eq. 9);
+      score s = Ibar * Ubar; triplet score S_i = s(E_i) + mean_j s(A_ji) + mean_k s(B_ik) (eq. 7).
+    On masking steps the (init budget - b(t)) lowest triplet scores over all layers set their E_i to 0
+    (peft: kthvalue threshold, ties at the threshold masked too). At step T - tfinal the target budget
+    is masked once more, and then, where peft keeps masking the same pattern every step, we truncate
+    each layer to its kept triplets (A's columns, E, B's rows, with their optimizer state:
+    adapters.select_parameter), so the final phase trains, and saved files hold, the final ranks
+    (a layer may reach rank 0). One consequence: in the final phase the regulariser no longer sees
+    the pruned rows, which peft's still includes. Unlike peft (issue 745: only added when the model
+    output has a `.loss`, so a diffusers UNet trains without it), `penalty()` is always the
+    regulariser times orth_reg_weight and the loop adds it.
+    """
+
+    def __init__(self, adapters: dict[str, AdaLoRALinear], optimizer: torch.optim.Optimizer | None = None,
+                 total_steps: int | None = None, target_r: int = 4, tinit: int | None = None,
+                 tfinal: int | None = None, delta_t: int = 10, beta1: float = 0.85, beta2: float = 0.85,
+                 orth_reg_weight: float = 0.5):
+        super().__init__(adapters, optimizer, total_steps)
+        if not all(isinstance(a, AdaLoRALinear) for a in adapters.values()):
+            raise ValueError("AdaLoRA controls AdaLoRALinear adapters only")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"AdaLoRA needs the run's total_steps (an integer >= 1), got {total_steps!r}")
+        tinit = total_steps // 10 if tinit is None else tinit
+        tfinal = total_steps // 5 if tfinal is None else tfinal
+        if not 0 <= tinit < total_steps - tfinal or tfinal < 0:
+            raise ValueError(f"tinit={tinit}, tfinal={tfinal}, total_steps={total_steps} leave no budgeting phase "
+                             "(need 0 <= tinit < total_steps - tfinal)")
+        if not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
+        if delta_t < 1 or orth_reg_weight < 0:
+            raise ValueError(f"delta_t must be >= 1 and orth_reg_weight >= 0, got {delta_t}, {orth_reg_weight}")
+        self.init_budget = sum(a.rank for a in adapters.values())
+        self.init_r = max(a.rank for a in adapters.values())
+        self.target_r, self.target_budget = target_r, target_r * len(adapters)
+        if not 0 <= self.target_budget <= self.init_budget:
+            raise ValueError(f"target_r={target_r} must be in 0..init_r (budget {self.init_budget} over "
+                             f"{len(adapters)} layers)")
+        self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
+        self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
+        self.ema: dict[str, torch.Tensor] = {}  # "{layer}.{A|E|B}.{sensitivity|uncertainty}"
+        self.kept = {name: torch.ones(a.rank, dtype=torch.bool) for name, a in adapters.items()}
+
+    def penalty(self) -> torch.Tensor:
+        return self.orth_reg_weight * orthogonal_regulariser(self.adapters)
+
+    def update_importance(self) -> None:
+        """Eq. 8-9: the EMAs of sensitivity and uncertainty of every entry of A, E, B."""
+        with torch.no_grad():
+            for name, a in self.adapters.items():
+                for key in ("A", "E", "B"):
+                    p = getattr(a, key)
+                    if p.grad is None:
+                        continue
+                    ipt = (p * p.grad).abs()
+                    sens = self.ema.get(f"{name}.{key}.sensitivity", torch.zeros_like(p))
+                    unc = self.ema.get(f"{name}.{key}.uncertainty", torch.zeros_like(p))
+                    sens = self.beta1 * sens + (1 - self.beta1) * ipt
+                    self.ema[f"{name}.{key}.sensitivity"] = sens
+                    self.ema[f"{name}.{key}.uncertainty"] = self.beta2 * unc + (1 - self.beta2) * (ipt - sens).abs()
+
+    def triplet_scores(self) -> dict[str, torch.Tensor]:
+        """Eq. 7: S_i = s(E_i) + mean_j s(A_ji) + mean_k s(B_ik), s = sensitivity * uncertainty."""
+        def s(name, key):
+            p = getattr(self.adapters[name], key)
+            sens = self.ema.get(f"{name}.{key}.sensitivity", torch.zeros_like(p))
+            return sens * self.ema.get(f"{name}.{key}.uncertainty", torch.zeros_like(p))
+        return {name: s(name, "E") + s(name, "A").mean(0) + s(name, "B").mean(1) for name in self.adapters}
+
+    def mask_to_budget(self, budget: int) -> None:
+        """Zero E_i of the (init budget - budget) lowest-scoring triplets over all layers (peft's rule)."""
+        scores = self.triplet_scores()
+        n_masked = self.init_budget - budget
+        if n_masked <= 0:
+            return
+        threshold = torch.kthvalue(torch.cat([v.double().cpu() for v in scores.values()]), n_masked).values
+        with torch.no_grad():
+            for name, a in self.adapters.items():
+                keep = scores[name].double().cpu() > threshold
+                a.E.masked_fill_(~keep.to(a.E.device), 0.0)
+                self.kept[name] = keep
+
+    def truncate(self) -> None:
+        """Drop every layer's masked triplets from A, E, B and the optimizer's state."""
+        for name, a in self.adapters.items():
+            index = torch.nonzero(self.kept[name]).flatten()
+            select_parameter(a.A, 1, index, self.optimizer)
+            select_parameter(a.E, 0, index, self.optimizer)
+            select_parameter(a.B, 0, index, self.optimizer)
+            self.kept[name] = torch.ones(len(index), dtype=torch.bool)
+
+    def step(self) -> list[dict]:
+        step, final = self.last_step, self.total_steps - self.tfinal
+        if step > final:
+            return []
+        if step < final:
+            self.update_importance()
+        budget, mask = budget_schedule(step, self.init_budget, self.target_budget, self.total_steps,
+                                       self.tinit, self.tfinal, self.delta_t)
+        if not (mask or step == final):
+            return []
+        self.mask_to_budget(budget)
+        if step == final:
+            self.truncate()
+            self.ema = {}
+        return [{"step": step, "layer": name, "rank": rank, "budget": budget} for name, rank in self.ranks().items()]
+
+    def ranks(self) -> dict[str, int]:
+        """Triplets kept by the last masking (all before the first; the final ranks after truncation)."""
+        return {name: int(keep.sum()) for name, keep in self.kept.items()}
+
+    def metadata(self) -> dict[str, str]:
+        """Settings, and `kept_ranks`: the ranks after masking (a file saved before the final phase holds
+        init_r ranks per layer, the masked ones with Lambda entries at zero)."""
+        return {**super().metadata(), "init_r": str(self.init_r),
+                "target_r": str(self.target_r), "tinit": str(self.tinit), "tfinal": str(self.tfinal),
+                "deltaT": str(self.delta_t), "beta1": repr(self.beta1), "beta2": repr(self.beta2),
+                "orth_reg_weight": repr(self.orth_reg_weight), "total_steps": str(self.total_steps),
+                "kept_ranks": json.dumps(self.ranks())}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"ema.{k}": v for k, v in self.ema.items()},
+                **{f"kept.{name}": keep.to(torch.uint8) for name, keep in self.kept.items()}}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        kept = {k[len("kept."):]: v.bool() for k, v in tensors.items() if k.startswith("kept.")}
+        if set(kept) != set(self.adapters):
+            raise ValueError(f"AdaLoRA state holds masks for {sorted(kept)[:3]}..., expected the layers "
+                             f"{sorted(self.adapters)[:3]}...")
+        unknown = [k for k in tensors if not k.startswith(("kept.", "ema."))]
+        if unknown:
+            raise ValueError(f"AdaLoRA state: unexpected tensors {unknown[:5]}")
+        ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        for key, value in ema.items():
+            name, param, _ = key.rsplit(".", 2)
+            own = getattr(self.adapters[name], param) if name in self.adapters else None
+            if own is None or value.shape != own.shape:
+                raise ValueError(f"AdaLoRA state 'ema.{key}' of shape {tuple(value.shape)} fits no adapter tensor")
+            ema[key] = value.to(own)
+        self.kept, self.ema = kept, ema
