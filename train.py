@@ -32,6 +32,7 @@ from tqdm import tqdm
 import adapters
 import checkpoint
 import data
+import lora2
 import methods
 import plots
 import sample
@@ -68,8 +69,10 @@ def parser() -> argparse.ArgumentParser:
     a("--fisher", default="sample", choices=("sample", "batch"),
       help="SeLoRA Fisher estimator: per-sample (eq. 3, default) or squared batch gradient (authors' script)")
     a("--rank", type=int, default=4, help="LoRA / DyLoRA rank (paper: 4)")
+    a("--dylora-mode", default="full", choices=("full", "frozen"), help="DyLoRA: train ranks 1..b, or rank b only")
     a("--init-r", type=int, default=6, help="AdaLoRA initial rank (paper: 6)")
     a("--target-r", type=int, default=4, help="AdaLoRA target rank (paper: 4)")
+    a("--rate-lr", type=float, default=1e-2, help="LoRA^2: learning rate of the per-layer rates (see lora2.param_groups)")
     a("--size", type=int, help="image size in pixels (paper: 224, 384 as an option; embedded default: 64)")
     a("--epochs", type=int, help="epochs (paper: 10 for IU X-Ray, 100 for Montgomery)")
     a("--batch", type=int, default=8, help="batch size (paper: 8)")
@@ -136,6 +139,15 @@ def code_version() -> str:
 def write_json(path: Path, payload: dict) -> None:
     with weights.atomic_write(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The options of --method, under the names its adapter and controller take (methods.build)."""
+    return {"selora": dict(lam=args.lam, t=args.t, fisher=args.fisher, seed=args.seed),
+            "lora": dict(r=args.rank),
+            "dylora": dict(r=args.rank, mode=args.dylora_mode, seed=args.seed),
+            "adalora": dict(init_r=args.init_r, target_r=args.target_r),
+            "lora2": dict(rank=args.rank, seed=args.seed)}[args.method]
 
 
 def load_model(args: argparse.Namespace) -> SD15:
@@ -305,8 +317,7 @@ def train(args: argparse.Namespace) -> Path:
     if not len(train_ex):
         raise SystemExit(f"{run / 'split.json'}: the training part is empty")
 
-    method = methods.build(args.method, rank=args.rank, lam=args.lam, t=args.t, fisher=args.fisher,
-                           init_r=args.init_r, target_r=args.target_r, seed=args.seed)
+    method = methods.build(args.method, **method_options(args))
     parts = sd.adaptable()
     ckpt = last_checkpoint(run) if args.resume else None
     if ckpt:
@@ -320,8 +331,9 @@ def train(args: argparse.Namespace) -> Path:
     parts.to(device)
     autocast = torch.autocast(device.type, PRECISIONS[args.precision], enabled=args.precision != "fp32")
     params = [p for p in parts.parameters() if p.requires_grad]
+    groups = lora2.param_groups(named, args.lr, args.rate_lr) if args.method == "lora2" else params
     opt_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_class(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = opt_class(groups, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / args.batch)
     total_steps = steps_per_epoch * args.epochs
     controller = method.controller(named, optimizer, total_steps)
