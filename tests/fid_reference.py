@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -28,6 +29,20 @@ def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
         else:  # bn.bias, running_mean, fc.bias
             state[name] = 0.1 * torch.randn(t.shape, generator=g)
     return state
+
+
+@pytest.fixture(scope="module")
+def inception_state():
+    """Module fixture: `random_inception_state()`."""
+    return random_inception_state(seed=1)
+
+
+@pytest.fixture(scope="module")
+def inception_file(inception_state, tmp_path_factory) -> Path:
+    """Module fixture: that state saved as pytorch-fid saves its weights (a torch pickle)."""
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(inception_state, path)
+    return path
 
 
 def pytorch_fid_inception(state: dict[str, torch.Tensor], dims: int, monkeypatch):

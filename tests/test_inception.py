@@ -3,25 +3,13 @@ import pytest
 import torch
 
 import inception
-from fid_reference import pytorch_fid_inception, random_inception_state
+from fid_reference import inception_file, inception_state, pytorch_fid_inception  # noqa: F401 (fixtures)
 from weights import save_file
 
 
 @pytest.fixture(scope="module")
-def state():
-    return random_inception_state(seed=1)
-
-
-@pytest.fixture(scope="module")
-def pth(state, tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
-    torch.save(state, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def ours(pth):
-    return inception.load_inception(pth)
+def ours(inception_file):
+    return inception.load_inception(inception_file)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,21 +17,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def test_features_match_pytorch_fid_at_every_dims(state, ours, monkeypatch):
+def test_features_match_pytorch_fid_at_every_dims(inception_state, ours, monkeypatch):
     x = torch.rand(2, 3, 64, 80)  # not 299: the bilinear resize is part of what is compared
     got = ours.features(inception.preprocess(x), inception.DIMS)
     for dims in inception.DIMS:
-        ref = pytorch_fid_inception(state, dims, monkeypatch)(x)[0].mean((2, 3))
+        ref = pytorch_fid_inception(inception_state, dims, monkeypatch)(x)[0].mean((2, 3))
         assert got[dims].shape == (2, dims)
         assert ref.abs().max() > 1  # activations neither vanished nor saturated through the random network
         assert rel_err(got[dims], ref) < 1e-5, dims
 
 
 @torch.no_grad()
-def test_logits_match_pytorch_fids_full_network(state, ours, monkeypatch):
+def test_logits_match_pytorch_fids_full_network(inception_state, ours, monkeypatch):
     import pytorch_fid.inception as pfi
 
-    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: dict(state))
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: dict(inception_state))
     reference = pfi.fid_inception_v3().eval()
     x = torch.rand(2, 3, 299, 299) * 2 - 1
     ref = reference(x)
@@ -53,9 +41,9 @@ def test_logits_match_pytorch_fids_full_network(state, ours, monkeypatch):
 
 
 @torch.no_grad()
-def test_safetensors_copy_loads_the_same_network(state, ours, tmp_path):
+def test_safetensors_copy_loads_the_same_network(inception_state, ours, tmp_path):
     path = tmp_path / "pt_inception.safetensors"
-    save_file(state, path)
+    save_file(inception_state, path)
     copy = inception.load_inception(path)
     x = inception.preprocess(torch.rand(1, 3, 40, 40))
     assert torch.equal(copy.features(x, (192,))[192], ours.features(x, (192,))[192])
