@@ -14,7 +14,7 @@ averaged. torchmetrics clamps the mean at 0, the CLIPScore paper clamps each pai
 
     python eval_fid.py --real DIR --fake DIR --inception pt_inception-2015-12-05-6726825d.pth \
         [--dims 2048 192 64] [--clip openai-clip-vit-large-patch14/ --prompts prompts.txt] [--json OUT]
-    python eval_fid.py --runs RUN... --real DIR --inception FILE [--table OUT]   (see `score_runs`)
+    python eval_fid.py --runs RUN... --real DIR --inception FILE [--table OUT]   (see RUN_IMAGES)
 """
 from __future__ import annotations
 
@@ -149,13 +149,16 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
         seed: int = 0) -> dict[str, float]:
     """Kernel Inception distance: mean and (population) std of `polynomial_mmd` over random subsets.
 
-    Each subset takes `subset_size` images (at most the smaller set's size) from each set without
-    replacement, drawn with torch.randperm from a generator seeded with `seed`, real then fake, as
-    torchmetrics' KernelInceptionDistance draws them after torch.manual_seed(seed).
+    Each subset takes `subset_size` images from each set without replacement, drawn with torch.randperm
+    from a generator seeded with `seed`, real then fake, as torchmetrics' KernelInceptionDistance draws
+    them after torch.manual_seed(seed). Where a set has no more than `subset_size` images, subsets of
+    half the smaller set are used instead, so that they differ and the std means something (each
+    subset's MMD is unbiased whatever its size; torchmetrics refuses such sets).
     """
-    size = min(subset_size, len(real), len(fake))
+    smaller = min(len(real), len(fake))
+    size = subset_size if subset_size < smaller else smaller // 2
     if size < 2:
-        raise ValueError(f"KID needs at least 2 images in each set, got {len(real)} real and {len(fake)} fake")
+        raise ValueError(f"KID needs at least 4 images in each set, got {len(real)} real and {len(fake)} fake")
     gen = torch.Generator().manual_seed(seed)
     scores = []
     for _ in range(subsets):
@@ -217,9 +220,11 @@ def clip_score(image_encoder, text_encoder, tokenizer, files: list[Path], prompt
 
 
 def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(image encoder, text encoder with projection, tokenizer) from a transformers CLIPModel folder."""
+    """(image encoder, text encoder with projection, tokenizer) from a transformers CLIPModel folder
+    (model.safetensors, config.json, vocab.json, merges.txt) or its model.safetensors."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
     return (clip_image.load_image_encoder(path).to(device), clip_text.load_text_encoder(path).to(device),
-            clip_text.load_tokenizer(path))
+            clip_text.load_tokenizer(folder))
 
 
 # ---------------------------------------------------------------- runs: the paper's Table 1/2 layout
@@ -320,7 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip", help="transformers CLIPModel folder (openai/clip-vit-large-patch14) for the CLIP score")
     p.add_argument("--prompts", help="prompts file for --fake, one line per image in file-name order")
     p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller image count")
+    p.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="images per KID subset; half the smaller set where a set is not larger than this")
     p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

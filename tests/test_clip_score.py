@@ -81,7 +81,7 @@ def test_clip_score_at_224_equals_torchmetrics_default_processor(tiny, tmp_path)
 def test_long_prompts_are_truncated_and_counted(tiny, tmp_path):
     files = write_pngs(tmp_path / "fake", [(224, 224)] * 2)
     long = " ".join(["the lungs are clear and there is no effusion"] * 12)
-    encoders = eval_fid.load_clip(tiny[1])
+    encoders = eval_fid.load_clip(tiny[1] / "model.safetensors")  # the file works as well as its folder
     got = eval_fid.clip_score(*encoders, files, [long, PROMPTS[0]])
     assert got["truncated_prompts"] == 1
     cut = encoders[2].decode(encoders[2].encode(long)[0][0])  # the 75 tokens that were kept

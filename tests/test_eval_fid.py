@@ -102,7 +102,9 @@ def test_small_sets_warn_and_kid_caps_its_subset_size():
     real, fake = {64: rng.normal(size=(20, 64))}, {64: rng.normal(size=(30, 64))}
     with pytest.warns(UserWarning, match="20 images for 64-dimensional features: the covariance is singular"):
         report = eval_fid.fid_kid(real, fake, kid_subsets=3)
-    assert report["kid"]["subset_size"] == 20 and len(report["warnings"]) == 1
+    assert report["kid"]["subset_size"] == 10 and report["kid"]["std"] > 0 and len(report["warnings"]) == 1
+    with pytest.raises(ValueError, match="KID needs at least 4 images in each set, got 3 real and 30 fake"):
+        eval_fid.kid(real[64][:3], fake[64])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert eval_fid.fid_kid({8: real[64][:, :8]}, {8: fake[64][:, :8]}, kid_subsets=3)["warnings"] == []
