@@ -201,7 +201,9 @@ def clip_score(image_encoder, text_encoder, tokenizer, files: list[Path], prompt
 
     `clip_score` is torchmetrics' figure, max(mean, 0); `clip_score_pair_clamped` the CLIPScore paper's
     mean of max(pair, 0) (without its 2.5 weight). Prompts longer than the 77-token context are cut to
-    their first 75 tokens plus the end token, and counted in `truncated_prompts`.
+    their first 75 tokens plus the end token, and counted in `truncated_prompts`. (torchmetrics 1.9 cuts
+    such prompts after 77 tokens, losing the end token that CLIP pools at: its scores for long prompts
+    differ from these, which equal its scores for the prompts cut as here.)
     """
     if len(files) != len(prompts):
         raise ValueError(f"CLIP score: {len(files)} images but {len(prompts)} prompts; "
