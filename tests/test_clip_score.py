@@ -128,3 +128,21 @@ def test_full_vit_l14_clip_score_equals_torchmetrics(tmp_path):
     print(f"ViT-L/14 image embedding rel err {err:.2e}; CLIP score ours {got['clip_score']!r}, torchmetrics {reference!r}")
     assert err < 1e-5
     assert got["clip_score"] == pytest.approx(reference, rel=1e-5, abs=1e-4)
+
+
+def test_runs_take_their_prompts_from_the_samples_folder(tiny, inception_file, tmp_path):
+    real = write_images(tmp_path / "real", 4)
+    run = tmp_path / "lora-seed0"
+    write_images(run / "samples", 4, shift=0.1, seed=5)
+    (run / "samples" / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    args = ["--real", str(real), "--inception", str(inception_file), "--dims", "64", "--clip", str(tiny[1]),
+            "--kid-subsets", "2", "--runs", str(run)]
+    with pytest.warns(UserWarning, match="singular"):
+        result = eval_fid.main(args)
+    expected = eval_fid.clip_score(*eval_fid.load_clip(tiny[1]), eval_fid.list_images(run / "samples"), PROMPTS)
+    assert result["runs"][0]["clip"] == pytest.approx(expected)
+    assert result["table"][0]["method"] == "lora-seed0"  # no run.json: the folder name
+    assert result["table"][0]["CLIP score"] == (pytest.approx(expected["clip_score"]), None)
+    (run / "samples" / "prompts.txt").unlink()
+    with pytest.raises(ValueError, match="prompts.txt: cannot read the prompts file"):
+        eval_fid.main(args)
