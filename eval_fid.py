@@ -1,0 +1,389 @@
+"""Image-quality metrics of the paper: FID (Inception features of 2048, 768, 192 or 64 dimensions), KID, CLIP score.
+
+FID (Heusel et al. 2017) fits a Gaussian to the Inception features of each image set and measures
+    FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))
+computed as pytorch-fid does (float64 statistics, scipy's sqrtm, a 1e-6 diagonal offset when the product is
+singular), so numbers are comparable with papers that used it. FID is biased upwards for small sets and its
+covariance is singular when there are no more images than feature dimensions: we warn then, and also report
+KID (Binkowski et al. 2018), the unbiased squared MMD with the cubic polynomial kernel, averaged over random
+subsets, as torchmetrics computes it.
+
+CLIP score (Hessel et al. 2021): 100 * cos(image embedding, text embedding) with CLIP ViT-L/14, per pair,
+averaged. torchmetrics clamps the mean at 0, the CLIPScore paper clamps each pair (with weight 2.5 there,
+100 here): both are reported, `clip_score` is torchmetrics' figure.
+
+    python eval_fid.py --real DIR --fake DIR --inception pt_inception-2015-12-05-6726825d.pth \
+        [--dims 2048 192 64] [--clip openai-clip-vit-large-patch14/ --prompts prompts.txt] [--json OUT]
+    python eval_fid.py --runs RUN... --real DIR --inception FILE [--table OUT]   (see RUN_IMAGES)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+from tqdm import tqdm
+
+import clip_image
+import clip_text
+import inception
+from weights import atomic_write
+
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
+NOT_SAMPLES = ("grid.png",)  # the contact sheet sample.py writes beside its images
+
+
+# ---------------------------------------------------------------- images
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in `folder` (pytorch-fid's extensions, any case), sorted by name,
+    leaving out sample.py's grid.png."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such image folder")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in NOT_SAMPLES)
+    if not files:
+        raise ValueError(f"{folder}: no images in it (looked for {' '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """An image file as 8-bit RGB (grey and 16-bit scans converted as PIL does, like pytorch-fid)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read this image ({err})") from None
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [0, 1] (torchvision's ToTensor)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+
+
+def batches(files: list[Path], batch_size: int, desc: str):
+    """Yield (start index, files) in runs of `batch_size`, with a progress bar over images."""
+    with tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            yield start, chunk
+            bar.update(len(chunk))
+
+
+# ---------------------------------------------------------------- FID and KID
+
+@torch.no_grad()
+def inception_features(model: inception.InceptionV3, files: list[Path], dims: tuple[int, ...],
+                       batch_size: int = 50, device: str | torch.device = "cpu",
+                       desc: str = "inception") -> dict[int, np.ndarray]:
+    """{dim: (n, dim) float64 array} of Inception features for each image file."""
+    out = {d: [] for d in dims}
+    for _, chunk in batches(files, batch_size, desc):
+        # resized one by one so images of different sizes can share a batch; same result as batched
+        x = torch.cat([inception.preprocess(to_tensor(read_image(f))[None]) for f in chunk]).to(device)
+        for d, f in model.features(x, dims).items():
+            out[d].append(f.double().cpu().numpy())
+    return {d: np.concatenate(v) for d, v in out.items()}
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased, n - 1) of (n, d) features, in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"statistics need an (n, d) feature array with n >= 2, got shape {features.shape}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), the Frechet distance of two Gaussians, as pytorch-fid.
+
+    When sqrtm of the product is not finite (a singular product), `eps` is added to both diagonals.
+    A non-negligible imaginary part (diagonal beyond 1e-3) is an error, not silently dropped.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"Frechet distance: shapes differ: means {mu1.shape} and {mu2.shape}, "
+                         f"covariances {sigma1.shape} and {sigma2.shape}")
+
+    def sqrtm(a: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():  # singularity is detected below, from the result
+            warnings.simplefilter("ignore")
+            return linalg.sqrtm(a)
+
+    covmean = sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"Frechet distance: singular covariance product; adding {eps} to the diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: sqrtm has an imaginary component of up to "
+                             f"{np.abs(covmean.imag).max():.3g}: the statistics are numerically unsound")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def polynomial_mmd(x: np.ndarray, y: np.ndarray, degree: int = 3, coef: float = 1.0) -> float:
+    """Unbiased squared MMD of two equal-size samples with k(a, b) = (a.b / d + coef)^degree (KID's kernel)."""
+    m, d = x.shape
+    k_xx, k_yy, k_xy = ((a @ b.T / d + coef) ** degree for a, b in ((x, x), (y, y), (x, y)))
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / m ** 2)
+
+
+def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> dict[str, float]:
+    """Kernel Inception distance: mean and (population) std of `polynomial_mmd` over random subsets.
+
+    Each subset takes `subset_size` images from each set without replacement, drawn with torch.randperm
+    from a generator seeded with `seed`, real then fake, as torchmetrics' KernelInceptionDistance draws
+    them after torch.manual_seed(seed). Where a set has no more than `subset_size` images, subsets of
+    half the smaller set are used instead, so that they differ and the std means something (each
+    subset's MMD is unbiased whatever its size; torchmetrics refuses such sets).
+    """
+    smaller = min(len(real), len(fake))
+    size = subset_size if subset_size < smaller else smaller // 2
+    if size < 2:
+        raise ValueError(f"KID needs at least 4 images in each set, got {len(real)} real and {len(fake)} fake")
+    gen = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(subsets):
+        r = real[torch.randperm(len(real), generator=gen)[:size].numpy()]
+        f = fake[torch.randperm(len(fake), generator=gen)[:size].numpy()]
+        scores.append(polynomial_mmd(r.astype(np.float64), f.astype(np.float64)))
+    return {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "subsets": subsets, "subset_size": size}
+
+
+def fid_kid(real: dict[int, np.ndarray], fake: dict[int, np.ndarray], kid_subsets: int = 100,
+            kid_subset_size: int = 1000, seed: int = 0) -> dict:
+    """FID for every feature width in `real` (and `fake`), KID on the widest; with small-set warnings."""
+    dims = sorted(real)
+    n_real, n_fake = len(real[dims[0]]), len(fake[dims[0]])
+    notes = [f"{min(n_real, n_fake)} images for {d}-dimensional features: the covariance is singular and FID is "
+             f"strongly biased at this size; compare FIDs only at equal image counts, and prefer KID"
+             for d in dims if min(n_real, n_fake) <= d]
+    for note in notes:
+        warnings.warn(note)
+    fid = {str(d): frechet_distance(*statistics(real[d]), *statistics(fake[d])) for d in dims}
+    return {"images": {"real": n_real, "fake": n_fake}, "fid": fid,
+            "kid": {"dims": dims[-1], **kid(real[dims[-1]], fake[dims[-1]], kid_subsets, kid_subset_size, seed)},
+            "warnings": notes}
+
+
+# ---------------------------------------------------------------- CLIP score
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line (UTF-8), in the order of the sorted image files."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the prompts file ({err})") from None
+
+
+@torch.no_grad()
+def clip_score(image_encoder, text_encoder, tokenizer, files: list[Path], prompts: list[str],
+               batch_size: int = 32, device: str | torch.device = "cpu") -> dict:
+    """CLIP score of image i against prompt i: 100 * cos(image embedding, text embedding), averaged.
+
+    `clip_score` is torchmetrics' figure, max(mean, 0); `clip_score_pair_clamped` the CLIPScore paper's
+    mean of max(pair, 0) (without its 2.5 weight). Prompts longer than the 77-token context are cut to
+    their first 75 tokens plus the end token, and counted in `truncated_prompts`. (torchmetrics 1.9 cuts
+    such prompts after 77 tokens, losing the end token that CLIP pools at: its scores for long prompts
+    differ from these, which equal its scores for the prompts cut as here.)
+    """
+    if len(files) != len(prompts):
+        raise ValueError(f"CLIP score: {len(files)} images but {len(prompts)} prompts; "
+                         "give exactly one prompt line per image (sorted by file name)")
+    scores, truncated = [], 0
+    for start, chunk in batches(files, batch_size, "clip"):
+        pixels = torch.stack([clip_image.preprocess(read_image(f)) for f in chunk]).to(device)
+        ids, cut = tokenizer.encode(prompts[start:start + len(chunk)])
+        truncated += cut
+        image = image_encoder(pixels).double()
+        text = text_encoder.project(text_encoder.encode(ids.to(device))[1]).double()
+        scores.append(100 * (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1).cpu())
+    scores = torch.cat(scores)
+    return {"clip_score": max(scores.mean().item(), 0.0), "clip_score_pair_clamped": scores.clamp(min=0).mean().item(),
+            "pairs": len(scores), "truncated_prompts": truncated}
+
+
+def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(image encoder, text encoder with projection, tokenizer) from a transformers CLIPModel folder
+    (model.safetensors, config.json, vocab.json, merges.txt) or its model.safetensors."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    return (clip_image.load_image_encoder(path).to(device), clip_text.load_text_encoder(path).to(device),
+            clip_text.load_tokenizer(folder))
+
+
+# ---------------------------------------------------------------- runs: the paper's Table 1/2 layout
+
+RUN_IMAGES = "samples"        # RUN/samples/: the run's test-split images, one per test prompt
+RUN_PROMPTS = "prompts.txt"   # RUN/samples/prompts.txt: their prompts, one line per image in file-name order
+RUN_INFO = "run.json"         # RUN/run.json: {"method": "selora", "seed": 0, ...}
+
+
+def run_info(run: Path) -> tuple[str, str]:
+    """(method, seed) of a run folder: from RUN/run.json when present, else (folder name, "")."""
+    info_file = run / RUN_INFO
+    if not info_file.is_file():
+        return run.name, ""
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        return str(info["method"]), str(info.get("seed", ""))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{info_file}: expected a JSON object with a 'method' (and 'seed'), got an error: {err!r}") from None
+
+
+def run_images(run: Path, with_prompts: bool) -> tuple[Path, list[Path], list[str] | None]:
+    """(run folder, its test-split image files, their prompts if asked for)."""
+    folder = run / RUN_IMAGES
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder; generate the run's test-split images with sample.py "
+                                "first (eval_fid.py does not generate them yet)")
+    return run, list_images(folder), read_prompts(folder / RUN_PROMPTS) if with_prompts else None
+
+
+def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
+    """Group runs by method (first-seen order): {method, runs, metric: (mean, std over seeds)} per method.
+
+    The std is the sample std (n - 1); None for a single run.
+    """
+    table = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "runs": len(group)}
+        for m in metrics:
+            values = np.array([r[m] for r in group], dtype=np.float64)
+            entry[m] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None)
+        table.append(entry)
+    return table
+
+
+def tables(summary: list[dict], metrics: list[str]) -> tuple[str, str]:
+    """(Markdown, CSV) of a `summarise` result: method x metric, mean +- std over seeds."""
+    def cell(mean, std):
+        return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
+    lines = ["| method | runs | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    lines += [f"| {e['method']} | {e['runs']} | " + " | ".join(cell(*e[m]) for m in metrics) + " |" for e in summary]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["method", "runs"] + [f"{m} {part}" for m in metrics for part in ("mean", "std")])
+    for e in summary:
+        writer.writerow([e["method"], e["runs"]] + ["" if v is None else f"{v:.6g}" for m in metrics for v in e[m]])
+    return "\n".join(lines) + "\n", out.getvalue()
+
+
+# ---------------------------------------------------------------- command line
+
+def report_lines(report: dict) -> list[str]:
+    """The figures of one real-vs-fake comparison as an aligned text table."""
+    n = report["images"]
+    kid_ = report["kid"]
+    rows = [("images", f"real {n['real']}, fake {n['fake']}")]
+    rows += [(f"FID ({d})", f"{v:.4f}") for d, v in report["fid"].items()]
+    rows.append((f"KID ({kid_['dims']})", f"{kid_['mean']:.6f} ± {kid_['std']:.6f} "
+                                           f"({kid_['subsets']} subsets of {kid_['subset_size']})"))
+    if "clip" in report:
+        c = report["clip"]
+        rows.append(("CLIP score", f"{c['clip_score']:.4f} (pairs clamped: {c['clip_score_pair_clamped']:.4f}; "
+                                   f"{c['truncated_prompts']} of {c['pairs']} prompts truncated to 77 tokens)"))
+    width = max(len(k) for k, _ in rows)
+    return [f"{k:<{width}}  {v}" for k, v in rows]
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """The headline numbers of one report, named as the run tables' columns."""
+    out = {f"FID-{d}": v for d, v in report["fid"].items()}
+    out["KID"] = report["kid"]["mean"]
+    if "clip" in report:
+        out["CLIP score"] = report["clip"]["clip_score"]
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--real", required=True, help="folder of real (reference) images")
+    p.add_argument("--fake", help="folder of generated images")
+    p.add_argument("--runs", nargs="+", help="run folders: score RUN/samples/ of each (instead of --fake)")
+    p.add_argument("--inception", required=True,
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a safetensors copy")
+    p.add_argument("--dims", type=int, nargs="+", default=[2048], choices=inception.DIMS,
+                   help="Inception feature widths to compute FID with; KID uses the widest")
+    p.add_argument("--clip", help="transformers CLIPModel folder (openai/clip-vit-large-patch14) for the CLIP score")
+    p.add_argument("--prompts", help="prompts file for --fake, one line per image in file-name order")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="images per KID subset; half the smaller set where a set is not larger than this")
+    p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write every figure here")
+    p.add_argument("--table", help="with --runs: write the table to TABLE.md and TABLE.csv")
+    args = p.parse_args(argv)
+    if (args.fake is None) == (args.runs is None):
+        p.error("give exactly one of --fake and --runs")
+    if args.prompts and not args.clip or args.clip and args.fake and not args.prompts:
+        p.error("the CLIP score needs both --clip and --prompts (with --runs: --clip, prompts from each run)")
+    if args.table and not args.runs:
+        p.error("--table goes with --runs")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Score --fake (or each of --runs) against --real; print a table, write --json (and --table)."""
+    args = parse_args(argv)
+    dims = tuple(sorted(set(args.dims)))
+    real_files = list_images(args.real)
+    runs = [Path(r) for r in args.runs or []]
+    # every input is checked before the first image goes through a network
+    if args.fake:
+        targets = [(Path(args.fake), list_images(args.fake), args.prompts and read_prompts(args.prompts))]
+    else:
+        targets = [run_images(run, with_prompts=bool(args.clip)) for run in runs]
+        infos = [run_info(run) for run in runs]
+    model = inception.load_inception(args.inception).to(args.device)
+    clip = load_clip(args.clip, args.device) if args.clip else None
+    real = inception_features(model, real_files, dims, args.batch_size, args.device, "real")
+    reports = []
+    for folder, files, prompts in targets:
+        fake = inception_features(model, files, dims, args.batch_size, args.device, folder.name)
+        report = {"real": str(args.real), "fake": str(folder),
+                  **fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed)}
+        if clip:
+            report["clip"] = clip_score(*clip, files, prompts, args.batch_size, args.device)
+        print(f"\n{folder}\n" + "\n".join(report_lines(report)))
+        reports.append(report)
+    result = reports[0] if args.fake else {"runs": reports}
+    if args.runs:
+        rows = [{"method": m, "seed": s, **flat_metrics(r)} for r, (m, s) in zip(reports, infos)]
+        metrics = list(flat_metrics(reports[0]))
+        result["table"] = summary = summarise(rows, metrics)
+        markdown, csv_text = tables(summary, metrics)
+        print("\n" + markdown)
+        if args.table:
+            for suffix, text in ((".md", markdown), (".csv", csv_text)):
+                with atomic_write(args.table + suffix, "w") as f:
+                    f.write(text)
+    if args.json:
+        with atomic_write(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
