@@ -60,7 +60,8 @@ def load_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, n
                     generators: dict[str, torch.Generator]) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore what `save_checkpoint` wrote into the given optimizer and generators; return the counters
     and the `extra` tensors."""
-    tensors = weights.load_file(path)
+    # copies, not views of the memory-mapped file: Generator.set_state reads its tensor's storage from the start
+    tensors = {k: v.clone() for k, v in weights.load_file(path).items()}
     meta = weights.load_metadata(path)
     if "counters" not in meta:
         raise ValueError(f"{path}: not a training checkpoint (no 'counters' in its metadata)")

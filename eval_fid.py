@@ -14,7 +14,7 @@ averaged. torchmetrics clamps the mean at 0, the CLIPScore paper clamps each pai
 
     python eval_fid.py --real DIR --fake DIR --inception pt_inception-2015-12-05-6726825d.pth \
         [--dims 2048 192 64] [--clip openai-clip-vit-large-patch14/ --prompts prompts.txt] [--json OUT]
-    python eval_fid.py --runs RUN... --real DIR --inception FILE [--table OUT]   (see RUN_IMAGES)
+    python eval_fid.py --runs RUN... --inception FILE [--real DIR] [--table OUT]   (see RUN_IMAGES, run_images)
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from tqdm import tqdm
 import clip_image
 import clip_text
 import inception
+import sample
 from weights import atomic_write
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
@@ -237,8 +238,11 @@ RUN_INFO = "run.json"         # RUN/run.json: {"method": "selora", "seed": 0, ..
 
 
 def run_info(run: Path) -> tuple[str, str]:
-    """(method, seed) of a run folder: from RUN/run.json when present, else (folder name, "")."""
+    """(method, seed) of a run folder: from RUN/run.json, else a train.py run's config.json, else (folder name, "")."""
     info_file = run / RUN_INFO
+    if not info_file.is_file() and (run / "config.json").is_file():
+        options = json.loads((run / "config.json").read_text(encoding="utf-8"))["options"]
+        return str(options["method"]), str(options["seed"])
     if not info_file.is_file():
         return run.name, ""
     try:
@@ -248,12 +252,15 @@ def run_info(run: Path) -> tuple[str, str]:
         raise ValueError(f"{info_file}: expected a JSON object with a 'method' (and 'seed'), got an error: {err!r}") from None
 
 
-def run_images(run: Path, with_prompts: bool) -> tuple[Path, list[Path], list[str] | None]:
-    """(run folder, its test-split image files, their prompts if asked for)."""
+def run_images(run: Path, with_prompts: bool, device: str = "cpu") -> tuple[Path, list[Path], list[str] | None]:
+    """(run folder, its test-split image files, their prompts if asked for). A train.py run whose images are
+    not there yet gets them now (sample.sample_run: its best adapter on the test prompts)."""
     folder = run / RUN_IMAGES
+    if not folder.is_dir() and (run / "config.json").is_file() and (run / "best.safetensors").is_file():
+        sample.sample_run(run, device=device)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder; generate the run's test-split images with sample.py "
-                                "first (eval_fid.py does not generate them yet)")
+        raise FileNotFoundError(f"{folder}: no such folder, and {run} is not a finished train.py run "
+                                "(config.json, best.safetensors) whose test split could be generated")
     return run, list_images(folder), read_prompts(folder / RUN_PROMPTS) if with_prompts else None
 
 
@@ -317,7 +324,8 @@ def flat_metrics(report: dict) -> dict[str, float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--real", required=True, help="folder of real (reference) images")
+    p.add_argument("--real", help="folder of real (reference) images; with --runs of train.py, default: each "
+                                  "run's own held-out test images (RUN/real/, written with its samples)")
     p.add_argument("--fake", help="folder of generated images")
     p.add_argument("--runs", nargs="+", help="run folders: score RUN/samples/ of each (instead of --fake)")
     p.add_argument("--inception", required=True,
@@ -337,6 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.fake is None) == (args.runs is None):
         p.error("give exactly one of --fake and --runs")
+    if args.fake and not args.real:
+        p.error("--fake needs --real")
     if args.prompts and not args.clip or args.clip and args.fake and not args.prompts:
         p.error("the CLIP score needs both --clip and --prompts (with --runs: --clip, prompts from each run)")
     if args.table and not args.runs:
@@ -348,21 +358,26 @@ def main(argv: list[str] | None = None) -> dict:
     """Score --fake (or each of --runs) against --real; print a table, write --json (and --table)."""
     args = parse_args(argv)
     dims = tuple(sorted(set(args.dims)))
-    real_files = list_images(args.real)
+    real_files = list_images(args.real) if args.real else None
     runs = [Path(r) for r in args.runs or []]
     # every input is checked before the first image goes through a network
     if args.fake:
         targets = [(Path(args.fake), list_images(args.fake), args.prompts and read_prompts(args.prompts))]
     else:
-        targets = [run_images(run, with_prompts=bool(args.clip)) for run in runs]
+        targets = [run_images(run, with_prompts=bool(args.clip), device=args.device) for run in runs]
         infos = [run_info(run) for run in runs]
     model = inception.load_inception(args.inception).to(args.device)
     clip = load_clip(args.clip, args.device) if args.clip else None
-    real = inception_features(model, real_files, dims, args.batch_size, args.device, "real")
+    real_sets = {}  # real folder -> features, computed once per folder
     reports = []
     for folder, files, prompts in targets:
+        real_folder = Path(args.real) if args.real else folder / "real"  # --runs of train.py: the run's own test images
+        if real_folder not in real_sets:
+            real_sets[real_folder] = inception_features(model, real_files or list_images(real_folder), dims,
+                                                        args.batch_size, args.device, "real")
+        real = real_sets[real_folder]
         fake = inception_features(model, files, dims, args.batch_size, args.device, folder.name)
-        report = {"real": str(args.real), "fake": str(folder),
+        report = {"real": str(real_folder), "fake": str(folder),
                   **fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed)}
         if clip:
             report["clip"] = clip_score(*clip, files, prompts, args.batch_size, args.device)

@@ -9,6 +9,7 @@ Without --model it uses the embedded tiny random model (`sd15.tiny_sd15`), which
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -17,9 +18,10 @@ import torch
 from PIL import Image
 
 import adapters
+import data
 import methods
 import weights
-from sd15 import SD15, generate, load_sd15, tiny_sd15
+from sd15 import SD15, generate, load_model, load_sd15, tiny_sd15
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -56,6 +58,32 @@ def write_images(images: torch.Tensor, out: Path, names: list[str] | None = None
         save_png(picture, path)
     save_png(grid(pictures), out / "grid.png")
     return paths
+
+
+def sample_run(run: str | Path, steps: int = 50, guidance: float = 7.5, batch: int = 8,
+               device: str | torch.device = "cpu") -> tuple[Path, Path]:
+    """Generate a train.py run's test split: one image per test prompt with the run's best adapter on its own
+    base model, into RUN/samples/ (plus prompts.txt, one line per image in file-name order), and the real test
+    images, preprocessed as in training, into RUN/real/. Returns (samples folder, real folder)."""
+    run = Path(run)
+    options = json.loads((run / "config.json").read_text(encoding="utf-8"))["options"]
+    names = data.read_split(run / "split.json")["test"]
+    if not names:
+        raise ValueError(f"{run / 'split.json'}: the test part is empty; nothing to generate")
+    dataset = data.load_dataset(options["dataset"], json.loads((run / "split.json").read_text())["data"],
+                                empty_findings=options["empty_findings"], per_subtype=options["per_subtype"],
+                                seed=options["seed"], check_images=False)
+    examples = data.select(dataset, names, run / "split.json")
+    sd = load_model(options["model"], options["tokenizer"], options["seed"])
+    load_adapter(sd, run / "best.safetensors")
+    sd.to(device)
+    prompts = [e.caption for e in examples]
+    images = generate(sd, prompts, steps, guidance, options["seed"], options["size"], batch)
+    write_images(images, run / "samples")
+    write_images(torch.stack([data.load_image(e.path, options["size"]) for e in examples]), run / "real")
+    with weights.atomic_write(run / "samples" / "prompts.txt", "w") as f:
+        f.write("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
+    return run / "samples", run / "real"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,6 +95,11 @@ def tiny_sd15(seed: int = 0) -> SD15:
     return SD15(unet, text_encoder, tokenizer, vae, name=f"embedded tiny random SD 1.5 (seed {seed})")
 
 
+def load_model(model: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None, seed: int = 0) -> SD15:
+    """`load_sd15(model, tokenizer)`, or the embedded tiny random model when `model` is None (as train.py's runs)."""
+    return tiny_sd15(seed) if model is None else load_sd15(model, tokenizer)
+
+
 @torch.no_grad()
 def generate(sd: SD15, prompts: list[str], steps: int = 50, guidance: float = 7.5, seed: int = 0, size: int = 224,
              batch: int = 8, eta: float = 0.0, progress: bool = True) -> torch.Tensor:

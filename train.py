@@ -39,7 +39,7 @@ import sample
 import weights
 from kohya import export_kohya
 from sampling import NUM_TRAIN_TIMESTEPS, add_noise
-from sd15 import SD15, generate, load_sd15, tiny_sd15
+from sd15 import SD15, generate, load_model
 from vae import posterior_to_latents
 
 PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 4; other data sets default to 10
@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     a("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     a("--checkpoint-every", type=int, default=500, help="steps between checkpoints (also at each epoch end)")
     a("--latent-cache", help="folder for cached VAE latents (default: <run folder's parent>/.latent-cache)")
-    a("--samples", type=int, default=4, help="images to generate from test prompts at the end (0: none)")
+    a("--samples", type=int, default=4, help="preview images to generate from test prompts at the end (0: none)")
     a("--sample-steps", type=int, default=50, help="DDIM steps for those samples")
     a("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: interrupt after this many steps
     return p
@@ -148,12 +148,6 @@ def method_options(args: argparse.Namespace) -> dict:
             "dylora": dict(r=args.rank, mode=args.dylora_mode, seed=args.seed),
             "adalora": dict(init_r=args.init_r, target_r=args.target_r),
             "lora2": dict(rank=args.rank, seed=args.seed)}[args.method]
-
-
-def load_model(args: argparse.Namespace) -> SD15:
-    if args.model is None:
-        return tiny_sd15(args.seed)
-    return load_sd15(args.model, args.tokenizer)
 
 
 def load_data(args: argparse.Namespace, run: Path) -> tuple[data.DataSet, dict[str, list[str]]]:
@@ -309,7 +303,7 @@ def train(args: argparse.Namespace) -> Path:
                                          "torch": torch.__version__, "seed": args.seed})
     torch.manual_seed(args.seed)  # adapter initialisation
     device = torch.device(args.device)
-    sd = load_model(args).to(device)
+    sd = load_model(args.model, args.tokenizer, args.seed).to(device)
     dataset, split = load_data(args, run)
     cache = Path(args.latent_cache) if args.latent_cache else run.parent / ".latent-cache"
     train_ex = Examples(sd, data.select(dataset, split["train"], run / "split.json"), args, cache)
@@ -429,8 +423,8 @@ def train(args: argparse.Namespace) -> Path:
 
 def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, split: dict[str, list[str]]) -> None:
     """Load the best adapter into a fresh model; export it in the kohya format, and generate a few images from
-    held-out prompts beside the real images (run/samples/)."""
-    sd = load_model(args)
+    held-out prompts beside the real images (run/previews/; eval_fid.py --runs generates the whole test split)."""
+    sd = load_model(args.model, args.tokenizer, args.seed)
     best = sample.load_adapter(sd, run / "best.safetensors")
     export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", {"base_model": sd.name})
     if not args.samples:
@@ -441,8 +435,8 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     images = generate(sd, [e.caption for e in examples], args.sample_steps, seed=args.seed, size=args.size,
                       batch=args.batch)
     real = torch.stack([data.load_image(e.path, args.size) for e in examples])
-    sample.write_images(torch.cat([real, images]), run / "samples")
-    write_json(run / "samples" / "prompts.json", {"real": names, "prompts": [e.caption for e in examples]})
+    sample.write_images(torch.cat([real, images]), run / "previews")
+    write_json(run / "previews" / "prompts.json", {"real": names, "prompts": [e.caption for e in examples]})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ def test_embedded_default_writes_the_whole_run_folder(tmp_path, monkeypatch, cap
     for name in ("config.json", "split.json", "log.jsonl", "summary.json", "best.safetensors", "last.safetensors",
                  "best.kohya.safetensors", "loss.png", "rank_growth.png", "memory.png", "rank_unet.png",
                  "rank_text_encoder.png", "checkpoint/adapters.safetensors", "checkpoint/state.safetensors",
-                 "samples/grid.png", "samples/prompts.json"):
+                 "previews/grid.png", "previews/prompts.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     split = json.loads((out / "split.json").read_text())["splits"]
@@ -53,7 +53,7 @@ def test_embedded_default_writes_the_whole_run_folder(tmp_path, monkeypatch, cap
     assert json.loads(meta["ranks"]) == summary["final_ranks"] and meta["lambda"] == "1.1" and meta["t"] == "4"
     # figures are real PNGs; the samples are real images (2) beside generated ones (2), 48 px each
     assert Image.open(out / "rank_unet.png").size[0] > 200
-    assert Image.open(out / "samples" / "grid.png").size == (96, 96)
+    assert Image.open(out / "previews" / "grid.png").size == (96, 96)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -111,7 +111,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 
 def test_adapters_of_a_run_load_for_sampling(tmp_path):
     out, code = run(tmp_path, "s", "--samples", "0")
-    assert code == 0 and not (out / "samples").exists()
+    assert code == 0 and not (out / "previews").exists()
     import sample
     from sd15 import tiny_sd15
     sd = tiny_sd15(0)
