@@ -259,8 +259,8 @@ def run_images(run: Path, with_prompts: bool, device: str = "cpu") -> tuple[Path
     if not folder.is_dir() and (run / "config.json").is_file() and (run / "best.safetensors").is_file():
         sample.sample_run(run, device=device)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder, and {run} is not a finished train.py run "
-                                "(config.json, best.safetensors) whose test split could be generated")
+        raise FileNotFoundError(f"{folder}: no such folder; generate the run's test-split images with sample.py first "
+                                "(done here for a finished train.py run, which has config.json and best.safetensors)")
     return run, list_images(folder), read_prompts(folder / RUN_PROMPTS) if with_prompts else None
 
 

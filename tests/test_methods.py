@@ -122,8 +122,7 @@ def test_resume_from_saved_state_continues_identically(name, tmp_path):
     train(model, opt, control, range(1, 6))
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
     save_adapters(ads, tmp_path / "a.safetensors", control.metadata())
-    save_checkpoint(tmp_path / "c.safetensors", opt, names, {}, {"step": 5})
-    weights.save_file(control.state(), tmp_path / "s.safetensors")
+    save_checkpoint(tmp_path / "c.safetensors", opt, names, {}, {"step": 5}, extra=control.state())
     if name == "adalora":
         assert control.state() and any(k.startswith("ema.") for k in control.state())
 
@@ -133,10 +132,10 @@ def test_resume_from_saved_state_continues_identically(name, tmp_path):
     method = build(name, **ACTIVE[name])
     loaded, _ = load_adapters(fresh, tmp_path / "a.safetensors", method.make_adapter)
     opt2 = torch.optim.Adam([p for p in fresh.parameters() if p.requires_grad], lr=0.05)
-    counters = load_checkpoint(tmp_path / "c.safetensors", opt2, {p: n for n, p in fresh.named_parameters()
-                                                                  if p.requires_grad}, {})
+    counters, state = load_checkpoint(tmp_path / "c.safetensors", opt2, {p: n for n, p in fresh.named_parameters()
+                                                                         if p.requires_grad}, {})
     control2 = method.controller(loaded, opt2, TOTAL)
-    control2.load_state(weights.load_file(tmp_path / "s.safetensors"))
+    control2.load_state(state)
     train(fresh, opt2, control2, range(counters["step"] + 1, TOTAL + 1))
     resumed = {n: p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
     assert resumed.keys() == straight.keys()
