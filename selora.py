@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters import Adapter, kaiming_uniform, resize_parameter
+from distributed import all_reduce_sum
 
 BLOCK = 8  # ranks per matmul block in SeLoRALinear's forward; see `low_rank`
 FISHER_MODES = ("sample", "batch")
@@ -137,6 +138,28 @@ def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor,
     return grad_A, grad_B, grad_new
 
 
+def fisher_sums(per_sample: list[torch.Tensor], fisher: str = "sample") -> list[torch.Tensor]:
+    """What the FI-score (eq. 3-4) sums over samples, in float64, one tensor per given gradient [b, ...].
+
+    fisher="sample": the squared per-sample gradients summed over samples and entries (a scalar each);
+    fisher="batch": the per-sample gradients summed over samples. Sums over disjoint sets of samples add
+    up, so summing these across data-parallel ranks gives the global batch's (`SeLoRA.step`).
+    """
+    if fisher == "sample":
+        return [p.double().square().sum() for p in per_sample]
+    if fisher == "batch":
+        return [p.double().sum(0) for p in per_sample]
+    raise ValueError(f"fisher must be one of {FISHER_MODES}, got {fisher!r}")
+
+
+def score_from_sums(sums: list[torch.Tensor], n: int, fisher: str = "sample") -> float:
+    """The FI-score (eq. 4) of n samples from their `fisher_sums`: the batch mean of the squares (eq. 3),
+    or for fisher="batch" the squares of the batch mean."""
+    if fisher == "sample":
+        return sum(float(s) for s in sums) / n
+    return sum(float((s / n).square().sum()) for s in sums)
+
+
 def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> float:
     """The FI-score (eq. 4): the empirical Fisher (eq. 3) summed over every entry of the given tensors.
 
@@ -144,11 +167,7 @@ def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> floa
     squared per-sample gradients. fisher="batch" squares the batch-mean gradient instead, as the authors'
     script does (sum of squared .grad after one backward of the batch-mean loss).
     """
-    if fisher == "sample":
-        return sum(float(p.double().square().sum()) for p in per_sample) / per_sample[0].shape[0]
-    if fisher == "batch":
-        return sum(float(p.double().mean(0).square().sum()) for p in per_sample)
-    raise ValueError(f"fisher must be one of {FISHER_MODES}, got {fisher!r}")
+    return score_from_sums(fisher_sums(per_sample, fisher), per_sample[0].shape[0], fisher)
 
 
 def fi_ratio(score_original: float, score_expanded: float) -> float:
@@ -297,19 +316,41 @@ class SeLoRA:
             output.register_hook(grad_hook)
         return forward_hook
 
+    def _fisher_sums(self, name: str) -> list[torch.Tensor]:
+        """[number of samples, fisher_sums of (A, B), fisher_sums of the candidate row] of this process's
+        batch for layer `name`; zero samples and zero sums when the layer received no gradient."""
+        layer = self.adapters[name]
+        grads = self._grads.get(name)
+        if grads is None:
+            A, B = layer.A, layer.B
+            grads = [A.new_zeros(0, *A.shape), B.new_zeros(0, *B.shape), B.new_zeros(0, B.shape[1])]
+        count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
+        return [count, *fisher_sums(grads[:2], self.fisher), *fisher_sums(grads[2:], self.fisher)]
+
     def step(self) -> list[RankTest]:
         """After optimizer.step(): on a test step, compute each layer's FI-ratio, expand those above lambda
         (resizing the optimizer's state), log and return the tests. Layers that received no gradient
-        this step are not tested. Other steps: nothing."""
+        this step are not tested. Other steps: nothing.
+
+        Under data parallelism (distributed.py) each process holds part of the batch: every layer's sample
+        count and Fisher sums are summed over the processes first (one all-reduce; nothing in a single
+        process), so the FI-ratio is the global batch's and every process takes the same decisions. The
+        per-sample gradients use each process's own batch size (the `capture` hook), which is right: the
+        local loss is the mean over the local samples."""
         if self._tested_step is None:
             return []
+        local = {name: self._fisher_sums(name) for name in self.adapters}  # the same order on every process
+        flat = all_reduce_sum(torch.cat([s.reshape(-1) for sums in local.values() for s in sums]))
+        parts = iter(flat.split([s.numel() for sums in local.values() for s in sums]))
         tests = []
-        for name, layer in self.adapters.items():
-            if name not in self._grads:
+        for name, sums in local.items():
+            count, sum_A, sum_B, sum_new = (next(parts).view_as(s) for s in sums)
+            n = int(count)
+            if n == 0:
                 continue
-            grad_A, grad_B, grad_new = self._grads[name]
-            original = fisher_score([grad_A, grad_B], self.fisher)
-            ratio = fi_ratio(original, original + fisher_score([grad_new], self.fisher))
+            layer = self.adapters[name]
+            original = score_from_sums([sum_A, sum_B], n, self.fisher)
+            ratio = fi_ratio(original, original + score_from_sums([sum_new], n, self.fisher))
             grow = ratio > self.lam
             if grow:
                 expand(layer, self._candidates[name], self.optimizer)

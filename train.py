@@ -12,12 +12,18 @@ After each epoch the validation loss is measured and the best adapter kept.
 
 The run folder gets config.json, split.json, log.jsonl, summary.json, figures (PNG), best/last adapters, a
 kohya-format export, checkpoints for --resume, and a few samples.
+
+Several processes (GPUs, machines) train one run data-parallel when torchrun launches it; --batch is then each
+process's batch (distributed.py):
+
+    torchrun --nproc_per_node 4 train.py --model SD15 --data IU_XRAY --dataset iu-xray --batch 2
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -32,6 +38,7 @@ from tqdm import tqdm
 import adapters
 import checkpoint
 import data
+import distributed
 import lora2
 import methods
 import plots
@@ -75,13 +82,16 @@ def parser() -> argparse.ArgumentParser:
     a("--rate-lr", type=float, default=1e-2, help="LoRA^2: learning rate of the per-layer rates (see lora2.param_groups)")
     a("--size", type=int, help="image size in pixels (paper: 224, 384 as an option; embedded default: 64)")
     a("--epochs", type=int, help="epochs (paper: 10 for IU X-Ray, 100 for Montgomery)")
-    a("--batch", type=int, default=8, help="batch size (paper: 8)")
+    a("--batch", type=int, default=8, help="batch size per process (paper: 8; under torchrun the global batch is "
+                                             "this times the number of processes)")
     a("--lr", type=float, default=1e-4, help="learning rate (paper: 1e-4)")
     a("--optimizer", default="adam", choices=("adam", "adamw"), help="paper: Adam")
     a("--weight-decay", type=float, default=0.0)
     a("--precision", default="fp32", choices=sorted(PRECISIONS),
       help="frozen weights' precision; adapters and optimizer stay fp32 (default fp32)")
-    a("--device", help="cuda, cpu, ... (default: cuda when available)")
+    a("--device", help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    a("--timeout", type=float, default=30.0,
+      help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")
     a("--seed", type=int, default=0)
     a("--out", help="run folder (default: runs/default, or runs/<method>-<dataset>-seed<seed>)")
     a("--overwrite", action="store_true", help="replace an existing run folder")
@@ -102,9 +112,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         run = Path(args.resume)
         if not (run / "config.json").is_file():
             raise SystemExit(f"--resume {run}: no config.json there: not a run folder made by train.py")
-        saved = json.loads((run / "config.json").read_text())["options"]
+        config = json.loads((run / "config.json").read_text())
+        saved = config["options"]
         return argparse.Namespace(**{**saved, "resume": str(run), "out": str(run), "overwrite": False,
-                                     "stop_after": args.stop_after})
+                                     "stop_after": args.stop_after, "timeout": args.timeout,
+                                     "batch": per_process_batch(run, saved["batch"] * config.get("world_size", 1))})
     embedded = args.model is None
     args.size = args.size or (EMBEDDED["size"] if embedded else 224)
     args.epochs = args.epochs or (EMBEDDED["epochs"] if embedded and args.data is None
@@ -113,6 +125,15 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                             else f"runs/{args.method}-{args.dataset}-seed{args.seed}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
+
+
+def per_process_batch(run: Path, global_batch: int) -> int:
+    """A resumed run keeps its global batch, with any number of processes that divides it."""
+    processes = distributed.world_size()
+    if global_batch % processes:
+        raise SystemExit(f"--resume {run}: its global batch is {global_batch}, which {processes} processes cannot "
+                         f"share evenly; launch a number of processes that divides {global_batch}")
+    return global_batch // processes
 
 
 def prepare_run_folder(args: argparse.Namespace) -> Path:
@@ -152,8 +173,8 @@ def method_options(args: argparse.Namespace) -> dict:
 
 def load_data(args: argparse.Namespace, run: Path) -> tuple[data.DataSet, dict[str, list[str]]]:
     """The data set and its split; a new split is written to run/split.json, a resumed run reads its own."""
-    root = Path(args.data) if args.data else data.make_phantom_folder(run / "phantoms", EMBEDDED["images"],
-                                                                        args.size, args.seed)
+    root = (Path(args.data) if args.data else run / "phantoms" if not distributed.is_main()  # rank 0 made them
+            else data.make_phantom_folder(run / "phantoms", EMBEDDED["images"], args.size, args.seed))
     dataset = data.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
                                 per_subtype=args.per_subtype, seed=args.seed)
     if (run / "split.json").is_file():
@@ -203,16 +224,32 @@ def diffusion_loss(sd: SD15, batch, autocast) -> torch.Tensor:
     return F.mse_loss(pred.float(), noise)
 
 
+def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[torch.nn.Parameter], autocast) -> float:
+    """Forward and backward of this process's rows of the global batch (all of it in a single process),
+    inside the method's capture; returns the global batch's mean loss, with every adapter's gradient that
+    of the global batch (distributed.average_gradients)."""
+    part = distributed.shard(batch)
+    loss = None
+    with controller.capture(step, len(part[0])):
+        optimizer.zero_grad(set_to_none=True)
+        if len(part[0]):  # a process gets no rows when an epoch's last batch is shorter than the process count
+            loss = diffusion_loss(sd, part, autocast)
+            (loss + controller.penalty()).backward()
+    return distributed.average_gradients(params, loss, len(part[0]), len(batch[0]))
+
+
 @torch.no_grad()
 def validation_loss(sd: SD15, ex: Examples, args: argparse.Namespace, autocast) -> float:
     """Loss on the validation part with the same t and noise at every epoch (a fixed generator), so epochs
-    compare; NaN when the split has no validation part."""
+    compare; NaN when the split has no validation part. Global batches, shared by the processes as in training."""
     if not len(ex):
         return math.nan
     gen, total = torch.Generator().manual_seed(args.seed + 1), 0.0
-    for index in torch.arange(len(ex)).split(args.batch):
-        total += diffusion_loss(sd, diffusion_batch(ex, index, gen), autocast).item() * len(index)
-    return total / len(ex)
+    for index in torch.arange(len(ex)).split(args.batch * distributed.world_size()):
+        part = distributed.shard(diffusion_batch(ex, index, gen))
+        if len(part[0]):
+            total += diffusion_loss(sd, part, autocast).item() * len(part[0])
+    return distributed.all_reduce_sum(torch.tensor(total, dtype=torch.float64)).item() / len(ex)
 
 
 def memory_mib(device: torch.device) -> tuple[float, str]:
@@ -292,22 +329,27 @@ def draw_figures(run: Path, log: list[dict], ranks: dict[str, int], layers_per_b
 # ------------------------------------------------------------------------------------------ main
 
 def train(args: argparse.Namespace) -> Path:
-    run = prepare_run_folder(args)
-    if args.model is None:
+    device = distributed.init(args.device, args.timeout)  # under torchrun; else torch.device(args.device)
+    main = distributed.is_main()  # only the main process writes the run folder and prints
+    run = prepare_run_folder(args) if main else Path(args.out)
+    if args.model is None and main:
         print("Embedded default: a tiny random SD 1.5 architecture"
               + (" and generated phantoms" if args.data is None else "")
               + ". This shows the mechanics of the run, not image quality. For the paper's run give "
                 "--model SD15_FOLDER_OR_FILE --data DATA --dataset iu-xray|montgomery|folder (see README).")
-    if not args.resume:
-        write_json(run / "config.json", {"options": vars(args), "code_version": code_version(),
-                                         "torch": torch.__version__, "seed": args.seed})
-    torch.manual_seed(args.seed)  # adapter initialisation
-    device = torch.device(args.device)
+    if not args.resume and main:
+        write_json(run / "config.json", {"options": vars(args), "world_size": distributed.world_size(),
+                                         "code_version": code_version(), "torch": torch.__version__, "seed": args.seed})
+    torch.manual_seed(args.seed)  # adapter initialisation, the same in every process
     sd = load_model(args.model, args.tokenizer, args.seed).to(device)
-    dataset, split = load_data(args, run)
-    cache = Path(args.latent_cache) if args.latent_cache else run.parent / ".latent-cache"
-    train_ex = Examples(sd, data.select(dataset, split["train"], run / "split.json"), args, cache)
-    val_ex = Examples(sd, data.select(dataset, split["validation"], run / "split.json"), args, cache)
+    with distributed.main_first():  # the main process writes split, phantoms and latent cache; the others read them
+        if not (run / "config.json").is_file():
+            raise SystemExit(f"process {distributed.rank()}: {run / 'config.json'} is not there: every machine of a "
+                             "multi-machine run must see the run folder (--out on a shared file system)")
+        dataset, split = load_data(args, run)
+        cache = Path(args.latent_cache) if args.latent_cache else run.parent / ".latent-cache"
+        train_ex = Examples(sd, data.select(dataset, split["train"], run / "split.json"), args, cache)
+        val_ex = Examples(sd, data.select(dataset, split["validation"], run / "split.json"), args, cache)
     if not len(train_ex):
         raise SystemExit(f"{run / 'split.json'}: the training part is empty")
 
@@ -328,7 +370,8 @@ def train(args: argparse.Namespace) -> Path:
     groups = lora2.param_groups(named, args.lr, args.rate_lr) if args.method == "lora2" else params
     opt_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_class(groups, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ex) / args.batch)
+    global_batch = args.batch * distributed.world_size()
+    steps_per_epoch = math.ceil(len(train_ex) / global_batch)
     total_steps = steps_per_epoch * args.epochs
     controller = method.controller(named, optimizer, total_steps)
     gen = torch.Generator().manual_seed(args.seed)
@@ -337,38 +380,39 @@ def train(args: argparse.Namespace) -> Path:
         names = {p: n for n, p in parts.named_parameters() if p.requires_grad}
         counters, extra = checkpoint.load_checkpoint(ckpt / "state.safetensors", optimizer, names, {"train": gen})
         controller.load_state(extra)
-        print(f"resuming {run} at step {counters['step']}")
-    log = read_log(run, counters["step"])
-    with weights.atomic_write(run / "log.jsonl", "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in log)
+        if main:
+            print(f"resuming {run} at step {counters['step']}")
+    if main:
+        log = read_log(run, counters["step"])
+        with weights.atomic_write(run / "log.jsonl", "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in log)
 
     fractions = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
-    print(f"{args.method}: {len(named)} adapted layers; trainable {fractions['unet']:.3f}% of the UNet, "
+    if main:
+        print(f"{args.method}: {len(named)} adapted layers; trainable {fractions['unet']:.3f}% of the UNet, "
           f"{fractions['text_encoder']:.3f}% of the text encoder; {len(train_ex)} training images, "
-          f"{len(val_ex)} validation; {train_ex.truncated + val_ex.truncated} captions truncated to 77 tokens")
+          f"{len(val_ex)} validation; {train_ex.truncated + val_ex.truncated} captions truncated to 77 tokens"
+          + (f"; {distributed.world_size()} processes of batch {args.batch}" if distributed.world_size() > 1 else ""))
     started = time.time() - counters["elapsed"]
-    logfile = open(run / "log.jsonl", "a")
-    bar = tqdm(total=total_steps, initial=counters["step"], desc=args.method, unit="step")
+    logfile = open(run / "log.jsonl" if main else os.devnull, "a")
+    bar = tqdm(total=total_steps, initial=counters["step"], desc=args.method, unit="step", disable=not main)
     try:
         for epoch in range(counters["step"] // steps_per_epoch, args.epochs):
             order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-            for i, index in enumerate(order.split(args.batch)):
+            for i, index in enumerate(order.split(global_batch)):
                 step = epoch * steps_per_epoch + i + 1
                 if step <= counters["step"]:
                     continue  # resumed mid-epoch: these batches were trained before the interruption
                 tic = time.time()
-                batch = diffusion_batch(train_ex, index, gen)
-                with controller.capture(step, len(index)):
-                    loss = diffusion_loss(sd, batch, autocast)
-                    optimizer.zero_grad(set_to_none=True)
-                    (loss + controller.penalty()).backward()
-                if not math.isfinite(loss.item()):
-                    raise TrainingError(f"step {step}: the loss is {loss.item()}; stopping. The last good "
+                batch = diffusion_batch(train_ex, index, gen)  # the global batch, in every process
+                loss = train_step(sd, batch, step, controller, optimizer, params, autocast)
+                if not math.isfinite(loss):
+                    raise TrainingError(f"step {step}: the loss is {loss}; stopping. The last good "
                                         f"checkpoint is in {run / 'checkpoint'} (try a lower --lr or --precision fp32)")
                 optimizer.step()
                 events = controller.step()
                 ranks = controller.ranks()
-                line = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                line = {"step": step, "epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                         "total_rank": sum(ranks.values()), "trainable": sum(p.numel() for p in params),
                         "step_time": time.time() - tic}
                 if events:
@@ -378,7 +422,7 @@ def train(args: argparse.Namespace) -> Path:
                 logfile.write(json.dumps(line) + "\n")
                 logfile.flush()
                 counters["step"] = step
-                bar.set_postfix(loss=f"{loss.item():.4f}", rank=line["total_rank"])
+                bar.set_postfix(loss=f"{loss:.4f}", rank=line["total_rank"])
                 bar.update()
                 last_of_epoch = i == steps_per_epoch - 1
                 if last_of_epoch:
@@ -388,16 +432,21 @@ def train(args: argparse.Namespace) -> Path:
                     if val < counters["best_val_loss"] or (math.isnan(val) and epoch == args.epochs - 1):
                         # no validation part (e.g. Montgomery's 80/20): the best adapter is the last one
                         counters["best_val_loss"], counters["best_epoch"] = val, epoch
-                        adapters.save_adapters(named, run / "best.safetensors", adapter_metadata(sd, controller, step))
-                if last_of_epoch or step % args.checkpoint_every == 0:
+                        if main:
+                            adapters.save_adapters(named, run / "best.safetensors",
+                                                   adapter_metadata(sd, controller, step))
+                if main and (last_of_epoch or step % args.checkpoint_every == 0):
                     counters["elapsed"] = time.time() - started
                     save_training_state(run, sd, named, optimizer, controller, gen, counters)
                 if args.stop_after and step >= args.stop_after:
-                    print(f"stopped after step {step} (--stop-after); continue with --resume {run}")
+                    if main:
+                        print(f"stopped after step {step} (--stop-after); continue with --resume {run}")
                     return run
     finally:
         bar.close()
         logfile.close()
+    if not main:
+        return run
 
     adapters.save_adapters(named, run / "last.safetensors", adapter_metadata(sd, controller, counters["step"]))
     log = read_log(run, counters["step"])
@@ -446,6 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (distributed.Stopped, torch.distributed.DistError) as err:
+        print(f"error: process {distributed.rank()} of {distributed.world_size()}: the run stopped because another process "
+              f"failed or was stopped ({err}). torchrun's report names the first failure. Continue from the last "
+              f"checkpoint with: torchrun --nproc_per_node N train.py --resume {args.out}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
     return 0
 
 
