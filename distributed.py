@@ -38,7 +38,16 @@ _device = torch.device("cpu")  # where collectives run: this rank's GPU with NCC
 
 
 class Stopped(RuntimeError):
-    """Another rank failed or the launcher stopped this one; the run cannot go on."""
+    """Another rank failed, a collective timed out, or the launcher stopped this rank: the run cannot go on."""
+
+
+def _collective(op, *args) -> None:
+    """Run a torch.distributed collective; its failure (a peer that died: gloo's "Connection closed by peer",
+    NCCL's errors, a timeout) becomes `Stopped`, which train.py reports with how to resume."""
+    try:
+        op(*args)
+    except RuntimeError as err:
+        raise Stopped(f"rank {rank()}: {op.__name__} failed: {err}") from err
 
 
 def launched() -> bool:
@@ -98,7 +107,7 @@ def shutdown() -> None:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        _collective(dist.barrier)
 
 
 @contextmanager
@@ -116,7 +125,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() == 1 or not dist.is_initialized():
         return tensor
     out = tensor.to(_device, copy=True)
-    dist.all_reduce(out)
+    _collective(dist.all_reduce, out)
     return out.to(tensor.device)
 
 

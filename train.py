@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (distributed.Stopped, torch.distributed.DistError) as err:
+    except distributed.Stopped as err:
         print(f"error: process {distributed.rank()} of {distributed.world_size()}: the run stopped because another process "
               f"failed or was stopped ({err}). torchrun's report names the first failure. Continue from the last "
               f"checkpoint with: torchrun --nproc_per_node N train.py --resume {args.out}", file=sys.stderr)
