@@ -173,8 +173,12 @@ def method_options(args: argparse.Namespace) -> dict:
 
 def load_data(args: argparse.Namespace, run: Path) -> tuple[data.DataSet, dict[str, list[str]]]:
     """The data set and its split; a new split is written to run/split.json, a resumed run reads its own."""
-    root = (Path(args.data) if args.data else run / "phantoms" if not distributed.is_main()  # rank 0 made them
-            else data.make_phantom_folder(run / "phantoms", EMBEDDED["images"], args.size, args.seed))
+    if args.data:
+        root = Path(args.data)
+    elif distributed.is_main():
+        root = data.make_phantom_folder(run / "phantoms", EMBEDDED["images"], args.size, args.seed)
+    else:
+        root = run / "phantoms"  # made by the main process first (distributed.main_first in train)
     dataset = data.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
                                 per_subtype=args.per_subtype, seed=args.seed)
     if (run / "split.json").is_file():
@@ -330,14 +334,14 @@ def draw_figures(run: Path, log: list[dict], ranks: dict[str, int], layers_per_b
 
 def train(args: argparse.Namespace) -> Path:
     device = distributed.init(args.device, args.timeout)  # under torchrun; else torch.device(args.device)
-    main = distributed.is_main()  # only the main process writes the run folder and prints
-    run = prepare_run_folder(args) if main else Path(args.out)
-    if args.model is None and main:
+    is_main = distributed.is_main()  # only the main process writes the run folder and prints
+    run = prepare_run_folder(args) if is_main else Path(args.out)
+    if args.model is None and is_main:
         print("Embedded default: a tiny random SD 1.5 architecture"
               + (" and generated phantoms" if args.data is None else "")
               + ". This shows the mechanics of the run, not image quality. For the paper's run give "
                 "--model SD15_FOLDER_OR_FILE --data DATA --dataset iu-xray|montgomery|folder (see README).")
-    if not args.resume and main:
+    if not args.resume and is_main:
         write_json(run / "config.json", {"options": vars(args), "world_size": distributed.world_size(),
                                          "code_version": code_version(), "torch": torch.__version__, "seed": args.seed})
     torch.manual_seed(args.seed)  # adapter initialisation, the same in every process
@@ -380,22 +384,22 @@ def train(args: argparse.Namespace) -> Path:
         names = {p: n for n, p in parts.named_parameters() if p.requires_grad}
         counters, extra = checkpoint.load_checkpoint(ckpt / "state.safetensors", optimizer, names, {"train": gen})
         controller.load_state(extra)
-        if main:
+        if is_main:
             print(f"resuming {run} at step {counters['step']}")
-    if main:
+    if is_main:
         log = read_log(run, counters["step"])
         with weights.atomic_write(run / "log.jsonl", "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in log)
 
     fractions = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
-    if main:
+    if is_main:
         print(f"{args.method}: {len(named)} adapted layers; trainable {fractions['unet']:.3f}% of the UNet, "
           f"{fractions['text_encoder']:.3f}% of the text encoder; {len(train_ex)} training images, "
           f"{len(val_ex)} validation; {train_ex.truncated + val_ex.truncated} captions truncated to 77 tokens"
           + (f"; {distributed.world_size()} processes of batch {args.batch}" if distributed.world_size() > 1 else ""))
     started = time.time() - counters["elapsed"]
-    logfile = open(run / "log.jsonl" if main else os.devnull, "a")
-    bar = tqdm(total=total_steps, initial=counters["step"], desc=args.method, unit="step", disable=not main)
+    logfile = open(run / "log.jsonl" if is_main else os.devnull, "a")
+    bar = tqdm(total=total_steps, initial=counters["step"], desc=args.method, unit="step", disable=not is_main)
     try:
         for epoch in range(counters["step"] // steps_per_epoch, args.epochs):
             order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
@@ -432,20 +436,20 @@ def train(args: argparse.Namespace) -> Path:
                     if val < counters["best_val_loss"] or (math.isnan(val) and epoch == args.epochs - 1):
                         # no validation part (e.g. Montgomery's 80/20): the best adapter is the last one
                         counters["best_val_loss"], counters["best_epoch"] = val, epoch
-                        if main:
+                        if is_main:
                             adapters.save_adapters(named, run / "best.safetensors",
                                                    adapter_metadata(sd, controller, step))
-                if main and (last_of_epoch or step % args.checkpoint_every == 0):
+                if is_main and (last_of_epoch or step % args.checkpoint_every == 0):
                     counters["elapsed"] = time.time() - started
                     save_training_state(run, sd, named, optimizer, controller, gen, counters)
                 if args.stop_after and step >= args.stop_after:
-                    if main:
+                    if is_main:
                         print(f"stopped after step {step} (--stop-after); continue with --resume {run}")
                     return run
     finally:
         bar.close()
         logfile.close()
-    if not main:
+    if not is_main:
         return run
 
     adapters.save_adapters(named, run / "last.safetensors", adapter_metadata(sd, controller, counters["step"]))
