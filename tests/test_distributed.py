@@ -19,8 +19,10 @@ import pytest
 import torch
 
 import distributed
+import selora
 import train
 import weights
+from adapters import inject
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--epochs", "2", "--t", "4", "--split", "43,11,46", "--samples", "0", "--checkpoint-every", "4"]
@@ -131,3 +133,41 @@ def test_a_resumed_run_keeps_its_global_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit, match="global batch is 8, which 3 processes cannot share evenly"):
         train.resolve(train.parser().parse_args(["--resume", str(run)]))
+
+
+def selora_step(x: torch.Tensor, y: torch.Tensor, fisher: str) -> selora.SeLoRA:
+    """One process's share of a SeLoRA test step (step 4, t = 4) on a 2-layer MLP with trained-looking
+    adapters, captured but not yet stepped; x may have no rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4)).double()
+    ads = inject(model, selora.SeLoRALinear)
+    g = torch.Generator().manual_seed(2)
+    for a in ads.values():
+        selora.expand(a, torch.randn(a.base.in_features, generator=g))
+        with torch.no_grad():
+            a.B.copy_(0.3 * torch.randn(a.B.shape, generator=g))
+    # lambda between the whole batch's ratio and a half's for some layer: the decision depends on the reduction
+    control = selora.SeLoRA(ads, lam=1.144, t=4, fisher=fisher, seed=3)
+    with control.capture(4, len(x)):
+        if len(x):
+            (model(x) - y).square().flatten(1).mean(1).mean().backward()
+    return control
+
+
+@pytest.mark.parametrize("fisher", ["sample", "batch"])
+@pytest.mark.parametrize("rows", [4, 7])  # of the 7 samples, the first process's; the second gets the rest
+def test_selora_tests_the_global_batch_once_its_sums_are_reduced(fisher, rows, monkeypatch):
+    """Two simulated processes: the second's Fisher sums are added to the first's where all_reduce_sum would
+    add them. The first then scores, and decides, exactly as one process holding the whole batch."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
+    whole = selora_step(x, y, fisher).step()
+    first, second = selora_step(x[:rows], y[:rows], fisher), selora_step(x[rows:], y[rows:], fisher)
+    held = {}
+    monkeypatch.setattr(selora, "all_reduce_sum", lambda t: held.setdefault("second", t))
+    second.step()
+    monkeypatch.setattr(selora, "all_reduce_sum", lambda t: t + held["second"])
+    tests = first.step()
+    assert [(t.layer, t.rank, t.expanded) for t in tests] == [(t.layer, t.rank, t.expanded) for t in whole]
+    for t, w in zip(tests, whole):
+        assert t.score == pytest.approx(w.score, rel=1e-12) and t.ratio == pytest.approx(w.ratio, rel=1e-12)
