@@ -196,7 +196,7 @@ class Examples:
     def __init__(self, sd: SD15, examples: list[data.Example], args: argparse.Namespace, cache: Path):
         self.names = [e.name for e in examples]
         self.captions = [e.caption for e in examples]
-        self.ids, self.truncated = sd.tokenizer.encode(self.captions) if examples else (torch.zeros(0, 77), 0)
+        self.ids, self.truncated = sd.tokenizer.encode(self.captions) if examples else (torch.zeros(0, 77, dtype=torch.long), 0)
         if not examples:
             return
         vae_dtype = next(sd.vae.parameters()).dtype
