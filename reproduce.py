@@ -54,7 +54,8 @@ OWN = ("--method", "--seed", "--data-seed", "--out", "--resume", "--overwrite", 
 NOT_COMPARED = ("out", "overwrite", "resume", "stop_after", "device")  # may change when a study continues
 SMOKE = dict(methods=["lora", "selora"], seeds=[0, 1], ablation_seeds=[0], t=2, ts=[2, 4, 8], epochs=2, batch=4,
              size=48, sample_steps=4, images=32, split="50,25,25")
-PAPER_PERCENT = "the paper (IU X-Ray): SeLoRA 0.368% of the UNet and 0.121% of the text encoder; rank 4: 0.803% and 0.216%"
+PAPER_PERCENT = ("the paper (IU X-Ray, section 4): SeLoRA 0.368% of the UNet and 0.121% of the text encoder; "
+                 "rank 4: 0.803% and 0.216%")
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def train_run(args: argparse.Namespace, run: Run) -> str:
     # a folder without a checkpoint has nothing worth keeping: it starts again
     command, status = (["--resume", str(run_dir)], "resumed") if resumable else ([*argv, "--overwrite"], "trained")
     print(f"\n== {run.name}: {'resuming' if resumable else 'training'}", flush=True)
-    code = subprocess.run([sys.executable, str(ROOT / "train.py"), *command], cwd=ROOT).returncode
+    code = subprocess.run([sys.executable, str(ROOT / "train.py"), *command]).returncode
     return status if code == 0 and (run_dir / "summary.json").is_file() else "failed"
 
 
@@ -192,8 +193,8 @@ def trainable_at_end(run_dir: Path) -> dict:
     options = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["options"]
     sd = load_model(options["model"], options["tokenizer"], options["seed"])
     sample.load_adapter(sd, run_dir / "last.safetensors")
-    return {"trainable_end": {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")},
-            "layers_per_block": sd.unet.config.num_res_blocks}
+    percent = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
+    return {"trainable_end": percent, "layers_per_block": sd.unet.config.num_res_blocks}
 
 
 class Scorer:
@@ -395,7 +396,8 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
     md.append("## Training time and memory (tables 7 and 8, figures 11 and 12)\n")
     md.append(f"Wall time of the training loop, mean step time, and the memory readings train.py logs at step 1 and "
               f"every 40 steps ({kind}: a running peak, so the mean is that of the running peak).\n")
-    md.append(table(main, lambda r: r.method, "method", ["time (s)", "s/step", "memory mean (MiB)", "memory peak (MiB)"]))
+    md.append(table(main, lambda r: r.method, "method",
+                    ["time (s)", "s/step", "memory mean (MiB)", "memory peak (MiB)"]))
     first_seed = [r for r in main if r["run"].seed == args.seeds[0]]
     series = {r["run"].method: ([s["step"] for s in r["log"] if "memory_mib" in s],
                                 [s["memory_mib"] for s in r["log"] if "memory_mib" in s]) for r in first_seed}
@@ -445,7 +447,8 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
             md.append("Not run (empty list of values, or no finished run).\n")
             continue
         group.sort(key=lambda r: (r["run"].lam, r["run"].t))
-        extra = ["measured factor", "bound 1 + 1/t"] if first_col == "t" and all("measured factor" in r for r in group) else []
+        measured = first_col == "t" and all("measured factor" in r for r in group)
+        extra = ["measured factor", "bound 1 + 1/t"] if measured else []
         md.append(f"SeLoRA, seeds {', '.join(map(str, args.ablation_seeds))}; mean ± std over seeds.\n")
         md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
                                                   "text encoder % end", "time (s)", *extra], tuple(quality)))

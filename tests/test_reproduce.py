@@ -26,7 +26,7 @@ RUNS = ["lora-seed0", "lora-seed1", "selora-lam1.1-t2-seed0", "selora-lam1.1-t2-
 def study(inception_file, tmp_path_factory):
     clip = save_clip(random_clip(TINY), tmp_path_factory.mktemp("clip"))
     argv = ["--smoke", "--out", str(tmp_path_factory.mktemp("study") / "s"), "--inception", str(inception_file),
-            "--clip", str(clip), "--kid-subsets", "20", "--dims", "192", "64"]  # 2048: two sqrtm of 2048^2, 25 s a run
+            "--clip", str(clip), "--kid-subsets", "20", "--dims", "192", "64"]  # 2048: 25 s of sqrtm a run
     assert reproduce.main(argv) == 0
     return argv
 
@@ -37,7 +37,8 @@ def out(argv):
 
 def stamps(folder):
     """mtime of every file under the study's runs/ (the latent cache aside)."""
-    return {p: p.stat().st_mtime_ns for p in (folder / "runs").rglob("*") if p.is_file() and ".latent-cache" not in p.parts}
+    return {p: p.stat().st_mtime_ns for p in (folder / "runs").rglob("*")
+            if p.is_file() and ".latent-cache" not in p.parts}
 
 
 def run_table(report):
