@@ -467,10 +467,10 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = plan(args)
+    train.parser().parse_args(train_argv(args, runs[0]))  # a bad pass-through option fails now, not after hours
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke and not (Path(args.data) / "metadata.jsonl").is_file():
         data.make_phantom_folder(args.data, SMOKE["images"], SMOKE["size"], args.data_seed)
-    train.parser().parse_args(train_argv(args, runs[0]))  # a bad pass-through option fails now, not after hours
     print(f"{len(runs)} runs: {', '.join(r.name for r in runs)}")
     status = {r.name: train_run(args, r) for r in runs}
     scorer = Scorer(args)
