@@ -280,12 +280,16 @@ def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
     return table
 
 
+def mean_std(mean: float, std: float | None) -> str:
+    """A table cell: 'mean ± std' (std over seeds), or the mean alone for a single run."""
+    return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
+
+
 def tables(summary: list[dict], metrics: list[str]) -> tuple[str, str]:
     """(Markdown, CSV) of a `summarise` result: method x metric, mean +- std over seeds."""
-    def cell(mean, std):
-        return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
     lines = ["| method | runs | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
-    lines += [f"| {e['method']} | {e['runs']} | " + " | ".join(cell(*e[m]) for m in metrics) + " |" for e in summary]
+    lines += [f"| {e['method']} | {e['runs']} | " + " | ".join(mean_std(*e[m]) for m in metrics) + " |"
+              for e in summary]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["method", "runs"] + [f"{m} {part}" for m in metrics for part in ("mean", "std")])

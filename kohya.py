@@ -27,11 +27,12 @@ from adapters import Adapter
 from sd_unet import UNetConfig, unet_diffusers_names
 
 
-def kohya_module_name(name: str, unet_config: UNetConfig) -> str:
-    """`unet.<LDM module path>` or `text_encoder.<module path>` (our adapter names) -> the kohya module name."""
+def kohya_module_name(name: str, unet_names: dict[str, str]) -> str:
+    """`unet.<LDM module path>` or `text_encoder.<module path>` (our adapter names) -> the kohya module name.
+    `unet_names` is `sd_unet.unet_diffusers_names(config)`, built once per export (it builds a UNet)."""
     part, _, module = name.partition(".")
     if part == "unet":
-        diffusers = unet_diffusers_names(unet_config).get(module + ".weight")
+        diffusers = unet_names.get(module + ".weight")
         if diffusers is None:
             raise ValueError(f"adapter '{name}': no diffusers name for UNet module '{module}'")
         return "lora_unet_" + diffusers[:-len(".weight")].replace(".", "_")
@@ -50,12 +51,12 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 def export_kohya(adapters: dict[str, Adapter], unet_config: UNetConfig, path: str | os.PathLike,
                  metadata: dict[str, str] | None = None) -> None:
     """Write the adapters (named `unet.*` / `text_encoder.*`) as one kohya-format LoRA file, atomically."""
-    tensors = {}
+    tensors, unet_names = {}, unet_diffusers_names(unet_config)
     with torch.no_grad():
         for name, adapter in adapters.items():
             if adapter.rank == 0:
                 continue  # nothing to apply (e.g. an AdaLoRA layer whose whole budget was masked)
-            key = kohya_module_name(name, unet_config)
+            key = kohya_module_name(name, unet_names)
             up, down = low_rank_factors(adapter.delta_weight().float().cpu(), adapter.rank)
             tensors[f"{key}.lora_up.weight"] = up.contiguous()
             tensors[f"{key}.lora_down.weight"] = down.contiguous()

@@ -72,7 +72,7 @@ def sample_run(run: str | Path, steps: int = 50, guidance: float = 7.5, batch: i
         raise ValueError(f"{run / 'split.json'}: the test part is empty; nothing to generate")
     dataset = data.load_dataset(options["dataset"], json.loads((run / "split.json").read_text())["data"],
                                 empty_findings=options["empty_findings"], per_subtype=options["per_subtype"],
-                                seed=options["seed"], check_images=False)
+                                seed=options.get("data_seed", options["seed"]), check_images=False)
     examples = data.select(dataset, names, run / "split.json")
     sd = load_model(options["model"], options["tokenizer"], options["seed"])
     load_adapter(sd, run / "best.safetensors")

@@ -93,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     a("--timeout", type=float, default=30.0,
       help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")
     a("--seed", type=int, default=0)
+    a("--data-seed", type=int, help="seed of the split and of the data's sampling (default: --seed); reproduce.py "
+                                    "gives all its runs one, so every method and seed shares one split")
     a("--out", help="run folder (default: runs/default, or runs/<method>-<dataset>-seed<seed>)")
     a("--overwrite", action="store_true", help="replace an existing run folder")
     a("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
@@ -114,10 +116,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise SystemExit(f"--resume {run}: no config.json there: not a run folder made by train.py")
         config = json.loads((run / "config.json").read_text())
         saved = config["options"]
-        return argparse.Namespace(**{**saved, "resume": str(run), "out": str(run), "overwrite": False,
-                                     "stop_after": args.stop_after, "timeout": args.timeout,
+        return argparse.Namespace(**{"data_seed": saved["seed"], **saved, "resume": str(run), "out": str(run),
+                                     "overwrite": False, "stop_after": args.stop_after, "timeout": args.timeout,
                                      "batch": per_process_batch(run, saved["batch"] * config.get("world_size", 1))})
     embedded = args.model is None
+    args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.size = args.size or (EMBEDDED["size"] if embedded else 224)
     args.epochs = args.epochs or (EMBEDDED["epochs"] if embedded and args.data is None
                                   else PAPER_EPOCHS.get(args.dataset, 10))
@@ -176,16 +179,16 @@ def load_data(args: argparse.Namespace, run: Path) -> tuple[data.DataSet, dict[s
     if args.data:
         root = Path(args.data)
     elif distributed.is_main():
-        root = data.make_phantom_folder(run / "phantoms", EMBEDDED["images"], args.size, args.seed)
+        root = data.make_phantom_folder(run / "phantoms", EMBEDDED["images"], args.size, args.data_seed)
     else:
         root = run / "phantoms"  # made by the main process first (distributed.main_first in train)
     dataset = data.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
-                                per_subtype=args.per_subtype, seed=args.seed)
+                                per_subtype=args.per_subtype, seed=args.data_seed)
     if (run / "split.json").is_file():
         return dataset, data.read_split(run / "split.json")
     fractions = data.parse_split(args.split) if args.split else data.PAPER_SPLITS[args.dataset]
-    split = data.make_split(dataset.examples, fractions, args.seed)
-    data.write_split(run / "split.json", split, {"data": str(root), "dataset": args.dataset, "seed": args.seed,
+    split = data.make_split(dataset.examples, fractions, args.data_seed)
+    data.write_split(run / "split.json", split, {"data": str(root), "dataset": args.dataset, "seed": args.data_seed,
                                                  "fractions": list(fractions)})
     return dataset, split
 

@@ -1,0 +1,152 @@
+"""reproduce.py --smoke end to end (embedded tiny model, generated phantoms, random-weight Inception and CLIP):
+the report has every section with finite numbers taken from the runs, all runs share one split, and a
+finished study is not redone while an interrupted one finishes."""
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reproduce
+import train
+from fid_clip import TINY, random_clip, save_clip
+from fid_reference import inception_file, inception_state  # noqa: F401  (pytest fixtures)
+
+SECTIONS = ("## Image quality (tables 1 and 2)", "## Trainable parameters", "## Training time and memory",
+            "## Cost of SeLoRA's expansion tests (eq. 6)", "## Final ranks (figures 3 and 4)",
+            "## Real and generated images (figures 2 and 7)", "## Threshold ablation (table 3)", "## Sweep of t",
+            "## Runs")
+RUNS = ["lora-seed0", "lora-seed1", "selora-lam1.1-t2-seed0", "selora-lam1.1-t2-seed1", "selora-lam1-t2-seed0",
+        "selora-lam1.3-t2-seed0", "selora-lam1.1-t4-seed0", "selora-lam1.1-t8-seed0"]
+
+
+@pytest.fixture(scope="module")
+def study(inception_file, tmp_path_factory):
+    torch.manual_seed(0)
+    clip = save_clip(random_clip(TINY), tmp_path_factory.mktemp("clip"))
+    argv = ["--smoke", "--out", str(tmp_path_factory.mktemp("study") / "s"), "--inception", str(inception_file),
+            "--clip", str(clip), "--kid-subsets", "20", "--dims", "192", "64"]  # 2048: 25 s of sqrtm a run
+    assert reproduce.main(argv) == 0
+    return argv
+
+
+def out(argv):
+    return reproduce.parse_args(argv).out
+
+
+def stamps(folder):
+    """mtime of every file under the study's runs/ (the latent cache aside)."""
+    return {p: p.stat().st_mtime_ns for p in (folder / "runs").rglob("*")
+            if p.is_file() and ".latent-cache" not in p.parts}
+
+
+def run_table(report):
+    return dict(re.findall(r"^\| \[([\w.-]+)\]\(runs/[\w.-]+/\) \| (\w+) \|$", report, re.M))
+
+
+def table_rows(report, heading):
+    """{first cell: [cells]} of the first table after `heading`."""
+    part = report.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in part.splitlines() if line.startswith("| ")]
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
+
+
+def test_report_has_every_section_with_finite_numbers_from_the_runs(study):
+    folder = out(study)
+    report = (folder / "report.md").read_text()
+    for heading in SECTIONS:
+        assert heading in report, heading
+    assert "not computed" not in report  # Inception and CLIP were given
+    assert sorted(run_table(report)) == sorted(RUNS) and set(run_table(report).values()) == {"trained"}
+    assert not re.search(r"\b(nan|inf|infinity)\b", report, re.I)
+
+    # Table 1/2: mean over the seeds of each run's cached scores, the best in bold
+    quality = table_rows(report, "## Image quality")
+    assert list(quality) == ["lora", "selora"]
+    columns = ["FID-192", "FID-64", "KID", "CLIP score"]
+    means = {c: {} for c in columns}
+    for method, name in (("lora", "lora-seed{}"), ("selora", "selora-lam1.1-t2-seed{}")):
+        scores = [json.loads((folder / "runs" / name.format(s) / "scores.json").read_text()) for s in (0, 1)]
+        values = {"KID": [c["inception"]["kid"]["mean"] for c in scores],
+                  "CLIP score": [c["clip"]["clip_score"] for c in scores],
+                  **{f"FID-{d}": [c["inception"]["fid"][d] for c in scores] for d in ("192", "64")}}
+        runs, *cells = quality[method]
+        assert runs == "2"
+        for column, cell in zip(columns, cells):
+            assert all(math.isfinite(v) for v in values[column])
+            mean, std = cell.strip("*").split(" ± ")
+            assert mean == f"{np.mean(values[column]):.4g}" and std == f"{np.std(values[column], ddof=1):.2g}"
+            means[column][method] = np.mean(values[column])
+    for i, column in enumerate(columns, 1):
+        bold = [m for m in quality if quality[m][i].startswith("**")]
+        pick = max if column == "CLIP score" else min
+        assert bold == [pick(means[column], key=means[column].get)], column
+
+    # every run of both ablations, one split for all, figures written
+    assert list(table_rows(report, "## Threshold ablation")) == ["1", "1.1", "1.3"]
+    assert list(table_rows(report, "## Sweep of t")) == ["2", "4", "8"]
+    splits = {(folder / "runs" / r / "split.json").read_text() for r in RUNS}
+    assert len(splits) == 1 and "8 test" in report
+    for name in ("memory.png", "ranks_unet.png", "ranks_text.png", "samples.png"):
+        assert f"(figures/{name})" in report and Image.open(folder / "figures" / name).size[0] > 100
+
+
+def test_expansion_overhead_is_measured_from_the_step_times():
+    log = [{"step": 1, "step_time": 9.0}, {"step": 2, "step_time": 1.0, "events": [{}]},
+           {"step": 3, "step_time": 0.5}, {"step": 4, "step_time": 1.0, "events": [{}]}, {"step": 5, "step_time": 0.5},
+           {"step": 5, "epoch": 0, "val_loss": 1.0}]
+    overhead = reproduce.expansion_overhead(log)  # step 1 (warm-up) left out: 2 test steps, 2 others
+    assert overhead == {"test steps": 2, "test step (s)": 1.0, "other step (s)": 0.5, "measured factor": 1.5}
+    assert reproduce.expansion_overhead(log[:1] + [s for s in log if "events" not in s]) is None
+
+
+def test_finished_study_is_not_redone_and_scores_need_their_weights(study):
+    folder = out(study)
+    before = stamps(folder)
+    assert reproduce.main(study) == 0
+    assert stamps(folder) == before  # no training, sampling or scoring
+    assert set(run_table((folder / "report.md").read_text()).values()) == {"done"}
+    # without the weights: the report says what is missing instead of giving numbers
+    assert reproduce.main(["--smoke", "--out", str(folder)]) == 0
+    report = (folder / "report.md").read_text()
+    assert "FID and KID are not computed: they need `--inception" in report
+    assert "The CLIP score is not computed: it needs `--clip" in report
+    assert "FID-64" not in report and "CLIP score |" not in report
+    for heading in SECTIONS:
+        assert heading in report, heading
+    assert stamps(folder) == before
+    # a finished run made with other options is an error, not mixed in
+    with pytest.raises(SystemExit, match="made with other options.*epochs: 2 there, 3 now"):
+        reproduce.main([*study, "--epochs", "3"])
+
+
+def test_interrupted_study_finishes(study):
+    folder = out(study)
+    args = reproduce.parse_args(study)
+    runs = {r.name: r for r in reproduce.plan(args)}
+    stopped, unfinished = folder / "runs" / "selora-lam1.1-t2-seed1", folder / "runs" / "lora-seed1"
+    for p in sorted(stopped.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    stopped.rmdir()
+    (unfinished / "summary.json").unlink()  # e.g. stopped while writing its last files
+    # stopped after step 6: the checkpoint is the epoch end at step 4 (16 training images, batch 4)
+    assert train.main([*reproduce.train_argv(args, runs[stopped.name]), "--stop-after", "6"]) == 0
+    config_time = (stopped / "config.json").stat().st_mtime_ns
+    before = stamps(folder)
+    assert reproduce.main(study) == 0
+    status = run_table((folder / "report.md").read_text())
+    assert status.pop(stopped.name) == "resumed" and status.pop(unfinished.name) == "resumed"
+    assert set(status.values()) == {"done"}
+    assert (stopped / "config.json").stat().st_mtime_ns == config_time  # continued, not started again
+    for run_dir in (stopped, unfinished):
+        steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(line)]
+        assert steps == list(range(1, 9))
+        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+    assert math.isfinite(json.loads((stopped / "scores.json").read_text())["inception"]["fid"]["192"])
+    after = stamps(folder)
+    assert {p: t for p, t in after.items() if unfinished not in p.parents and stopped not in p.parents} == \
+        {p: t for p, t in before.items() if unfinished not in p.parents and stopped not in p.parents}
