@@ -116,7 +116,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise SystemExit(f"--resume {run}: no config.json there: not a run folder made by train.py")
         config = json.loads((run / "config.json").read_text())
         saved = config["options"]
-        return argparse.Namespace(**{"data_seed": saved["seed"], **saved, "resume": str(run), "out": str(run),
+        return argparse.Namespace(**{"data_seed": saved.get("seed"), **saved, "resume": str(run), "out": str(run),
                                      "overwrite": False, "stop_after": args.stop_after, "timeout": args.timeout,
                                      "batch": per_process_batch(run, saved["batch"] * config.get("world_size", 1))})
     embedded = args.model is None
@@ -397,9 +397,9 @@ def train(args: argparse.Namespace) -> Path:
     fractions = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
     if is_main:
         print(f"{args.method}: {len(named)} adapted layers; trainable {fractions['unet']:.3f}% of the UNet, "
-          f"{fractions['text_encoder']:.3f}% of the text encoder; {len(train_ex)} training images, "
-          f"{len(val_ex)} validation; {train_ex.truncated + val_ex.truncated} captions truncated to 77 tokens"
-          + (f"; {distributed.world_size()} processes of batch {args.batch}" if distributed.world_size() > 1 else ""))
+              f"{fractions['text_encoder']:.3f}% of the text encoder; {len(train_ex)} training images, "
+              f"{len(val_ex)} validation; {train_ex.truncated + val_ex.truncated} captions truncated to 77 tokens"
+              + (f"; {distributed.world_size()} processes of batch {args.batch}" if distributed.world_size() > 1 else ""))
     started = time.time() - counters["elapsed"]
     logfile = open(run / "log.jsonl" if is_main else os.devnull, "a")
     bar = tqdm(total=total_steps, initial=counters["step"], desc=args.method, unit="step", disable=not is_main)
