@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 import clip_text
@@ -44,24 +43,6 @@ class CLIPVisionConfig:
     projection_dim: int = 768
 
 
-class Attention(clip_text.CLIPAttention):
-    """clip_text's multi-head self-attention without the causal mask: every patch sees every patch."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
-
-
-class Layer(clip_text.CLIPEncoderLayer):
-    """clip_text's pre-LayerNorm block (x + attn(ln1(x)), then x + mlp(ln2(x))) with unmasked attention."""
-
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__(cfg)
-        self.self_attn = Attention(cfg)
-
-
 class Embeddings(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
@@ -82,7 +63,8 @@ class VisionTransformer(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: transformers' name
         self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.encoder.layers = nn.ModuleList(clip_text.CLIPEncoderLayer(cfg, causal=False)  # every patch sees every patch
+                                           for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

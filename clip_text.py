@@ -90,12 +90,13 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention: each token sees itself and the tokens before it."""
+    """Multi-head self-attention; causal for text (each token sees itself and the tokens before it),
+    unmasked for CLIP's image tower (clip_image.py), where every patch sees every patch."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         width = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
+        self.num_heads, self.causal = cfg.num_attention_heads, causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -105,7 +106,7 @@ class CLIPAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(q k^T / sqrt(d) + causal mask) v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # softmax(q k^T / sqrt(d) [+ mask]) v
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -123,10 +124,10 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 

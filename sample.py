@@ -4,7 +4,7 @@
                      --batch 8 --adapter FILE]
     python sample.py --model PATH --prompts prompts.txt --out DIR      (one prompt per line)
 
-Without --model it uses the embedded tiny random model (`sd15.tiny_sd15`), which shows the mechanics only.
+Without --model it uses the embedded tiny random model (`sd15.tiny_sd15`, seed 0), which shows the mechanics only.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import adapters
 import data
 import methods
 import weights
-from sd15 import SD15, generate, load_model, load_sd15, tiny_sd15
+from sd15 import SD15, generate, load_model
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -114,13 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not texts:
             p.error(f"--prompts {path}: no prompt in it (one per line expected)")
-    if args.model:
-        sd = load_sd15(args.model, args.tokenizer)
-        size = args.size or 224
-    else:
+    if not args.model:
         print("No --model given: using the embedded tiny random model, which shows the mechanics, not image quality.",
               file=sys.stderr)
-        sd, size = tiny_sd15(), args.size or 64
+    sd = load_model(args.model, args.tokenizer)
+    size = args.size or (224 if args.model else 64)
     if args.adapter:
         load_adapter(sd, args.adapter)
     sd.to(args.device)
