@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import secrets
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,9 +29,29 @@ DTYPES = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_COUNT = 2 ** 63 - 1  # shapes and offsets must fit a signed 64-bit count (torch's)
 
 if sys.byteorder != "little":  # the format is little-endian and we read it by reinterpretation
     raise ImportError("weights.py reads safetensors by reinterpreting bytes and needs a little-endian machine")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads hook: a JSON object naming one key twice is refused (json keeps the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(repr(key))
+        out[key] = value
+    return out
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (JSON's true/false are Python bools, which are ints: refused)."""
+    return type(value) is int and 0 <= value <= MAX_COUNT
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
@@ -47,14 +67,17 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
             raise ValueError(f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated or not a safetensors file")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: the header is not valid JSON ({err})") from None
+    except _DuplicateKey as err:
+        raise ValueError(f"{path}: the header names {err} twice") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{path}: '__metadata__' must map strings to strings")
+        raise ValueError(f"{path}: '__metadata__' must be an object mapping strings to strings, got {metadata!r:.80}")
     data_start, data_size = 8 + n, size - 8 - n
     spans = []
     for name, entry in header.items():
@@ -63,25 +86,36 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
         if entry["dtype"] not in DTYPES:
             raise ValueError(f"{path}: key '{name}': unknown dtype {entry['dtype']!r} (known: {', '.join(DTYPES)})")
         shape, offsets = entry["shape"], entry["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
             raise ValueError(f"{path}: key '{name}': shape must be a list of non-negative integers, got {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ValueError(f"{path}: key '{name}': data_offsets must be [begin, end], got {offsets!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise ValueError(f"{path}: key '{name}': data_offsets must be [begin, end], non-negative integers, "
+                             f"got {offsets!r}")
         begin, end = offsets
-        if not 0 <= begin <= end <= data_size:
+        if not begin <= end <= data_size:
             raise ValueError(f"{path}: key '{name}': data_offsets {offsets} out of range (data part is {data_size} bytes)")
         numel = 1
         for d in shape:
             numel *= d
+            if d > MAX_COUNT or numel > MAX_COUNT:
+                raise ValueError(f"{path}: key '{name}': shape {shape} has more elements than a 64-bit count holds")
         expected = numel * DTYPES[entry["dtype"]].itemsize
         if end - begin != expected:
             raise ValueError(f"{path}: key '{name}': shape {shape} of {entry['dtype']} needs {expected} bytes, "
                              f"data_offsets give {end - begin}")
         spans.append((begin, end, name))
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise ValueError(f"{path}: keys '{n0}' and '{n1}' overlap (bytes {b0}-{e0} and {b1}-{e1})")
+    # the tensors tile the data part exactly, as the format requires: no overlap, no gap, nothing after the last
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise ValueError(f"{path}: keys '{previous}' and '{name}' overlap (bytes {begin}-{position})")
+        if begin > position:
+            raise ValueError(f"{path}: key '{name}': {begin - position} unused bytes before its data (offset {begin}, "
+                             f"previous tensor ends at {position})")
+        position, previous = end, name
+    if position != data_size:
+        raise ValueError(f"{path}: {data_size - position} bytes after the last tensor's data: truncated header "
+                         "or trailing garbage")
     return header, metadata, data_start
 
 
@@ -111,11 +145,19 @@ def load_metadata(path: str | os.PathLike) -> dict[str, str]:
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """Open a temporary file beside `path`; on success rename it over `path`, on failure remove it.
 
-    Readers never see a half-written file, and an existing file survives a crash mid-write.
+    Readers never see a half-written file, and an existing file survives a crash mid-write. The file is
+    created as open() creates one (mode 0666 less the umask), so a shared run folder stays readable to
+    whom the user's umask allows; tempfile.mkstemp would make it 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -123,7 +165,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -132,6 +174,9 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError(f"{path}: metadata must map strings to strings")
     for name, t in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"{path}: tensor name {name!r}: names must be strings other than '__metadata__', "
+                             "which the format reserves for the metadata")
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{path}: key '{name}' is a {type(t).__name__}, not a tensor")
         if t.dtype not in DTYPE_NAMES:

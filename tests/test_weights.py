@@ -157,3 +157,58 @@ def test_load_strict_casts_fp16_to_model_dtype():
     assert m.weight.dtype == torch.float32 and torch.equal(m.weight, state["weight"].float())
     weights.load_strict(m, state, "f", dtype=torch.float16)
     assert m.weight.dtype == torch.float16
+
+
+STRICT_CASES = {  # each is a file the safetensors library refuses; so must we, with a ValueError naming the problem
+    "duplicate_name": (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+                       b'"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', 16, "names 'w' twice"),
+    "gap_before_data": ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "4 unused bytes before"),
+    "trailing_bytes": ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "4 bytes after the last"),
+    "metadata_false": ({"__metadata__": False, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8,
+                       "'__metadata__' must be an object"),
+    "metadata_list": ({"__metadata__": [], "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8,
+                      "'__metadata__' must be an object"),
+    "bool_in_shape": ({"w": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8, "shape must be"),
+    "bool_offsets": ({"w": {"dtype": "U8", "shape": [1], "data_offsets": [False, True]}}, 1, "data_offsets must be"),
+    "count_overflow": ({"w": {"dtype": "F32", "shape": [0, 2 ** 70], "data_offsets": [0, 0]}}, 0, "shape must be"),
+    "product_overflow": ({"w": {"dtype": "F32", "shape": [2 ** 32, 2 ** 32], "data_offsets": [0, 0]}}, 0,
+                         "more elements than"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRICT_CASES))
+def test_files_the_format_forbids_are_refused_as_safetensors_does(tmp_path, case):
+    header, data_size, match = STRICT_CASES[case]
+    p = write_raw(tmp_path / f"{case}.safetensors", header, b"\0" * data_size)
+    with pytest.raises(Exception):  # the oracle: the safetensors library refuses this file
+        st.load_file(p)
+    with pytest.raises(ValueError, match=match) as err:
+        weights.load_file(p)
+    assert p.name in str(err.value)
+
+
+def test_metadata_null_is_no_metadata_as_in_safetensors(tmp_path):
+    p = write_raw(tmp_path / "n.safetensors", {"__metadata__": None,
+                                               "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+    assert st.load_file(p)["w"].shape == (2,)
+    assert weights.load_metadata(p) == {} and weights.load_file(p)["w"].shape == (2,)
+
+
+def test_a_tensor_named_like_the_metadata_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match="'__metadata__'"):
+        weights.save_file({"__metadata__": torch.ones(2)}, path, {"a": "b"})
+    assert not path.exists()
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    old = os.umask(0o027)
+    try:
+        weights.save_file({"x": torch.ones(2)}, tmp_path / "a.safetensors")
+        with weights.atomic_write(tmp_path / "b.txt", "w") as f:
+            f.write("b")
+    finally:
+        os.umask(old)
+    for name in ("a.safetensors", "b.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
