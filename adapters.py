@@ -58,10 +58,11 @@ def kaiming_uniform(d_in: int, n: int, generator: torch.Generator | None = None,
     fan_in is given explicitly because torch's `nn.init.kaiming_uniform_` would take it from dimension 1,
     which for A (d_in x r) is r. The default a = 0 is torch's default gain sqrt(2), as the SeLoRA authors'
     script calls it on their A (stored r x d_in, so there fan_in = d_in too); peft's LoRA uses a = sqrt(5).
-    Drawn on the CPU so that a seeded generator gives the same numbers on every device.
+    Drawn on the CPU in float32 so that a seeded generator gives the same numbers on every device, whatever
+    torch's default dtype is.
     """
     bound = math.sqrt(6.0 / ((1.0 + a * a) * d_in))
-    return torch.empty(d_in, n).uniform_(-bound, bound, generator=generator)
+    return torch.empty(d_in, n, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -400,3 +400,14 @@ def test_authors_name_filter_on_the_sd15_unet():
     assert all(type(m) is nn.Conv2d for n, m in unet.named_modules() if n.endswith(("proj_in", "proj_out")))
     ours = inject(unet, SeLoRALinear, ["to_q", "to_k", "to_v", "ff.net.0.proj", "time_emb_proj"])
     assert list(ours) == theirs
+
+
+def test_candidate_K_does_not_depend_on_the_default_dtype():
+    expected = draw_candidate(64, seed=3, step=40, name="unet.x")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        drawn = draw_candidate(64, seed=3, step=40, name="unet.x")
+    finally:
+        torch.set_default_dtype(old)
+    assert drawn.dtype == torch.float32 and torch.equal(drawn, expected)
