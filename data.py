@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -88,34 +89,43 @@ def _inside(root: Path, file_name: str, source: Path) -> Path:
     return path
 
 
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A text file's contents; bytes that are not `encoding` are an error naming the file and the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}); "
+                         "save the file as UTF-8") from None
+
+
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}, "
-                             f"found {', '.join(columns) or 'no header'}")
-        return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    reader = csv.DictReader(io.StringIO(_read_text(path, "utf-8-sig"), newline=""))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}, "
+                         f"found {', '.join(columns) or 'no header'}")
+    return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {i} is not valid JSON ({err})") from None
-            if not isinstance(row, dict) or not {"file_name", "text"} <= row.keys():
-                raise ValueError(f"{path}: line {i} must be an object with keys file_name and text, got {line.strip()[:80]!r}")
-            if not isinstance(row["file_name"], str) or not isinstance(row["text"], (str, type(None))):
-                raise ValueError(f"{path}: line {i}: file_name and text must be strings")
-            rows.append({"file_name": row["file_name"], "text": (row["text"] or "").strip()})
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {i} is not valid JSON ({err})") from None
+        if not isinstance(row, dict) or not {"file_name", "text"} <= row.keys():
+            raise ValueError(f"{path}: line {i} must be an object with keys file_name and text, got {line.strip()[:80]!r}")
+        if not isinstance(row["file_name"], str) or not isinstance(row["text"], (str, type(None))):
+            raise ValueError(f"{path}: line {i}: file_name and text must be strings")
+        rows.append({"file_name": row["file_name"], "text": (row["text"] or "").strip()})
     return rows
 
 
@@ -148,10 +158,18 @@ def read_folder(root: Path) -> tuple[list[Example], list[tuple[str, str]]]:
         raise ValueError(f"{root}: no metadata.jsonl, metadata.csv or .txt captions beside the images "
                          f"({len(images)} image(s) found)")
     for image, caption in zip(images, captions):
-        if caption.is_file():
-            _add(examples, skipped, root, image, caption.read_text(encoding="utf-8", errors="replace"))
-        else:
+        for path in (image, caption):  # a symlink pointing out of the folder, as _inside refuses it
+            if path.exists() and not path.resolve().is_relative_to(root.resolve()):
+                raise ValueError(f"{path}: resolves outside {root} (a symbolic link pointing out of the data folder)")
+        if not caption.is_file():
             skipped.append((str(image), f"no caption file ({caption.name})"))
+            continue
+        try:
+            text = caption.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            skipped.append((str(image), f"caption not UTF-8 ({caption.name}, byte offset {err.start})"))
+            continue
+        _add(examples, skipped, root, image, text)
     return examples, skipped
 
 

@@ -456,3 +456,42 @@ def test_latent_cache_encodes_once_and_is_keyed_by_file_size_and_model(tmp_path)
     data.make_phantom_folder(root, n=5, size=48, seed=9)                      # the files change
     data.cached_latents(examples, 32, encode, cache, "vae-a")
     assert calls == [5]
+
+
+def test_txt_caption_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    gray_png(tmp_path / "a.png")
+    gray_png(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_bytes("opacit\xe9 in the right lobe".encode("latin-1"))
+    (tmp_path / "b.txt").write_text("opacité in the left lobe", encoding="utf-8")
+    ds = data.load_dataset("folder", tmp_path)
+    assert [e.caption for e in ds.examples] == ["opacité in the left lobe"]
+    assert ds.skipped_counts() == {"caption not UTF-8": 1} and ds.skipped[0][0] == str(tmp_path / "a.png")
+
+
+def test_invalid_utf8_in_metadata_names_the_file_and_line(tmp_path, iu_root):
+    gray_png(tmp_path / "a.png")
+    lines = [json.dumps({"file_name": "a.png", "text": "ok"}).encode(), b'{"file_name": "a.png", "text": "caf\xe9"}']
+    (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=r"metadata\.jsonl: line 2 is not valid UTF-8"):
+        data.load_dataset("folder", tmp_path)
+    reports = (iu_root / "indiana_reports.csv").read_text(encoding="utf-8").replace("Case 4.", "Caf\xe9 4.")
+    (iu_root / "indiana_reports.csv").write_bytes(reports.encode("latin-1"))  # a latin-1 export of the CSV
+    with pytest.raises(ValueError, match=r"indiana_reports\.csv: line 5 is not valid UTF-8"):
+        data.load_dataset("iu-xray", iu_root)
+
+
+def test_txt_layout_symlink_out_of_the_folder_is_rejected(tmp_path):
+    root = tmp_path / "d"
+    gray_png(root / "a.png")
+    (root / "a.txt").write_text("inside")
+    gray_png(tmp_path / "secret.png")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    (root / "link.txt").write_text("points out")
+    with pytest.raises(ValueError, match=r"link\.png: resolves outside"):
+        data.load_dataset("folder", root)
+    (root / "link.png").unlink()
+    (tmp_path / "secret.txt").write_text("a caption from elsewhere")
+    gray_png(root / "b.png")
+    (root / "b.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(ValueError, match=r"b\.txt: resolves outside"):
+        data.load_dataset("folder", root)
