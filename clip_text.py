@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights import load_file, load_strict, resolve_component
+from weights import load_file, load_strict, missing_config_hint, resolve_component
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text encoder
@@ -211,10 +211,14 @@ def load_text_encoder(path: str | os.PathLike, config: CLIPTextConfig | None = N
     file = resolve_component(path, "text_encoder", ("model.safetensors", "model.fp16.safetensors"))
     state = load_file(file)
     single_file = any(k.startswith(SINGLE_FILE_PREFIX) for k in state)
-    if config is None and not single_file and (file.parent / "config.json").is_file():
-        config = CLIPTextConfig.from_transformers(read_json(file.parent / "config.json"))
+    hint = ""
+    if config is None and not single_file:
+        if (file.parent / "config.json").is_file():
+            config = CLIPTextConfig.from_transformers(read_json(file.parent / "config.json"))
+        else:
+            hint = missing_config_hint(file, "text encoder")
     model = CLIPTextModel(config)
-    return load_strict(model, text_encoder_state(state), file, dtype).eval()
+    return load_strict(model, text_encoder_state(state), file, dtype, hint).eval()
 
 
 def read_json(path: Path):

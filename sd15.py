@@ -19,6 +19,7 @@ from clip_text import END, END_OF_WORD, START, CLIPTextConfig, CLIPTextModel, To
     load_text_encoder, load_tokenizer
 from sd_unet import UNet, UNetConfig, load_unet
 from vae import VAE, VAEConfig, latents_to_images, load_vae
+from weights import fingerprint
 
 
 @dataclass
@@ -28,6 +29,13 @@ class SD15:
     tokenizer: Tokenizer
     vae: VAE
     name: str  # where the weights came from, recorded in run folders and adapter files
+    # weights.fingerprint of each part as built, before any adapter: keys the latent cache (vae) and ties
+    # adapter files to their base model (unet, text_encoder)
+    fingerprints: dict[str, str] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.fingerprints = {part: fingerprint(getattr(self, part).state_dict())
+                             for part in ("unet", "text_encoder", "vae")}
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SD15:
         for part in (self.unet, self.text_encoder, self.vae):
@@ -61,6 +69,9 @@ def load_sd15(path: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
     merges.txt, or CLIP's `bpe_simple_vocab_16e6.txt.gz`). Weights load in fp32 unless `dtype` says otherwise.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder (expected a diffusers SD 1.5 folder or a single-file "
+                                ".safetensors checkpoint)")
     if tokenizer is None:
         if not path.is_dir():
             raise ValueError(f"{path} is a single-file checkpoint, which carries no tokenizer: give --tokenizer PATH "

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights import load_file, load_strict, resolve_component
+from weights import load_file, load_strict, missing_config_hint, resolve_component
 
 
 @dataclass(frozen=True)
@@ -392,14 +392,15 @@ def load_unet(path: str | os.PathLike, config: UNetConfig | None = None, dtype: 
         if config is not None and config != found:
             raise ValueError(f"{config_file}: describes {found}, but load_unet was given {config}")
         config = found
+    hint = "" if config else missing_config_hint(file, "UNet")
     config = config or UNetConfig()
     state = load_file(file)
     if any(key.startswith(LDM_PREFIX) for key in state):
-        state, source = ldm_unet_state(state), f"{file} (single-file LDM checkpoint)"
+        state, source, hint = ldm_unet_state(state), f"{file} (single-file LDM checkpoint)", ""
     else:
         to_ours = {theirs: ours for ours, theirs in unet_diffusers_names(config).items()}
         state = {to_ours.get(key, key): value for key, value in state.items()}
         source = f"{file} (diffusers layout; known keys shown under their LDM names, see unet_diffusers_names)"
     with torch.device("meta"):
         model = UNet(config)
-    return load_strict(model.to_empty(device="cpu"), state, source, dtype)
+    return load_strict(model.to_empty(device="cpu"), state, source, dtype, hint)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import load_file, load_strict, resolve_component
+from weights import load_file, load_strict, missing_config_hint, resolve_component
 
 LATENT_SCALE = 0.18215  # SD 1.5's `scale_factor`: 1 / std of the VAE's latents over its training images
 
@@ -269,8 +269,11 @@ def load_vae(path: str | os.PathLike, config: VAEConfig | None = None, dtype: to
     if any(k.startswith(LDM_PREFIX) for k in state):
         state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
     diffusers_layout = any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.")) for k in state)
+    hint = ""
     if config is None:
         config_file = file.parent / "config.json"
+        if diffusers_layout and not config_file.is_file():
+            hint = missing_config_hint(file, "VAE")
         if diffusers_layout and config_file.is_file():
             try:
                 config = VAEConfig.from_diffusers(json.loads(config_file.read_text(encoding="utf-8")))
@@ -280,4 +283,4 @@ def load_vae(path: str | os.PathLike, config: VAEConfig | None = None, dtype: to
             config = VAEConfig()
     if diffusers_layout:
         state = diffusers_to_ldm(state, len(config.channels))
-    return load_strict(VAE(config), state, file, dtype=dtype).eval()
+    return load_strict(VAE(config), state, file, dtype, hint).eval()

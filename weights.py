@@ -12,6 +12,7 @@ Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -201,6 +202,30 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
             f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -> str:
+    """A short hash of named tensors: every name, shape and dtype, and up to `samples` evenly spaced values
+    of each tensor, in float64 on the CPU.
+
+    Cheap at any model size (no pass over all weights) and the same on every device, yet any real change
+    of weights (another VAE, a fine-tuned UNet) changes it: such changes move every weight. Used to key the
+    latent cache by the VAE's content and to tie an adapter to the base model it was trained on.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        flat = t.reshape(-1)
+        picked = flat[::max(1, flat.numel() // samples)].to("cpu", torch.float64)
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def missing_config_hint(file: Path, part: str) -> str:
+    """The load_strict hint for a diffusers-layout weights file with no config.json beside it."""
+    return (f"{file.parent / 'config.json'} is missing, so SD 1.5's {part} configuration was assumed; a model of "
+            "another shape needs its config.json beside the weights")
+
+
 def resolve_component(path: str | os.PathLike, subfolder: str, filenames: tuple[str, ...]) -> Path:
     """Find one model part's weights file.
 
@@ -223,11 +248,12 @@ def resolve_component(path: str | os.PathLike, subfolder: str, filenames: tuple[
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
-                dtype: torch.dtype | None = None) -> torch.nn.Module:
+                dtype: torch.dtype | None = None, hint: str = "") -> torch.nn.Module:
     """Copy `state` into `module`, refusing missing keys, unexpected keys and shape mismatches.
 
     Floating tensors are cast to `dtype` (default: the module's own dtype, fp32 unless changed),
-    so an fp16 file loads into an fp32 model unless asked otherwise.
+    so an fp16 file loads into an fp32 model unless asked otherwise. `hint` ends the error message (e.g.
+    that a missing config.json made the loader assume SD 1.5's configuration).
     """
     if dtype is not None:
         module.to(dtype)
@@ -244,7 +270,7 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
             return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:20]) + more
         raise ValueError(f"{source}: weights do not match {type(module).__name__}:"
                          + listing("missing keys", missing) + listing("unexpected keys", unexpected)
-                         + listing("shape mismatches", shapes))
+                         + listing("shape mismatches", shapes) + (f"\n  {hint}" if hint else ""))
     with torch.no_grad():
         for name, target in own.items():
             target.copy_(state[name])  # copy_ casts, e.g. fp16 file -> fp32 model
