@@ -30,6 +30,7 @@ from lora2 import LoRA2, LoRA2Linear
 from selora import SeLoRA, SeLoRALinear
 
 METHODS = ("lora", "selora", "dylora", "adalora", "lora2")
+TOTAL_STEPS_SCHEDULES = ("adalora",)  # controllers that lay their schedule over the run's total steps
 
 
 class SeLoRAController(Controller):

@@ -125,14 +125,15 @@ def test_shards_cover_the_global_batch_in_order(monkeypatch):
 def test_a_resumed_run_keeps_its_global_batch(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"options": {"batch": 4, "out": str(run)}, "world_size": 2}))
-    assert train.resolve(train.parser().parse_args(["--resume", str(run)])).batch == 8  # one process
+    (run / "config.json").write_text(json.dumps({"options": {"method": "selora", "batch": 4, "epochs": 2,
+                                                             "out": str(run)}, "world_size": 2}))
+    assert train.resolve(["--resume", str(run)]).batch == 8  # one process
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert train.resolve(train.parser().parse_args(["--resume", str(run)])).batch == 2
+    assert train.resolve(["--resume", str(run)]).batch == 2
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit, match="global batch is 8, which 3 processes cannot share evenly"):
-        train.resolve(train.parser().parse_args(["--resume", str(run)]))
+    with pytest.raises(ValueError, match="global batch is 8, which 3 processes cannot share evenly"):
+        train.resolve(["--resume", str(run)])
 
 
 def selora_step(x: torch.Tensor, y: torch.Tensor, fisher: str) -> selora.SeLoRA:

@@ -72,7 +72,7 @@ def test_resume_continues_exactly(tmp_path):
             if key in x:
                 assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, part))
-    assert sa["final_ranks"] == sb["final_ranks"]
+    assert sa["final_ranks"] == sb["final_ranks"] and sa["trainable_percent"] == sb["trainable_percent"]
     ta, tb = (weights.load_file(d / "last.safetensors") for d in (whole, part))
     assert ta.keys() == tb.keys()
     for k in ta:
@@ -98,15 +98,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     assert [line["step"] for line in log_lines(out)] == [1, 2, 3, 4, 5]
 
 
-def test_existing_run_folder_is_not_overwritten(tmp_path):
+def test_existing_folder_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(SystemExit, match="run folder exists; give --overwrite"):
-        train.main(["--out", str(out), *FAST])
+    assert train.main(["--out", str(out), *FAST]) == 2
+    assert "the folder exists and is not a run folder" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
-    with pytest.raises(SystemExit, match="no config.json there"):
-        train.main(["--resume", str(out)])
+    assert train.main(["--resume", str(out)]) == 2
+    assert "no config.json there" in capsys.readouterr().err
 
 
 def test_adapters_of_a_run_load_for_sampling(tmp_path):
