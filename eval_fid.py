@@ -359,8 +359,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Score --fake (or each of --runs) against --real; print a table, write --json (and --table)."""
+    """Score --fake (or each of --runs) against --real; print a table, write --json (and --table). A bad folder
+    or file (missing, empty, unreadable image) ends the command with one line and status 2."""
     args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except (ValueError, OSError) as err:  # the message names the folder or file
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def evaluate(args: argparse.Namespace) -> dict:
     dims = tuple(sorted(set(args.dims)))
     real_files = list_images(args.real) if args.real else None
     runs = [Path(r) for r in args.runs or []]

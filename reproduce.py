@@ -39,6 +39,7 @@ import data
 import eval_fid
 import inception
 import plots
+import run_folder
 import sample
 import train
 import weights
@@ -160,22 +161,29 @@ def train_argv(args: argparse.Namespace, run: Run) -> list[str]:
 
 def check_same(run_dir: Path, argv: list[str]) -> None:
     """A run folder from an earlier invocation must have been made with the options this study gives it."""
-    planned = vars(train.resolve(train.parser().parse_args(argv)))
+    planned = vars(train.resolve(argv))
     saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["options"]
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in planned.items()
               if k not in NOT_COMPARED and saved.get(k) != v]
     if differ:
-        raise SystemExit(f"{run_dir}: this run was made with other options ({'; '.join(differ)}); give another "
+        raise ValueError(f"{run_dir}: this run was made with other options ({'; '.join(differ)}); give another "
                          "--out, or delete the run folder to train it again")
+
+
+def check_runs(args: argparse.Namespace, runs: list[Run]) -> None:
+    """Before any training: each run folder an earlier invocation finished or checkpointed was made with the
+    options this study gives it (`check_same`)."""
+    for run in runs:
+        run_dir = folder(args, run)
+        if (run_dir / "summary.json").is_file() or run_folder.last_checkpoint(run_dir):
+            check_same(run_dir, train_argv(args, run))
 
 
 def train_run(args: argparse.Namespace, run: Run) -> str:
     """Train `run` in its own process unless it is done: 'done', 'trained', 'resumed' or 'failed'."""
     run_dir, argv = folder(args, run), train_argv(args, run)
     finished = (run_dir / "summary.json").is_file()
-    resumable = any((run_dir / d / "state.safetensors").is_file() for d in ("checkpoint", "checkpoint.old"))
-    if finished or resumable:
-        check_same(run_dir, argv)
+    resumable = run_folder.last_checkpoint(run_dir) is not None
     if finished:
         return "done"
     # a folder without a checkpoint has nothing worth keeping: it starts again
@@ -260,7 +268,7 @@ def run_row(args: argparse.Namespace, run: Run, cache: dict) -> dict:
     """One run's numbers, named as the report's columns."""
     run_dir = folder(args, run)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    log = train.read_log(run_dir, math.inf)
+    log = run_folder.read_log(run_dir, math.inf)
     memory = [line["memory_mib"] for line in log if "memory_mib" in line]
     row = {"run": run, "time (s)": summary["time_s"],
            "s/step": float(np.mean([line["step_time"] for line in log if "step_time" in line])),
@@ -465,9 +473,15 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
 # ------------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
+    """The study; 2 for input a user must fix (said in one line, before any run is trained)."""
     args = parse_args(argv)
     runs = plan(args)
     train.parser().parse_args(train_argv(args, runs[0]))  # a bad pass-through option fails now, not after hours
+    try:
+        check_runs(args, runs)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke and not (Path(args.data) / "metadata.jsonl").is_file():
         data.make_phantom_folder(args.data, SMOKE["images"], SMOKE["size"], args.data_seed)

@@ -18,9 +18,11 @@ import torch
 from PIL import Image
 
 import adapters
+import cli
 import data
 import methods
 import weights
+from sampling import NUM_TRAIN_TIMESTEPS
 from sd15 import SD15, generate, load_model
 
 
@@ -45,8 +47,28 @@ def save_png(image: Image.Image, path: Path) -> None:
         image.save(f, format="PNG")
 
 
-def load_adapter(sd: SD15, path: str | Path) -> dict[str, adapters.Adapter]:
-    """Put a trained adapter file (any method) into the UNet and text encoder."""
+def check_base_model(sd: SD15, path: str | Path) -> None:
+    """Refuse an adapter file trained on another base model: its `base_fingerprint` (train.adapter_metadata)
+    must be this model's UNet and text encoder fingerprints. Files without one (older runs) are not checked."""
+    recorded = weights.load_metadata(path).get("base_fingerprint")
+    if recorded is None:
+        return
+    trained = json.loads(recorded)
+    differ = [part for part in ("unet", "text_encoder") if trained.get(part) != sd.fingerprints[part]]
+    if differ:
+        raise ValueError(f"{path}: trained on another base model than {sd.name} (its "
+                         f"{' and '.join(differ)} weights differ: fingerprint "
+                         f"{', '.join(trained.get(p, '?') for p in differ)} in the file, "
+                         f"{', '.join(sd.fingerprints[p] for p in differ)} here); give the model it was trained on "
+                         f"({weights.load_metadata(path).get('base_model', 'see its base_model metadata')}), or "
+                         "--force to apply it anyway")
+
+
+def load_adapter(sd: SD15, path: str | Path, force: bool = False) -> dict[str, adapters.Adapter]:
+    """Put a trained adapter file (any method) into the UNet and text encoder; refuse one trained on another
+    base model unless `force`."""
+    if not force:
+        check_base_model(sd, path)
     return adapters.load_adapters(sd.adaptable(), path, methods.adapter_for_file(path))[0]
 
 
@@ -87,6 +109,7 @@ def sample_run(run: str | Path, steps: int = 50, guidance: float = 7.5, batch: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Generate; 2 for input a user must fix (a bad option, file or adapter), said in one line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="SD 1.5: a diffusers folder or a single-file .safetensors checkpoint "
                                    "(default: the embedded tiny random model)")
@@ -95,32 +118,36 @@ def main(argv: list[str] | None = None) -> int:
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="a text file, one prompt per line")
     p.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (default 224; 64 for the tiny model)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=cli.integer(1, NUM_TRAIN_TIMESTEPS), default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=cli.number(0.0), default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--eta", type=cli.number(0.0), default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--seed", type=cli.integer(0, cli.SEEDS - 1), default=0)
+    p.add_argument("--size", type=cli.image_size, default=None, help="image size in pixels (default 224; 64 for the tiny model)")
+    p.add_argument("--batch", type=cli.integer(1), default=8)
     p.add_argument("--adapter", help="a trained adapter file (best.safetensors from a train.py run)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--force", action="store_true", help="apply --adapter even if it was trained on another base model")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    if args.prompt is not None:
-        texts = [args.prompt]
-    else:
-        path = Path(args.prompts)
-        if not path.is_file():
-            p.error(f"--prompts {path}: no such file")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            p.error(f"--prompts {path}: no prompt in it (one per line expected)")
-    if not args.model:
-        print("No --model given: using the embedded tiny random model, which shows the mechanics, not image quality.",
-              file=sys.stderr)
-    sd = load_model(args.model, args.tokenizer)
-    size = args.size or (224 if args.model else 64)
-    if args.adapter:
-        load_adapter(sd, args.adapter)
+    try:
+        if args.prompt is not None:
+            texts = [args.prompt]
+        else:
+            texts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not texts:
+                raise ValueError(f"--prompts {args.prompts}: no prompt in it (one per line expected)")
+        if not args.model:
+            print("No --model given: using the embedded tiny random model, which shows the mechanics, not image "
+                  "quality.", file=sys.stderr)
+        sd = load_model(args.model, args.tokenizer)
+        size = args.size or (224 if args.model else 64)
+        if size % sd.latent_factor:
+            raise ValueError(f"--size {size}: must be a multiple of {sd.latent_factor}, this model's VAE factor")
+        if args.adapter:
+            load_adapter(sd, args.adapter, args.force)
+    except (ValueError, OSError) as err:  # the message names the option or file
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     sd.to(args.device)
     images = generate(sd, texts, args.steps, args.guidance, args.seed, size, args.batch, args.eta)
     paths = write_images(images, Path(args.out))

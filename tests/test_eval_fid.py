@@ -1,6 +1,7 @@
 """FID, KID and the command line, against pytorch-fid and torchmetrics; properties; bad input."""
 import csv
 import json
+import re
 import warnings
 
 import numpy as np
@@ -168,16 +169,18 @@ def test_runs_make_the_papers_table(inception_file, tmp_path):
     assert markdown.startswith("| method | runs | FID-64 | KID |") and "| selora | 2 | " in markdown and " ± " in markdown
 
 
-def test_runs_without_images_say_how_to_make_them(inception_file, tmp_path):
+def test_runs_without_images_say_how_to_make_them(inception_file, tmp_path, capsys):
     real = write_images(tmp_path / "real", 3)
     (tmp_path / "run").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"run/samples: no such folder; generate .* sample.py"):
+    with pytest.raises(SystemExit) as stop:
         eval_fid.main(["--real", str(real), "--inception", str(inception_file), "--runs", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    assert re.search(r"run/samples: no such folder; generate .* sample.py", capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- bad input
 
-def test_empty_missing_and_unreadable_image_folders(inception_file, tmp_path):
+def test_empty_missing_and_unreadable_image_folders(inception_file, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     (write_images(tmp_path / "grid", 1) / "0000.png").rename(tmp_path / "empty" / "grid.png")  # sample.py's sheet
@@ -188,9 +191,11 @@ def test_empty_missing_and_unreadable_image_folders(inception_file, tmp_path):
     real = write_images(tmp_path / "real", 3)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(ValueError, match="broken.png: cannot read this image"):
+    with pytest.raises(SystemExit) as stop:
         eval_fid.main(["--real", str(real), "--fake", str(tmp_path / "bad"), "--inception", str(inception_file),
                        "--dims", "64"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "broken.png: cannot read this image" in err and "Traceback" not in err
 
 
 def test_command_line_argument_errors(tmp_path, capsys):
