@@ -1,7 +1,7 @@
 """Generate images with SD 1.5 (optionally with a trained adapter): one PNG per image plus a grid.
 
     python sample.py --model PATH --prompt "..." --out DIR [--steps 50 --guidance 7.5 --seed 0 --size 224
-                     --batch 8 --adapter FILE]
+                     --batch 8 --adapter FILE]   (FILE: best.safetensors of a run, or a kohya-format LoRA)
     python sample.py --model PATH --prompts prompts.txt --out DIR      (one prompt per line)
 
 Without --model it uses the embedded tiny random model (`sd15.tiny_sd15`, seed 0), which shows the mechanics only.
@@ -19,6 +19,7 @@ from PIL import Image
 
 import adapters
 import data
+import kohya
 import methods
 import weights
 from sd15 import SD15, generate, load_model
@@ -46,7 +47,9 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 def load_adapter(sd: SD15, path: str | Path) -> dict[str, adapters.Adapter]:
-    """Put a trained adapter file (any method) into the UNet and text encoder."""
+    """Put a trained adapter file (any method) or a kohya-format LoRA file into the UNet and text encoder."""
+    if kohya.is_kohya_file(path):
+        return kohya.load_kohya(sd.adaptable(), path)[0]
     return adapters.load_adapters(sd.adaptable(), path, methods.adapter_for_file(path))[0]
 
 
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default 224; 64 for the tiny model)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--adapter", help="a trained adapter file (best.safetensors from a train.py run)")
+    p.add_argument("--adapter", help="a trained adapter file (best.safetensors from a train.py run) or a kohya-format "
+                                     "LoRA file (best.kohya.safetensors, or one made by kohya's scripts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -120,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     sd = load_model(args.model, args.tokenizer)
     size = args.size or (224 if args.model else 64)
     if args.adapter:
-        load_adapter(sd, args.adapter)
+        try:
+            load_adapter(sd, args.adapter)
+        except (OSError, ValueError) as err:
+            p.error(f"--adapter: {err}")
     sd.to(args.device)
     images = generate(sd, texts, args.steps, args.guidance, args.seed, size, args.batch, args.eta)
     paths = write_images(images, Path(args.out))
