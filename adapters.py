@@ -3,6 +3,8 @@
 Every method (SeLoRA in selora.py; LoRA, DyLoRA, AdaLoRA in baselines.py; LoRA^2 in lora2.py) is an `Adapter`: a module that holds a frozen
 nn.Linear `base` (W0, b0) and trainable low-rank factors named as in the SeLoRA paper (eq. 1):
 A in R^{d_in x r} and B in R^{r x d_out}, so that the update of W0 is A B (applied as x A B).
+Every adapter gives its update as factors, `factors()` -> (A_eff, B_eff, s) with update s A_eff B_eff (the
+method's own weighting of the ranks folded into A_eff), so exporting it never needs a dense matrix.
 The weight of nn.Linear is stored transposed, [d_out, d_in]; `delta_weight()` returns the update in
 that layout so that merging is one addition.
 
@@ -29,7 +31,7 @@ class Adapter(nn.Module):
     """Base of every adapter: a frozen `base` nn.Linear plus trainable factors A (d_in x r) and B (r x d_out).
 
     Subclasses set `method` (the name written into saved files), create `self.A` and `self.B`, and define
-    `forward` and `delta_weight`. Anything else the forward depends on (a scale, a mask) should be a
+    `forward` and `factors`. Anything else the forward depends on (a scale, a mask) should be a
     buffer, so that `save_adapters` stores it and `load_adapters` restores it.
     """
     method = "adapter"
@@ -44,9 +46,15 @@ class Adapter(nn.Module):
     def rank(self) -> int:
         return self.A.shape[1]
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense update of W0 in nn.Linear's [d_out, d_in] layout."""
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_eff [d_in, r], B_eff [r, d_out], s): the update of W0 is s A_eff B_eff (in x A B layout), with
+        whatever weights the method puts on its ranks (AdaLoRA's E, LoRA^2's f) folded into A_eff."""
         raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update of W0 in nn.Linear's [d_out, d_in] layout: (s A_eff B_eff)^T."""
+        A, B, scale = self.factors()
+        return (scale * (A @ B)).T
 
     def extra_repr(self) -> str:
         return f"d_in={self.base.in_features}, d_out={self.base.out_features}, rank={self.rank}"

@@ -113,8 +113,9 @@ class LoRALinear(Adapter):
         y = self.base(x)
         return y + (self.scale * ((x.to(self.A.dtype) @ self.A) @ self.B)).to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.scale * (self.A @ self.B)).T
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B, alpha / r)."""
+        return self.A, self.B, self.scale
 
 
 # ---------------------------------------------------------------- DyLoRA
@@ -153,22 +154,18 @@ class DyLoRALinear(Adapter):
         self.b = b
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A[:, :b], B[:b], alpha / b), the first b - 1 ranks detached in frozen mode."""
+        """(A[:, :b], B[:b], alpha / b): the ranks in use (b = r outside training unless `set_rank` chose one)."""
         b = self.rank if self.b is None else self.b
-        A, B = self.A[:, :b], self.B[:b]
-        if self.mode == "frozen" and self.training:
-            A = torch.cat([A[:, :b - 1].detach(), A[:, b - 1:]], dim=1)
-            B = torch.cat([B[:b - 1].detach(), B[b - 1:]], dim=0)
-        return A, B, self.alpha / b
+        return self.A[:, :b], self.B[:b], self.alpha / b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         A, B, scale = self.factors()
+        if self.mode == "frozen" and self.training:  # only the b-th rank receives gradient
+            b = A.shape[1]
+            A = torch.cat([A[:, :b - 1].detach(), A[:, b - 1:]], dim=1)
+            B = torch.cat([B[:b - 1].detach(), B[b - 1:]], dim=0)
         return y + (scale * ((x.to(A.dtype) @ A) @ B)).to(y.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        A, B, scale = self.factors()
-        return (scale * (A @ B)).T
 
 
 def draw_rank(seed: int, step: int, r: int) -> int:
@@ -234,8 +231,9 @@ class AdaLoRALinear(Adapter):
         y = self.base(x)
         return y + (self.scale * (((x.to(self.A.dtype) @ self.A) * self.E) @ self.B)).to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.scale * ((self.A * self.E) @ self.B)).T
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A diag(E), B, s): the update s A diag(E) B; a masked triplet (E_i = 0) is a zero column."""
+        return self.A * self.E, self.B, self.scale
 
 
 def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Export trained adapters in the kohya / AUTOMATIC1111 LoRA format, which diffusers, kohya's scripts and
-AUTOMATIC1111 all read, so a result of this project loads in the tools SD users already have.
+"""Adapters in the kohya / AUTOMATIC1111 LoRA format, which diffusers, kohya's scripts and AUTOMATIC1111 all
+read: export a result of this project to the tools SD users already have, and load such a file back.
 
 For SD 1 the format names each adapted module by its diffusers path with dots as underscores:
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight   [r, d_in]
@@ -8,23 +8,37 @@ For SD 1 the format names each adapted module by its diffusers path with dots as
     lora_te_text_model_encoder_layers_0_self_attn_q_proj....
 and the update a reader applies is  W += (alpha / r) * lora_up @ lora_down.
 
-Every method's adapter gives its dense update `delta_weight()` (of rank <= its rank r); we factor it by a
-truncated SVD, so one exporter serves SeLoRA, LoRA, DyLoRA, AdaLoRA and LoRA^2 alike. One rank per module, as
-the format requires, and the same alpha (1) in every module, with r folded into the factors:
-up @ down = r * delta, so (alpha / r) * up @ down = delta. A per-module alpha would also be valid, but
-diffusers 0.42 with transformers 5 drops per-module alphas of the text encoder (its alpha_pattern keys keep a
-`text_model.` prefix that transformers 5's CLIPTextModel no longer has), so a uniform alpha is what every
-reader applies alike.
+Export. Every method gives its update as its own factors, s A_eff B_eff (`Adapter.factors()`; AdaLoRA's
+A_eff = A diag(E), LoRA^2's A diag(f), DyLoRA's first b ranks), and those are written as they are:
+down = A_eff^T and up = r s B_eff^T, with the same alpha (1) in every module, so that (alpha / r) up @ down
+is the update. No dense d_out x d_in matrix is formed. Ranks that contribute exactly nothing (a zero column
+of A_eff, such as AdaLoRA's masked triplets, or a zero row of B_eff, such as the rank SeLoRA has just added)
+are dropped, so each module's rank in the file is the rank really used, and a module with none left is
+left out. Each kept rank's row of down and column of up get equal norms (a diagonal rescaling that leaves
+their product alone), so that neither under- nor overflows when a reader casts them to fp16.
+A per-module alpha would also be valid, but diffusers 0.42 with transformers 5 drops per-module alphas of
+the text encoder (its alpha_pattern keys keep a `text_model.` prefix that transformers 5's CLIPTextModel
+no longer has), so a uniform alpha is what every reader applies alike.
+
+Import. `load_kohya` puts a plain LoRA file, ours or one made by kohya's scripts, into our model as
+`LoRALinear` adapters (method "lora"): A = down^T, B = up^T, scale alpha / r, with alpha = r where the file
+gives none (as kohya and diffusers read it). kohya's SD 1 LoRAs also adapt the spatial transformers'
+proj_in / proj_out, which are 1x1 convs; adapters wrap nn.Linear only, so those updates are merged into
+the convs' weights.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+from torch import nn
 
 import weights
-from adapters import Adapter
+from adapters import Adapter, inject
+from baselines import LoRALinear
 from sd_unet import UNetConfig, unet_diffusers_names
+
+PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
 def kohya_module_name(name: str, unet_names: dict[str, str]) -> str:
@@ -41,11 +55,18 @@ def kohya_module_name(name: str, unet_names: dict[str, str]) -> str:
     raise ValueError(f"adapter '{name}': expected a name starting with 'unet.' or 'text_encoder.'")
 
 
-def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [d_out, r], down [r, d_in]) with up @ down = r * delta when delta has rank <= r (truncated SVD)."""
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    root = (S[:rank] * rank).sqrt()
-    return (U[:, :rank] * root).float(), (root[:, None] * Vh[:rank]).float()
+def kohya_factors(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up [d_out, r], down [r, d_in]) with (1 / r) up @ down = the adapter's update, over the ranks that
+    contribute (None if none does), from its factors; float64 on the CPU."""
+    A, B, scale = (t.detach().double().cpu() for t in adapter.factors())
+    keep = (A != 0).any(0) & (B != 0).any(1)
+    r = int(keep.sum())
+    if r == 0 or scale == 0:
+        return None
+    A, B = A[:, keep], B[keep]
+    balance = (B.norm(dim=1) / A.norm(dim=0)).sqrt()  # per rank: |down row| = |up column|
+    root = (r * scale.abs()).sqrt()
+    return (scale.sign() * root * B / balance[:, None]).T, (root * A * balance).T
 
 
 def export_kohya(adapters: dict[str, Adapter], unet_config: UNetConfig, path: str | os.PathLike,
@@ -54,11 +75,89 @@ def export_kohya(adapters: dict[str, Adapter], unet_config: UNetConfig, path: st
     tensors, unet_names = {}, unet_diffusers_names(unet_config)
     with torch.no_grad():
         for name, adapter in adapters.items():
-            if adapter.rank == 0:
-                continue  # nothing to apply (e.g. an AdaLoRA layer whose whole budget was masked)
+            factors = kohya_factors(adapter)
+            if factors is None:
+                continue
             key = kohya_module_name(name, unet_names)
-            up, down = low_rank_factors(adapter.delta_weight().float().cpu(), adapter.rank)
-            tensors[f"{key}.lora_up.weight"] = up.contiguous()
-            tensors[f"{key}.lora_down.weight"] = down.contiguous()
+            tensors[f"{key}.lora_up.weight"] = factors[0].float().contiguous()
+            tensors[f"{key}.lora_down.weight"] = factors[1].float().contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(1.0)
     weights.save_file(tensors, path, {"ss_network_module": "networks.lora", **(metadata or {})})
+
+
+def is_kohya_file(path: str | os.PathLike) -> bool:
+    """Whether a safetensors file is in the kohya format (its metadata or key names say so), header only."""
+    entries, metadata, _ = weights.read_header(path)
+    return "ss_network_module" in metadata or any(k.startswith(("lora_unet_", "lora_te_")) for k in entries)
+
+
+def read_kohya(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """kohya module name -> (down [r, d_in], up [d_out, r], alpha) of a plain LoRA file, checked."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.load_file(path).items():
+        module, _, part = key.partition(".")
+        if part not in PARTS:
+            raise ValueError(f"{path}: key '{key}': expected <module>.lora_down.weight, .lora_up.weight or .alpha "
+                             "(LoHa, LoKr, DoRA and LoCon's lora_mid are not plain LoRA and are not supported)")
+        modules.setdefault(module, {})[part] = value
+    if not modules:
+        raise ValueError(f"{path}: holds no LoRA tensors")
+    read = {}
+    for module, parts in modules.items():
+        for part in PARTS[:2]:
+            if part not in parts:
+                raise ValueError(f"{path}: key '{module}.{part}' is missing (LoRA needs both lora_down and lora_up)")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        key = f"{module}.lora_down.weight"
+        if down.dim() == 4 and down.shape[2:] != (1, 1):
+            raise ValueError(f"{path}: key '{key}': a {down.shape[2]}x{down.shape[3]} conv LoRA (LoCon), "
+                             "only linear and 1x1 ones are supported")
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[2:] != down.shape[2:] \
+                or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+            raise ValueError(f"{path}: key '{key}': shapes {tuple(down.shape)} and lora_up {tuple(up.shape)} "
+                             "are not [r, d_in] and [d_out, r], r >= 1 (or those with 1x1 kernels)")
+        r = down.shape[0]
+        alpha = parts.get("alpha", torch.tensor(float(r)))
+        if alpha.numel() != 1:
+            raise ValueError(f"{path}: key '{module}.alpha' has shape {tuple(alpha.shape)}, expected a scalar")
+        read[module] = down.reshape(r, -1).float(), up.reshape(-1, r).float(), float(alpha)
+    return read
+
+
+def load_kohya(model: nn.Module, path: str | os.PathLike) -> tuple[dict[str, Adapter], list[str]]:
+    """Load a kohya-format LoRA file into `model` (`SD15.adaptable()`: `unet`, `text_encoder`).
+
+    Returns the LoRALinear adapters by name and the names of the 1x1 convs whose weights took their update.
+    Everything is checked before the model is changed.
+    """
+    if any(isinstance(m, Adapter) for m in model.modules()):
+        raise ValueError(f"{path}: the model already has adapters; load a kohya file into a fresh one")
+    unet_names = unet_diffusers_names(model.unet.config)
+    ours = {kohya_module_name(name, unet_names): name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))}
+    modules = read_kohya(path)
+    for module, (down, up, _) in modules.items():
+        key = f"{module}.lora_down.weight"
+        if module not in ours:
+            raise ValueError(f"{path}: key '{key}': no SD 1.5 module '{module}' (expected lora_unet_<diffusers "
+                             "module path> or lora_te_text_model_<module path>, dots as underscores)")
+        target = model.get_submodule(ours[module])
+        if isinstance(target, nn.Conv2d) and target.kernel_size != (1, 1):
+            raise ValueError(f"{path}: key '{key}': '{ours[module]}' is a {target.kernel_size} conv; "
+                             "conv LoRA (LoCon) is supported for 1x1 convs only")
+        if (up.shape[0], down.shape[1]) != tuple(target.weight.shape[:2]):
+            raise ValueError(f"{path}: key '{key}': lora_up @ lora_down is {up.shape[0]} x {down.shape[1]}, "
+                             f"but '{ours[module]}' has a {target.weight.shape[0]} x {target.weight.shape[1]} weight")
+    built, merged = {}, []
+    with torch.no_grad():
+        for module, (down, up, alpha) in modules.items():
+            target, r = model.get_submodule(ours[module]), down.shape[0]
+            if isinstance(target, nn.Conv2d):
+                target.weight += (alpha / r * up @ down).to(target.weight)[:, :, None, None]
+                merged.append(ours[module])
+                continue
+            adapter = built[target] = LoRALinear(target, r, alpha, generator=torch.Generator())
+            adapter.A.copy_(down.T)
+            adapter.B.copy_(up.T)
+    targets = [ours[module] for module in modules if ours[module] not in merged]
+    return inject(model, built.__getitem__, targets), merged

@@ -87,8 +87,9 @@ class LoRA2Linear(Adapter):
         y = self.base(x)
         return y + (self.scale * (((x.to(self.A.dtype) @ self.A) * self.weights()) @ self.B)).to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.scale * ((self.A * self.weights()) @ self.B)).T
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A diag(f), B, s): the update s A diag(f) B."""
+        return self.A * self.weights(), self.B, self.scale
 
 
 def normaliser(rate: float, rank: int) -> float:

@@ -1,7 +1,7 @@
 """Generate images with SD 1.5 (optionally with a trained adapter): one PNG per image plus a grid.
 
     python sample.py --model PATH --prompt "..." --out DIR [--steps 50 --guidance 7.5 --seed 0 --size 224
-                     --batch 8 --adapter FILE]
+                     --batch 8 --adapter FILE]   (FILE: best.safetensors of a run, or a kohya-format LoRA)
     python sample.py --model PATH --prompts prompts.txt --out DIR      (one prompt per line)
 
 Without --model it uses the embedded tiny random model (`sd15.tiny_sd15`, seed 0), which shows the mechanics only.
@@ -20,6 +20,7 @@ from PIL import Image
 import adapters
 import cli
 import data
+import kohya
 import methods
 import weights
 from sampling import NUM_TRAIN_TIMESTEPS
@@ -65,10 +66,12 @@ def check_base_model(sd: SD15, path: str | Path) -> None:
 
 
 def load_adapter(sd: SD15, path: str | Path, force: bool = False) -> dict[str, adapters.Adapter]:
-    """Put a trained adapter file (any method) into the UNet and text encoder; refuse one trained on another
-    base model unless `force`."""
+    """Put a trained adapter file (any method) or a kohya-format LoRA file into the UNet and text encoder; refuse
+    one trained on another base model unless `force`."""
     if not force:
         check_base_model(sd, path)
+    if kohya.is_kohya_file(path):
+        return kohya.load_kohya(sd.adaptable(), path)[0]
     return adapters.load_adapters(sd.adaptable(), path, methods.adapter_for_file(path))[0]
 
 
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=cli.integer(0, cli.SEEDS - 1), default=0)
     p.add_argument("--size", type=cli.image_size, default=None, help="image size in pixels (default 224; 64 for the tiny model)")
     p.add_argument("--batch", type=cli.integer(1), default=8)
-    p.add_argument("--adapter", help="a trained adapter file (best.safetensors from a train.py run)")
+    p.add_argument("--adapter", help="a trained adapter file (best.safetensors from a train.py run) or a kohya-format "
+                                     "LoRA file (best.kohya.safetensors, or one made by kohya's scripts)")
     p.add_argument("--force", action="store_true", help="apply --adapter even if it was trained on another base model")
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)

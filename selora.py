@@ -85,8 +85,9 @@ class SeLoRALinear(Adapter):
         y = self.base(x)
         return y + (self.scale * self.low_rank(x.to(self.A.dtype))).to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.scale * (self.A @ self.B)).T
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B, s): the update s A B (eq. 1)."""
+        return self.A, self.B, self.scale
 
 
 def draw_candidate(d_in: int, seed: int, step: int, name: str) -> torch.Tensor:

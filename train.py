@@ -322,11 +322,16 @@ def memory_mib(device: torch.device) -> tuple[float, str]:
 
 # ------------------------------------------------------------------------------------------ saving
 
-def adapter_metadata(sd: SD15, controller, step: int) -> dict[str, str]:
-    """What saved adapter files carry besides the tensors: the method's settings, the base model's name and
-    the fingerprints of the parts it adapts (sample.load_adapter refuses another base model)."""
-    return {**controller.metadata(), "base_model": sd.name, "step": str(step),
+def base_metadata(sd: SD15) -> dict[str, str]:
+    """What ties an adapter file to its base model: its name, and the fingerprints of the parts it adapts
+    (sample.load_adapter refuses another base model)."""
+    return {"base_model": sd.name,
             "base_fingerprint": json.dumps({part: sd.fingerprints[part] for part in ("unet", "text_encoder")})}
+
+
+def adapter_metadata(sd: SD15, controller, step: int) -> dict[str, str]:
+    """What saved adapter files carry besides the tensors: the method's settings, the step, the base model."""
+    return {**controller.metadata(), "step": str(step), **base_metadata(sd)}
 
 
 def save_training_state(run: Path, sd: SD15, named: dict[str, adapters.Adapter], optimizer, controller,
@@ -587,7 +592,7 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     held-out prompts beside the real images (run/previews/; eval_fid.py --runs generates the whole test split)."""
     sd = load_model(args.model, args.tokenizer, args.seed)
     best = sample.load_adapter(sd, run / "best.safetensors")
-    export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", {"base_model": sd.name})
+    export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", base_metadata(sd))
     if not args.samples:
         return
     names = (split["test"] or split["validation"] or split["train"])[:args.samples]

@@ -1,5 +1,6 @@
 """SD 1.5 end to end: load_sd15 on a diffusers pipeline folder, generation equal to diffusers' pipeline,
-sample.py from the command line, and the kohya export read back by diffusers' load_lora_weights."""
+sample.py from the command line, and kohya-format files (our export, one as kohya's scripts write it) read by
+diffusers' load_lora_weights and by kohya.load_kohya alike."""
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-import adapters
-from kohya import export_kohya
+import weights
+from kohya import export_kohya, load_kohya
+from methods import METHODS
 from sd15 import generate, load_sd15
 from sd_pipeline import make_pipeline
-from selora import SeLoRALinear, expand
+from test_kohya import adapt
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["small opacity in the right upper lobe", "no acute cardiopulmonary abnormality. XXXX"]
@@ -74,32 +76,72 @@ def test_sample_command_writes_pngs(pipeline, tmp_path):
     assert np.array_equal(np.asarray(Image.open(again / "00000.png")), first)  # same seed, same image
 
 
-def test_kohya_export_loads_in_diffusers(pipeline, tmp_path):
-    pipe, root = pipeline
-    sd = load_sd15(root)
-    named = adapters.inject(sd.adaptable(), SeLoRALinear)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for i, (name, a) in enumerate(named.items()):
-            for _ in range(i % 3):  # ranks 1, 2, 3
-                expand(a, torch.randn(a.base.in_features, 1, generator=g))
-            a.A.copy_(torch.randn(a.A.shape, generator=g) * 0.05)
-            a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.05)
-    path = tmp_path / "lora.safetensors"
-    export_kohya(named, sd.unet.config, path)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora()
+@pytest.fixture
+def lora_in(pipeline):
+    """pipe.load_lora_weights(path) + fuse_lora(); undone afterwards, so the module's pipeline stays plain."""
+    pipe, _ = pipeline
+
+    def load(path):
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora()
+    yield load
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+
+
+def diffusers_and_ours(pipe, sd, seed=1):
+    """(diffusers' text context, ours, diffusers' noise prediction, ours) on the same random inputs."""
+    g = torch.Generator().manual_seed(seed)
     ids = sd.tokenizer(PROMPTS)
     x = torch.randn(2, 4, 12, 12, generator=g)
     t = torch.tensor([10, 700])
     with torch.no_grad():
-        ref_ctx = pipe.text_encoder(ids)[0]
-        ctx = sd.text_encoder(ids)
-        ref_eps = pipe.unet(x, t, ref_ctx).sample
-        eps = sd.unet(x, t, ctx)
+        ref_ctx, ctx = pipe.text_encoder(ids)[0], sd.text_encoder(ids)
+        return ref_ctx, ctx, pipe.unet(x, t, ref_ctx).sample, sd.unet(x, t, ctx)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kohya_export_loads_in_diffusers(pipeline, lora_in, method, tmp_path):
+    pipe, root = pipeline
+    sd = load_sd15(root)
+    named, _ = adapt(sd, method)  # ranks 1-3 in use (0: left out); AdaLoRA masked, DyLoRA at b, SeLoRA's zero row
+    path = tmp_path / "lora.safetensors"
+    export_kohya(named, sd.unet.config, path)
+    lora_in(path)
+    ref_ctx, ctx, ref_eps, eps = diffusers_and_ours(pipe, sd)
     assert rel_err(ctx, ref_ctx) < 1e-4
     assert rel_err(eps, ref_eps) < 1e-4
     # and the adapters did change the model: without them the outputs differ
-    base = load_sd15(root)
-    with torch.no_grad():
-        assert rel_err(base.unet(x, t, base.text_encoder(ids)), ref_eps) > 1e-2
+    assert rel_err(diffusers_and_ours(pipe, load_sd15(root))[3], ref_eps) > 1e-2
+
+
+def test_a_file_as_kohyas_scripts_write_it_loads_as_diffusers_loads_it(pipeline, lora_in, tmp_path):
+    """kohya's SD 1 LoRA: diffusers module names, the transformers' 1x1-conv proj_in/proj_out with 4-D
+    weights, fp16, per-module alphas in the UNet, and none (alpha = r) in the text encoder.
+    (diffusers 0.42 ignores per-module alphas of the attention projections and gives a module without an
+    alpha the most common one, so those get the most common alpha here and every UNet module has one.)"""
+    pipe, root = pipeline
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    parts = [("lora_unet_", pipe.unet, lambda name: ".attentions." in name),
+             ("lora_te_text_model_", pipe.text_encoder, lambda name: "_proj" in name or ".fc" in name)]
+    for prefix, model, chosen in parts:
+        for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
+                                      if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and chosen(n)):
+            key, r, kernel = prefix + name.replace(".", "_"), 1 + i % 3, (1, 1) if m.weight.dim() == 4 else ()
+            tensors[f"{key}.lora_down.weight"] = (torch.randn(r, m.weight.shape[1], *kernel, generator=g) * 0.3).half()
+            tensors[f"{key}.lora_up.weight"] = (torch.randn(m.weight.shape[0], r, *kernel, generator=g) * 0.3).half()
+            if prefix == "lora_unet_":
+                alpha = 2.0 if ".attn" in name else 0.5 * (1 + i % 3)
+                tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    assert any(k.endswith("proj_in.lora_down.weight") for k in tensors)
+    path = tmp_path / "kohya.safetensors"
+    weights.save_file(tensors, path, {"ss_network_module": "networks.lora"})
+    lora_in(path)
+    sd = load_sd15(root)
+    loaded, merged = load_kohya(sd.adaptable(), path)
+    assert merged and len(loaded) + len(merged) == len({key.partition(".")[0] for key in tensors})
+    ref_ctx, ctx, ref_eps, eps = diffusers_and_ours(pipe, sd)
+    assert rel_err(ctx, ref_ctx) < 1e-4
+    assert rel_err(eps, ref_eps) < 1e-4
+    assert rel_err(diffusers_and_ours(pipe, load_sd15(root))[3], ref_eps) > 1e-2
