@@ -57,7 +57,8 @@ def check_sampler(scheduler: str, steps: int) -> None:
 
 
 def ddim_timesteps(steps: int) -> list[int]:
-    """The timesteps DDIM and PNDM step from, highest first: "leading" spacing plus the offset (50 steps: 981, ..., 1)."""
+    """The timesteps DDIM and PNDM step from, highest first: "leading" spacing plus the offset
+    (50 steps: 981, 961, ..., 1)."""
     check_sampler("ddim", steps)
     ratio = NUM_TRAIN_TIMESTEPS // steps
     return [i * ratio + STEPS_OFFSET for i in reversed(range(steps))]

@@ -45,7 +45,7 @@ import plots
 import sample
 import weights
 from kohya import export_kohya
-from sampling import NUM_TRAIN_TIMESTEPS, add_noise
+from sampling import NUM_TRAIN_TIMESTEPS, SCHEDULERS, add_noise
 from sd15 import SD15, generate, load_model
 from vae import posterior_to_latents
 
@@ -101,7 +101,9 @@ def parser() -> argparse.ArgumentParser:
     a("--checkpoint-every", type=int, default=500, help="steps between checkpoints (also at each epoch end)")
     a("--latent-cache", help="folder for cached VAE latents (default: <run folder's parent>/.latent-cache)")
     a("--samples", type=int, default=4, help="preview images to generate from test prompts at the end (0: none)")
-    a("--sample-steps", type=int, default=50, help="DDIM steps for those samples")
+    a("--scheduler", default="pndm", choices=SCHEDULERS,
+      help="sampler of those samples (default pndm: SD 1.5's, which made the paper's images)")
+    a("--sample-steps", type=sample.steps_option, default=50, help="sampler steps for those samples (default 50)")
     a("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: interrupt after this many steps
     return p
 
@@ -115,7 +117,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if not (run / "config.json").is_file():
             raise SystemExit(f"--resume {run}: no config.json there: not a run folder made by train.py")
         config = json.loads((run / "config.json").read_text())
-        saved = config["options"]
+        saved = {"scheduler": "pndm", **config["options"]}  # configs written before --scheduler: SD 1.5's
         return argparse.Namespace(**{"data_seed": saved.get("seed"), **saved, "resume": str(run), "out": str(run),
                                      "overwrite": False, "stop_after": args.stop_after, "timeout": args.timeout,
                                      "batch": per_process_batch(run, saved["batch"] * config.get("world_size", 1))})
@@ -489,9 +491,10 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     examples = data.select(dataset, names, run / "split.json")
     sd.to(args.device)
     images = generate(sd, [e.caption for e in examples], args.sample_steps, seed=args.seed, size=args.size,
-                      batch=args.batch)
+                      batch=args.batch, scheduler=args.scheduler)
     real = torch.stack([data.load_image(e.path, args.size) for e in examples])
     sample.write_images(torch.cat([real, images]), run / "previews")
+    sample.write_sampling(run / "previews", args.scheduler, args.sample_steps, 7.5, 0.0, args.seed, args.size)
     write_json(run / "previews" / "prompts.json", {"real": names, "prompts": [e.caption for e in examples]})
 
 

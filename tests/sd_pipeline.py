@@ -63,7 +63,8 @@ def make_pipeline(root: Path, seed: int = 0, vae_channels: tuple[int, ...] = (32
     levels = len(vae_channels)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=vae_channels, layers_per_block=1,
                         latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels)
+                        down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407, bos_token_id=49406))

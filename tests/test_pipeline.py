@@ -1,5 +1,7 @@
 """SD 1.5 end to end: load_sd15 on a diffusers pipeline folder, generation with each sampler equal to diffusers'
-pipeline (224 px, from a diffusers folder and a single file), sample.py from the command line, and the kohya export read back by diffusers' load_lora_weights."""
+pipeline (224 px, from a diffusers folder and a single file), sample.py from the command line, and the kohya export
+read back by diffusers' load_lora_weights."""
+import json
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import adapters
+import sample
 import sampling
 from clip_text import CLIPTextConfig, load_text_encoder, load_tokenizer
 from kohya import export_kohya
@@ -46,8 +49,9 @@ def pipeline224(tmp_path_factory):
     pipe = make_pipeline(root / "diffusers", vae_channels=(16, 16, 32, 32))
     folder = load_sd15(root / "diffusers")
     file = write_single_file(folder, root / "sd15.safetensors", pipe)
+    text_config = CLIPTextConfig.from_transformers(pipe.text_encoder.config.to_dict())
     single = SD15(unet=load_unet(file, UNetConfig.from_diffusers(dict(pipe.unet.config))),
-                  text_encoder=load_text_encoder(file, CLIPTextConfig.from_transformers(pipe.text_encoder.config.to_dict())),
+                  text_encoder=load_text_encoder(file, text_config),
                   tokenizer=load_tokenizer(root / "diffusers" / "tokenizer"),
                   vae=load_vae(file, VAEConfig.from_diffusers(dict(pipe.vae.config))), name=str(file))
     return pipe, {"diffusers": folder, "single_file": single}
@@ -128,16 +132,37 @@ def test_sample_command_writes_pngs(pipeline, tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(root), "--prompts", str(prompts), "--out", str(out),
-           "--steps", "3", "--size", "32", "--seed", "5"]
+           "--steps", "3", "--size", "32", "--seed", "5", "--scheduler", "dpmpp2m"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["00000.png", "00001.png", "grid.png"]
+    assert files == ["00000.png", "00001.png", "grid.png", "sampling.json"]
+    assert json.loads((out / "sampling.json").read_text()) == {"scheduler": "dpmpp2m", "steps": 3, "guidance": 7.5,
+                                                               "eta": 0.0, "seed": 5, "size": 32}
     first = np.asarray(Image.open(out / "00000.png"))
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8 and first.std() > 0
     assert Image.open(out / "grid.png").size == (64, 32)
+    # made by the sampler asked for (to 8-bit rounding), not the default one
+    sd = load_sd15(root)
+    for scheduler, differ in (("dpmpp2m", False), ("pndm", True)):
+        image = sample.to_pil(generate(sd, PROMPTS[:1], 3, seed=5, size=32, progress=False, scheduler=scheduler)[0])
+        assert (np.abs(np.asarray(image, dtype=int) - first).max() > 1) == differ, scheduler
     again = tmp_path / "again"
     subprocess.run([str(again) if c == str(out) else c for c in cmd], check=True, capture_output=True, cwd=tmp_path)
     assert np.array_equal(np.asarray(Image.open(again / "00000.png")), first)  # same seed, same image
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "0"], "argument --steps: expected a whole number of sampler steps from 1 to 999, got '0'"),
+    (["--steps", "1000"], "argument --steps: expected a whole number of sampler steps from 1 to 999, got '1000'"),
+    (["--steps", "ten"], "argument --steps: expected a whole number of sampler steps from 1 to 999, got 'ten'"),
+    (["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
+    (["--eta", "0.5"], "--eta 0.5: eta is DDIM's; give --scheduler ddim, or leave --eta out"),
+])
+def test_sample_command_refuses_bad_sampler_options(options, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        sample.main(["--prompt", "x", "--out", str(tmp_path / "out"), *options])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_kohya_export_loads_in_diffusers(pipeline, tmp_path):
