@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                         args.batch_size, args.device, "real")
         real = real_sets[real_folder]
         fake = inception_features(model, files, dims, args.batch_size, args.device, folder.name)
-        report = {"real": str(real_folder), "fake": str(folder), "sampling": sample.read_sampling(folder),
+        made = sample.read_sampling(files[0].parent)  # the images' own folder (with --runs: RUN/samples)
+        report = {"real": str(real_folder), "fake": str(folder), "sampling": made,
                   **fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed)}
         if clip:
             report["clip"] = clip_score(*clip, files, prompts, args.batch_size, args.device)
