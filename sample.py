@@ -77,12 +77,11 @@ def steps_option(text: str) -> int:
 
 
 def write_sampling(folder: Path, scheduler: str, steps: int, guidance: float, eta: float, seed: int,
-                   size: int) -> dict:
-    """folder/sampling.json: the sampler and settings that made the images in `folder`; returns them."""
+                   size: int) -> None:
+    """folder/sampling.json: the sampler and settings that made the images in `folder`."""
     settings = dict(scheduler=scheduler, steps=steps, guidance=guidance, eta=eta, seed=seed, size=size)
     with weights.atomic_write(folder / SAMPLING, "w") as f:
         json.dump(settings, f, indent=1)
-    return settings
 
 
 def read_sampling(folder: Path) -> dict | None:
@@ -91,9 +90,13 @@ def read_sampling(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        settings = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(settings, dict) or not {"scheduler", "steps", "guidance"} <= settings.keys():
+        raise ValueError(f"{path}: expected a JSON object with 'scheduler', 'steps' and 'guidance' (as sample.py "
+                         f"writes it), got {settings!r}")
+    return settings
 
 
 def describe_sampling(settings: dict | None) -> str:

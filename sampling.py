@@ -115,7 +115,7 @@ def ddim(eps: Eps, x: torch.Tensor, steps: int, eta: float = 0.0,
     return x
 
 
-# Adams-Bashforth weights of the last 1-4 eps, newest first, over a common denominator (PNDM eq. 12 and warm-up)
+# Adams-Bashforth weights of the last 1-4 eps, newest first, over a common denominator (PLMS and its warm-up)
 ADAMS_BASHFORTH = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
 
 
@@ -125,7 +125,7 @@ def pndm(eps: Eps, x: torch.Tensor, steps: int) -> torch.Tensor:
 
     Each step is PNDM's transfer part phi(x_t, e', t, t - delta) (eq. 9), which equals DDIM's deterministic
     step (`ddim_step`, eta = 0), taken with e' a linear multistep combination of the eps e_i of the steps so far
-    (eq. 12, fourth-order Adams-Bashforth, newest e_i first):
+    (the fourth-order Adams-Bashforth method, newest e_i first):
 
         e' = (55 e_i - 59 e_{i-1} + 37 e_{i-2} - 9 e_{i-3}) / 24
 

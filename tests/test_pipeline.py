@@ -165,6 +165,14 @@ def test_sample_command_refuses_bad_sampler_options(options, message, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_sampling_json_is_read_or_named(tmp_path):
+    assert sample.read_sampling(tmp_path) is None  # images whose sampler nobody recorded
+    for text in ("[]", '{"scheduler": "pndm"}', "{"):
+        (tmp_path / "sampling.json").write_text(text)
+        with pytest.raises(ValueError, match="sampling.json: (expected a JSON object with 'scheduler'|not valid JSON)"):
+            sample.read_sampling(tmp_path)
+
+
 def test_kohya_export_loads_in_diffusers(pipeline, tmp_path):
     pipe, root = pipeline
     sd = load_sd15(root)
