@@ -15,6 +15,9 @@ averaged. torchmetrics clamps the mean at 0, the CLIPScore paper clamps each pai
     python eval_fid.py --real DIR --fake DIR --inception pt_inception-2015-12-05-6726825d.pth \
         [--dims 2048 192 64] [--clip openai-clip-vit-large-patch14/ --prompts prompts.txt] [--json OUT]
     python eval_fid.py --runs RUN... --inception FILE [--real DIR] [--table OUT]   (see RUN_IMAGES, run_images)
+        [--scheduler pndm --sample-steps 50]   (the sampler of a run's test images, when they are generated here)
+
+FID depends on the sampler: each report names the one that made the images (their folder's sampling.json).
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+import cli
 import clip_image
 import clip_text
 import inception
 import sample
+import sampling
 from weights import atomic_write
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
@@ -252,12 +257,17 @@ def run_info(run: Path) -> tuple[str, str]:
         raise ValueError(f"{info_file}: expected a JSON object with a 'method' (and 'seed'), got an error: {err!r}") from None
 
 
-def run_images(run: Path, with_prompts: bool, device: str = "cpu") -> tuple[Path, list[Path], list[str] | None]:
+def run_images(run: Path, with_prompts: bool, device: str = "cpu", scheduler: str = "pndm",
+               steps: int = 50) -> tuple[Path, list[Path], list[str] | None]:
     """(run folder, its test-split image files, their prompts if asked for). A train.py run whose images are
-    not there yet gets them now (sample.sample_run: its best adapter on the test prompts)."""
+    not there yet, or were made by another sampler (their sampling.json), gets them now with `scheduler` and
+    `steps` (sample.sample_run: its best adapter on the test prompts)."""
     folder = run / RUN_IMAGES
-    if not folder.is_dir() and (run / "config.json").is_file() and (run / "best.safetensors").is_file():
-        sample.sample_run(run, device=device)
+    made = sample.read_sampling(folder)
+    other = made is not None and (made["scheduler"], made["steps"], made["guidance"]) != (scheduler, steps, 7.5)
+    trained = (run / "config.json").is_file() and (run / "best.safetensors").is_file()
+    if (not folder.is_dir() or other) and trained:
+        sample.sample_run(run, steps, device=device, scheduler=scheduler)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; generate the run's test-split images with sample.py first "
                                 "(done here for a finished train.py run, which has config.json and best.safetensors)")
@@ -304,7 +314,8 @@ def report_lines(report: dict) -> list[str]:
     """The figures of one real-vs-fake comparison as an aligned text table."""
     n = report["images"]
     kid_ = report["kid"]
-    rows = [("images", f"real {n['real']}, fake {n['fake']}")]
+    rows = [("images", f"real {n['real']}, fake {n['fake']}"),
+            ("fake made by", sample.describe_sampling(report["sampling"]))]
     rows += [(f"FID ({d})", f"{v:.4f}") for d, v in report["fid"].items()]
     rows.append((f"KID ({kid_['dims']})", f"{kid_['mean']:.6f} ± {kid_['std']:.6f} "
                                            f"({kid_['subsets']} subsets of {kid_['subset_size']})"))
@@ -346,6 +357,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--table", help="with --runs: write the table to TABLE.md and TABLE.csv")
+    p.add_argument("--scheduler", default="pndm", choices=sampling.SCHEDULERS,
+                   help="with --runs: the sampler of test images generated here (pndm: SD 1.5's, the paper's)")
+    p.add_argument("--sample-steps", type=cli.integer(1, sampling.MAX_STEPS), default=50,
+                   help="with --runs: the sampler's steps for test images generated here")
     args = p.parse_args(argv)
     if (args.fake is None) == (args.runs is None):
         p.error("give exactly one of --fake and --runs")
@@ -377,7 +392,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.fake:
         targets = [(Path(args.fake), list_images(args.fake), args.prompts and read_prompts(args.prompts))]
     else:
-        targets = [run_images(run, with_prompts=bool(args.clip), device=args.device) for run in runs]
+        targets = [run_images(run, bool(args.clip), args.device, args.scheduler, args.sample_steps) for run in runs]
         infos = [run_info(run) for run in runs]
     model = inception.load_inception(args.inception).to(args.device)
     clip = load_clip(args.clip, args.device) if args.clip else None
@@ -390,7 +405,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                                                         args.batch_size, args.device, "real")
         real = real_sets[real_folder]
         fake = inception_features(model, files, dims, args.batch_size, args.device, folder.name)
-        report = {"real": str(real_folder), "fake": str(folder),
+        made = sample.read_sampling(files[0].parent)  # the images' own folder (with --runs: RUN/samples)
+        report = {"real": str(real_folder), "fake": str(folder), "sampling": made,
                   **fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed)}
         if clip:
             report["clip"] = clip_score(*clip, files, prompts, args.batch_size, args.device)
@@ -402,6 +418,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         metrics = list(flat_metrics(reports[0]))
         result["table"] = summary = summarise(rows, metrics)
         markdown, csv_text = tables(summary, metrics)
+        samplers = sorted({sample.describe_sampling(r["sampling"]) for r in reports})
+        markdown += f"\nTest images made by {'; '.join(samplers)}.\n"
         print("\n" + markdown)
         if args.table:
             for suffix, text in ((".md", markdown), (".csv", csv_text)):

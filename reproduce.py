@@ -35,12 +35,14 @@ import torch
 from PIL import Image, ImageDraw
 
 import adapters
+import cli
 import data
 import eval_fid
 import inception
 import plots
 import run_folder
 import sample
+import sampling
 import train
 import weights
 from sd15 import load_model
@@ -52,7 +54,8 @@ SCORES = "scores.json"  # RUN/scores.json: what was measured on the run's test i
 # train.py options reproduce.py sets itself; passing them through would break the study's layout
 OWN = ("--method", "--seed", "--data-seed", "--out", "--resume", "--overwrite", "--lam", "--t", "--samples",
        "--model", "--tokenizer", "--data", "--dataset", "--epochs", "--size", "--batch", "--device")
-NOT_COMPARED = ("out", "overwrite", "resume", "stop_after", "device")  # may change when a study continues
+NOT_COMPARED = ("out", "overwrite", "resume", "stop_after", "device",  # may change when a study continues
+                "scheduler")  # previews' only, which the study turns off (--samples 0)
 SMOKE = dict(methods=["lora", "selora"], seeds=[0, 1], ablation_seeds=[0], t=2, ts=[2, 4, 8], epochs=2, batch=4,
              size=48, sample_steps=4, images=32, split="50,25,25")
 PAPER_PERCENT = ("the paper (IU X-Ray, section 4): SeLoRA 0.368% of the UNet and 0.121% of the text encoder; "
@@ -99,7 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--clip", help="openai/clip-vit-large-patch14 folder: CLIP score")
     a("--dims", nargs="+", type=int, default=[2048, 192, 64], choices=inception.DIMS, help="FID feature widths")
     a("--kid-subsets", type=int, default=100)
-    a("--sample-steps", type=int, help="DDIM steps for the test images (default 50)")
+    a("--scheduler", choices=sampling.SCHEDULERS,
+      help="sampler of the test images (default pndm: SD 1.5's, which made the paper's images)")
+    a("--sample-steps", type=cli.integer(1, sampling.MAX_STEPS), help="sampler steps for the test images (default 50)")
     a("--grid-prompts", type=int, default=6, help="test prompts in the real-vs-generated figure")
     a("--smoke", action="store_true", help="the whole study on the embedded tiny model and generated data, in minutes")
     args, extra = p.parse_known_args(argv)
@@ -107,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if taken:
         p.error(f"{' '.join(taken)}: set by reproduce.py itself (see --help)")
     args.train_options = extra
-    defaults = dict(methods=list(METHODS), seeds=[0, 1, 2], t=40, ts=[20, 40, 80], sample_steps=50)
+    defaults = dict(methods=list(METHODS), seeds=[0, 1, 2], t=40, ts=[20, 40, 80], scheduler="pndm", sample_steps=50)
     if args.smoke:
         if args.data or args.model:
             p.error("--smoke uses the embedded tiny model and generated data: leave out --model and --data")
@@ -228,16 +233,22 @@ class Scorer:
         return {"key": self.clip_key, **eval_fid.clip_score(*self._clip, files, prompts, device=self.args.device)}
 
 
+def sampler(args: argparse.Namespace) -> dict:
+    """What makes the test images: the sampler, its steps and the guidance (sample_run's, SD 1.5's 7.5)."""
+    return {"scheduler": args.scheduler, "steps": args.sample_steps, "guidance": 7.5}
+
+
 def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:
     """The run's test split generated once (sample.sample_run), its trainable % at the end, and FID/KID/CLIP
-    score where weights were given; kept in RUN/scores.json and redone only when their settings change."""
+    score where weights were given; kept in RUN/scores.json and redone only when their settings change
+    (the sampler's included: other images, other scores)."""
     run_dir = folder(args, run)
     path = run_dir / SCORES
     cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     kept = dict(cache)
-    if cache.get("sample_steps") != args.sample_steps or not (run_dir / "samples" / eval_fid.RUN_PROMPTS).is_file():
-        sample.sample_run(run_dir, steps=args.sample_steps, device=args.device)
-        cache = {"sample_steps": args.sample_steps}  # new images: every score is stale
+    if cache.get("sampling") != sampler(args) or not (run_dir / "samples" / eval_fid.RUN_PROMPTS).is_file():
+        sample.sample_run(run_dir, steps=args.sample_steps, device=args.device, scheduler=args.scheduler)
+        cache = {"sampling": sampler(args)}  # new images: every score is stale
     if "trainable_end" not in cache:
         cache.update(trainable_at_end(run_dir))
     if scorer.inception_key and cache.get("inception", {}).get("key") != scorer.inception_key:
@@ -381,6 +392,12 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
     md.append("## Image quality (tables 1 and 2)\n")
     md.append("Mean ± std over seeds of each method's test images against the held-out test images; best in bold "
               "(FID, KID: lowest; CLIP score: highest).\n")
+    paper = sampler(args) == {"scheduler": "pndm", "steps": 50, "guidance": 7.5}
+    md.append(f"Every FID, KID and CLIP score in this report is of test images made by "
+              f"{sample.describe_sampling(sampler(args))} (`--scheduler`, `--sample-steps`). The paper's images were "
+              "made by SD 1.5's own PNDM scheduler at 50 steps, guidance 7.5 (StableDiffusionPipeline's defaults, "
+              "see docs/paper-vs-code.md)" + (": the same sampler.\n" if paper else
+                                               ": compare these numbers with the paper's with care.\n"))
     if not args.inception:
         md.append("FID and KID are not computed: they need `--inception pt_inception-2015-12-05-6726825d.pth` "
                   "(pytorch-fid's weights, downloaded by the user). Run again with it; nothing is retrained.\n")
@@ -457,7 +474,8 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
         group.sort(key=lambda r: (r["run"].lam, r["run"].t))
         measured = first_col == "t" and all("measured factor" in r for r in group)
         extra = ["measured factor", "bound 1 + 1/t"] if measured else []
-        md.append(f"SeLoRA, seeds {', '.join(map(str, args.ablation_seeds))}; mean ± std over seeds.\n")
+        md.append(f"SeLoRA, seeds {', '.join(map(str, args.ablation_seeds))}; mean ± std over seeds; test images by "
+                  f"{sample.describe_sampling(sampler(args))}.\n")
         md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
                                                   "text encoder % end", "time (s)", *extra], tuple(quality)))
 

@@ -1,8 +1,12 @@
 """Generate images with SD 1.5 (optionally with a trained adapter): one PNG per image plus a grid.
 
-    python sample.py --model PATH --prompt "..." --out DIR [--steps 50 --guidance 7.5 --seed 0 --size 224
-                     --batch 8 --adapter FILE]   (FILE: best.safetensors of a run, or a kohya-format LoRA)
+    python sample.py --model PATH --prompt "..." --out DIR [--scheduler pndm --steps 50 --guidance 7.5 --seed 0
+                     --size 224 --batch 8 --adapter FILE]   (FILE: best.safetensors of a run, or a kohya-format LoRA)
     python sample.py --model PATH --prompts prompts.txt --out DIR      (one prompt per line)
+
+The defaults are StableDiffusionPipeline's, with which the paper's images were made: SD 1.5's PNDM scheduler,
+50 steps, guidance 7.5, 224 px. --scheduler ddim or dpmpp2m (DPM-Solver++(2M), good in about 20 steps) are the
+alternatives. DIR/sampling.json records how the images were made.
 
 Without --model it uses the embedded tiny random model (`sd15.tiny_sd15`, seed 0), which shows the mechanics only.
 """
@@ -22,9 +26,11 @@ import cli
 import data
 import kohya
 import methods
+import sampling
 import weights
-from sampling import NUM_TRAIN_TIMESTEPS
 from sd15 import SD15, generate, load_model
+
+SAMPLING = "sampling.json"  # beside generated images: the sampler and settings that made them (FID depends on them)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -85,11 +91,41 @@ def write_images(images: torch.Tensor, out: Path, names: list[str] | None = None
     return paths
 
 
+def write_sampling(folder: Path, scheduler: str, steps: int, guidance: float, eta: float, seed: int,
+                   size: int) -> None:
+    """folder/sampling.json: the sampler and settings that made the images in `folder`."""
+    settings = dict(scheduler=scheduler, steps=steps, guidance=guidance, eta=eta, seed=seed, size=size)
+    with weights.atomic_write(folder / SAMPLING, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
+def read_sampling(folder: Path) -> dict | None:
+    """The settings in folder/sampling.json, or None where the images' sampler is not recorded."""
+    path = folder / SAMPLING
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(settings, dict) or not {"scheduler", "steps", "guidance"} <= settings.keys():
+        raise ValueError(f"{path}: expected a JSON object with 'scheduler', 'steps' and 'guidance' (as sample.py "
+                         f"writes it), got {settings!r}")
+    return settings
+
+
+def describe_sampling(settings: dict | None) -> str:
+    """How images were made, for reports: e.g. "pndm, 50 steps, guidance 7.5" (the paper's)."""
+    if settings is None:
+        return "an unrecorded sampler (no sampling.json)"
+    return f"{settings['scheduler']}, {settings['steps']} steps, guidance {settings['guidance']:g}"
+
+
 def sample_run(run: str | Path, steps: int = 50, guidance: float = 7.5, batch: int = 8,
-               device: str | torch.device = "cpu") -> tuple[Path, Path]:
+               device: str | torch.device = "cpu", scheduler: str = "pndm") -> tuple[Path, Path]:
     """Generate a train.py run's test split: one image per test prompt with the run's best adapter on its own
-    base model, into RUN/samples/ (plus prompts.txt, one line per image in file-name order), and the real test
-    images, preprocessed as in training, into RUN/real/. Returns (samples folder, real folder)."""
+    base model, into RUN/samples/ (plus prompts.txt, one line per image in file-name order, and sampling.json),
+    and the real test images, preprocessed as in training, into RUN/real/. Returns (samples folder, real folder)."""
     run = Path(run)
     options = json.loads((run / "config.json").read_text(encoding="utf-8"))["options"]
     names = data.read_split(run / "split.json")["test"]
@@ -103,8 +139,9 @@ def sample_run(run: str | Path, steps: int = 50, guidance: float = 7.5, batch: i
     load_adapter(sd, run / "best.safetensors")
     sd.to(device)
     prompts = [e.caption for e in examples]
-    images = generate(sd, prompts, steps, guidance, options["seed"], options["size"], batch)
+    images = generate(sd, prompts, steps, guidance, options["seed"], options["size"], batch, scheduler=scheduler)
     write_images(images, run / "samples")
+    write_sampling(run / "samples", scheduler, steps, guidance, 0.0, options["seed"], options["size"])
     write_images(torch.stack([data.load_image(e.path, options["size"]) for e in examples]), run / "real")
     with weights.atomic_write(run / "samples" / "prompts.txt", "w") as f:
         f.write("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
@@ -121,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="a text file, one prompt per line")
     p.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
-    p.add_argument("--steps", type=cli.integer(1, NUM_TRAIN_TIMESTEPS), default=50, help="DDIM steps (default 50)")
+    p.add_argument("--scheduler", default="pndm", choices=sampling.SCHEDULERS,
+                   help="sampler (default pndm: SD 1.5's, which made the paper's images)")
+    p.add_argument("--steps", type=cli.integer(1, sampling.MAX_STEPS), default=50,
+                   help="sampler steps, 1 to 999 (default 50; PNDM makes one UNet call more)")
     p.add_argument("--guidance", type=cli.number(0.0), default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--eta", type=cli.number(0.0), default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--eta", type=cli.number(0.0), default=0.0,
+                   help="DDIM eta (default 0: deterministic); --scheduler ddim only")
     p.add_argument("--seed", type=cli.integer(0, cli.SEEDS - 1), default=0)
     p.add_argument("--size", type=cli.image_size, default=None, help="image size in pixels (default 224; 64 for the tiny model)")
     p.add_argument("--batch", type=cli.integer(1), default=8)
@@ -132,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="apply --adapter even if it was trained on another base model")
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.eta and args.scheduler != "ddim":
+        p.error(f"--eta {args.eta}: eta is DDIM's; give --scheduler ddim, or leave --eta out")
 
     try:
         if args.prompt is not None:
@@ -153,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sd.to(args.device)
-    images = generate(sd, texts, args.steps, args.guidance, args.seed, size, args.batch, args.eta)
+    images = generate(sd, texts, args.steps, args.guidance, args.seed, size, args.batch, args.eta,
+                      scheduler=args.scheduler)
     paths = write_images(images, Path(args.out))
+    write_sampling(Path(args.out), args.scheduler, args.steps, args.guidance, args.eta, args.seed, size)
     print(f"wrote {len(paths)} images and grid.png to {args.out}")
     return 0
 

@@ -113,8 +113,9 @@ def load_model(model: str | os.PathLike | None, tokenizer: str | os.PathLike | N
 
 @torch.no_grad()
 def generate(sd: SD15, prompts: list[str], steps: int = 50, guidance: float = 7.5, seed: int = 0, size: int = 224,
-             batch: int = 8, eta: float = 0.0, progress: bool = True) -> torch.Tensor:
-    """Text to images in [-1, 1], (N, 3, size, size): guided DDIM (sampling.sample), then the VAE decoder.
+             batch: int = 8, eta: float = 0.0, progress: bool = True, scheduler: str = "pndm") -> torch.Tensor:
+    """Text to images in [-1, 1], (N, 3, size, size): guided sampling with `scheduler` (sampling.sample; the
+    default, PNDM at 50 steps, guidance 7.5 and 224 px, is StableDiffusionPipeline's), then the VAE decoder.
 
     Image i starts from noise drawn from its own generator seeded with (seed, i), so an image does not
     depend on the batch size or on the other prompts: same seed, same images.
@@ -131,6 +132,7 @@ def generate(sd: SD15, prompts: list[str], steps: int = 50, guidance: float = 7.
                              for i in range(len(chunk))]).to(sd.device)
         context, _ = sd.encode_prompts(chunk)
         generator = torch.Generator(sd.device).manual_seed(seed) if eta > 0 else None
-        latents = sampling.sample(sd.unet, noise, context, uncond, steps, guidance, eta, generator)
+        latents = sampling.sample(sd.unet, noise, context, uncond, steps, guidance, eta, generator,
+                                  scheduler=scheduler)
         images.append(latents_to_images(sd.vae, latents).float().cpu())
     return torch.cat(images)

@@ -49,7 +49,7 @@ import sample
 import weights
 from baselines import Controller
 from kohya import export_kohya
-from sampling import NUM_TRAIN_TIMESTEPS, add_noise
+from sampling import MAX_STEPS, NUM_TRAIN_TIMESTEPS, SCHEDULERS, add_noise
 from sd15 import SD15, generate, load_model
 from vae import posterior_to_latents
 
@@ -58,7 +58,8 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 MEMORY_EVERY = 40  # steps between memory readings (appendix D)
 EMBEDDED = dict(size=48, epochs=24, images=96)  # the embedded default: 240 steps, so t = 40 gives 6 tests
 # options a resumed run may change; every other option given with --resume must equal the run's own
-RESUMABLE = ("epochs", "device", "checkpoint_every", "timeout", "stop_after", "samples", "sample_steps", "latent_cache")
+RESUMABLE = ("epochs", "device", "checkpoint_every", "timeout", "stop_after", "samples", "scheduler", "sample_steps",
+             "latent_cache")
 INVOCATION = ("timeout", "stop_after")  # options of one invocation: a resumed run takes today's, not the saved ones
 PATHS = ("model", "tokenizer", "data", "latent_cache", "out")  # compared as resolved paths on resume
 
@@ -117,7 +118,9 @@ def parser() -> argparse.ArgumentParser:
     a("--checkpoint-every", type=cli.integer(1), default=500, help="steps between checkpoints (also at each epoch end)")
     a("--latent-cache", help="folder for cached VAE latents (default: <run folder's parent>/.latent-cache)")
     a("--samples", type=cli.integer(0), default=4, help="preview images to generate from test prompts at the end (0: none)")
-    a("--sample-steps", type=cli.integer(1, NUM_TRAIN_TIMESTEPS), default=50, help="DDIM steps for those samples")
+    a("--scheduler", default="pndm", choices=SCHEDULERS,
+      help="sampler of those samples (default pndm: SD 1.5's, which made the paper's images)")
+    a("--sample-steps", type=cli.integer(1, MAX_STEPS), default=50, help="sampler steps for those samples (default 50)")
     a("--stop-after", type=cli.integer(1), help=argparse.SUPPRESS)  # tests: interrupt after this many steps
     return p
 
@@ -178,7 +181,7 @@ def resumed(p: argparse.ArgumentParser, argv: list[str] | None, run: Path) -> ar
     if differ:
         raise run_folder.RunFolderError(
             f"--resume {run}: these options differ from the run's config.json and cannot change in a resumed run: "
-            + "; ".join(differ) + f". Leave them out, or start a new run with another --out")
+            + "; ".join(differ) + ". Leave them out, or start a new run with another --out")
     epochs = given.get("epochs", saved["epochs"])
     if epochs < saved["epochs"]:
         raise run_folder.RunFolderError(f"--resume {run}: --epochs {epochs} is below the run's {saved['epochs']}; "
@@ -599,9 +602,10 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     examples = data.select(dataset, names, run / "split.json")
     sd.to(args.device)
     images = generate(sd, [e.caption for e in examples], args.sample_steps, seed=args.seed, size=args.size,
-                      batch=args.batch)
+                      batch=args.batch, scheduler=args.scheduler)
     real = torch.stack([data.load_image(e.path, args.size) for e in examples])
     sample.write_images(torch.cat([real, images]), run / "previews")
+    sample.write_sampling(run / "previews", args.scheduler, args.sample_steps, 7.5, 0.0, args.seed, args.size)
     write_json(run / "previews" / "prompts.json", {"real": names, "prompts": [e.caption for e in examples]})
 
 

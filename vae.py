@@ -14,7 +14,6 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn

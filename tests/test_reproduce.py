@@ -70,6 +70,7 @@ def test_report_has_every_section_with_finite_numbers_from_the_runs(study):
     means = {c: {} for c in columns}
     for method, name in (("lora", "lora-seed{}"), ("selora", "selora-lam1.1-t2-seed{}")):
         scores = [json.loads((folder / "runs" / name.format(s) / "scores.json").read_text()) for s in (0, 1)]
+        assert all(c["sampling"] == {"scheduler": "pndm", "steps": 4, "guidance": 7.5} for c in scores)
         values = {"KID": [c["inception"]["kid"]["mean"] for c in scores],
                   "CLIP score": [c["clip"]["clip_score"] for c in scores],
                   **{f"FID-{d}": [c["inception"]["fid"][d] for c in scores] for d in ("192", "64")}}
@@ -84,6 +85,11 @@ def test_report_has_every_section_with_finite_numbers_from_the_runs(study):
         bold = [m for m in quality if quality[m][i].startswith("**")]
         pick = max if column == "CLIP score" else min
         assert bold == [pick(means[column], key=means[column].get)], column
+
+    # which sampler made the numbers, against the paper's
+    assert ("Every FID, KID and CLIP score in this report is of test images made by pndm, 4 steps, guidance 7.5"
+            in report and "PNDM scheduler at 50 steps, guidance 7.5" in report and "with care" in report)
+    assert report.count("test images by pndm, 4 steps, guidance 7.5.") == 2  # the two ablation tables
 
     # every run of both ablations, one split for all, figures written
     assert list(table_rows(report, "## Threshold ablation")) == ["1", "1.1", "1.3"]
@@ -125,6 +131,23 @@ def test_finished_study_is_not_redone_and_scores_need_their_weights(study, capsy
     assert stamps(folder) == before
 
 
+def test_test_images_and_scores_are_made_again_for_another_sampler_only(study, monkeypatch):
+    class Made(Exception):
+        pass
+
+    def sample_run(run_dir, **options):
+        raise Made(options)
+
+    monkeypatch.setattr(reproduce.sample, "sample_run", sample_run)
+    args = reproduce.parse_args(study)
+    run = reproduce.plan(args)[0]
+    assert reproduce.evaluate(args, run, reproduce.Scorer(args))["sampling"]["scheduler"] == "pndm"  # kept
+    for other in (["--scheduler", "dpmpp2m"], ["--sample-steps", "5"]):
+        args = reproduce.parse_args([*study, *other])
+        with pytest.raises(Made):
+            reproduce.evaluate(args, run, reproduce.Scorer(args))
+
+
 def test_interrupted_study_finishes(study):
     folder = out(study)
     args = reproduce.parse_args(study)
@@ -152,3 +175,12 @@ def test_interrupted_study_finishes(study):
     after = stamps(folder)
     assert {p: t for p, t in after.items() if unfinished not in p.parents and stopped not in p.parents} == \
         {p: t for p, t in before.items() if unfinished not in p.parents and stopped not in p.parents}
+
+
+def test_bad_sampler_options_are_refused(tmp_path, capsys):
+    for options, message in ((["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
+                             (["--sample-steps", "1000"], "argument --sample-steps: expected a whole number of "
+                                                          "sampler steps from 1 to 999, got '1000'")):
+        with pytest.raises(SystemExit) as stopped:
+            reproduce.parse_args(["--smoke", "--out", str(tmp_path / "s"), *options])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err

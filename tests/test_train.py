@@ -32,7 +32,7 @@ def test_embedded_default_writes_the_whole_run_folder(tmp_path, monkeypatch, cap
     for name in ("config.json", "split.json", "log.jsonl", "summary.json", "best.safetensors", "last.safetensors",
                  "best.kohya.safetensors", "loss.png", "rank_growth.png", "memory.png", "rank_unet.png",
                  "rank_text_encoder.png", "checkpoint/adapters.safetensors", "checkpoint/state.safetensors",
-                 "previews/grid.png", "previews/prompts.json"):
+                 "previews/grid.png", "previews/prompts.json", "previews/sampling.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     split = json.loads((out / "split.json").read_text())["splits"]
@@ -54,6 +54,8 @@ def test_embedded_default_writes_the_whole_run_folder(tmp_path, monkeypatch, cap
     # figures are real PNGs; the samples are real images (2) beside generated ones (2), 48 px each
     assert Image.open(out / "rank_unet.png").size[0] > 200
     assert Image.open(out / "previews" / "grid.png").size == (96, 96)
+    assert json.loads((out / "previews" / "sampling.json").read_text()) == {
+        "scheduler": "pndm", "steps": 3, "guidance": 7.5, "eta": 0.0, "seed": 0, "size": 48}
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -119,3 +121,19 @@ def test_adapters_of_a_run_load_for_sampling(tmp_path):
     ranks = json.loads(weights.load_metadata(out / "best.safetensors")["ranks"])
     assert {n: a.rank for n, a in loaded.items()} == ranks
     assert all(isinstance(a, adapters.Adapter) for a in loaded.values())
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
+    (["--sample-steps", "0"], "argument --sample-steps: expected a whole number of sampler steps from 1 to 999"),
+])
+def test_bad_sampler_options_are_refused(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--out", str(tmp_path / "run"), *options])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_configured_before_scheduler_resumes_with_pndm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"options": {"seed": 0, "batch": 8}}))
+    assert train.resolve(train.parser().parse_args(["--resume", str(tmp_path)])).scheduler == "pndm"
