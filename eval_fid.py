@@ -394,6 +394,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         targets = [run_images(run, bool(args.clip), args.device, args.scheduler, args.sample_steps) for run in runs]
         infos = [run_info(run) for run in runs]
+    for folder, files, prompts in targets:
+        if prompts and len(prompts) != len(files):
+            raise ValueError(f"{folder}: {len(files)} images but {len(prompts)} prompts; give exactly one prompt line "
+                             "per image (sorted by file name)")
     model = inception.load_inception(args.inception).to(args.device)
     clip = load_clip(args.clip, args.device) if args.clip else None
     real_sets = {}  # real folder -> features, computed once per folder

@@ -98,7 +98,7 @@ def test_mismatched_prompt_count_and_wrong_weights(tiny, tmp_path):
         clip_image.load_image_encoder(text_only)
 
 
-def test_command_line_with_clip(tiny, inception_file, tmp_path):
+def test_command_line_with_clip(tiny, inception_file, tmp_path, capsys):
     real, fake = write_images(tmp_path / "real", 4), write_images(tmp_path / "fake", 4, shift=0.1, seed=3)
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     args = ["--real", str(real), "--fake", str(fake), "--inception", str(inception_file), "--dims", "64",
@@ -108,8 +108,9 @@ def test_command_line_with_clip(tiny, inception_file, tmp_path):
     expected = eval_fid.clip_score(*eval_fid.load_clip(tiny[1]), eval_fid.list_images(fake), PROMPTS)
     assert report["clip"] == pytest.approx(expected)
     (tmp_path / "three.txt").write_text("\n".join(PROMPTS[:3]))
-    with pytest.raises(ValueError, match="4 images but 3 prompts"):
+    with pytest.raises(SystemExit) as stop:
         eval_fid.main(args + ["--prompts", str(tmp_path / "three.txt")])
+    assert stop.value.code == 2 and "4 images but 3 prompts" in capsys.readouterr().err
 
 
 @pytest.mark.full
