@@ -131,7 +131,7 @@ def test_full_vit_l14_clip_score_equals_torchmetrics(tmp_path):
     assert got["clip_score"] == pytest.approx(reference, rel=1e-5, abs=1e-4)
 
 
-def test_runs_take_their_prompts_from_the_samples_folder(tiny, inception_file, tmp_path):
+def test_runs_take_their_prompts_from_the_samples_folder(tiny, inception_file, tmp_path, capsys):
     real = write_images(tmp_path / "real", 4)
     run = tmp_path / "lora-seed0"
     write_images(run / "samples", 4, shift=0.1, seed=5)
@@ -145,5 +145,6 @@ def test_runs_take_their_prompts_from_the_samples_folder(tiny, inception_file, t
     assert result["table"][0]["method"] == "lora-seed0"  # no run.json: the folder name
     assert result["table"][0]["CLIP score"] == (pytest.approx(expected["clip_score"]), None)
     (run / "samples" / "prompts.txt").unlink()
-    with pytest.raises(ValueError, match="prompts.txt: cannot read the prompts file"):
+    with pytest.raises(SystemExit) as stop:
         eval_fid.main(args)
+    assert stop.value.code == 2 and "prompts.txt: cannot read the prompts file" in capsys.readouterr().err

@@ -125,7 +125,7 @@ def test_adapters_of_a_run_load_for_sampling(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     (["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
-    (["--sample-steps", "0"], "argument --sample-steps: expected a whole number of sampler steps from 1 to 999"),
+    (["--sample-steps", "0"], "argument --sample-steps: must be between 1 and 999, got 0"),
 ])
 def test_bad_sampler_options_are_refused(tmp_path, capsys, options, message):
     with pytest.raises(SystemExit) as stopped:
@@ -135,5 +135,6 @@ def test_bad_sampler_options_are_refused(tmp_path, capsys, options, message):
 
 
 def test_a_run_configured_before_scheduler_resumes_with_pndm(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"options": {"seed": 0, "batch": 8}}))
-    assert train.resolve(train.parser().parse_args(["--resume", str(tmp_path)])).scheduler == "pndm"
+    (tmp_path / "config.json").write_text(json.dumps({"options": {"method": "selora", "seed": 0, "batch": 8,
+                                                                  "epochs": 2}}))
+    assert train.resolve(["--resume", str(tmp_path)]).scheduler == "pndm"
