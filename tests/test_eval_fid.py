@@ -205,8 +205,7 @@ def test_command_line_argument_errors(tmp_path, capsys):
             eval_fid.parse_args(["--real", "r", "--inception", "i", *args])
     assert "--dims" in capsys.readouterr().err
     for args, message in ((["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
-                          (["--sample-steps", "0"], "argument --sample-steps: expected a whole number of sampler "
-                                                    "steps from 1 to 999, got '0'")):
+                          (["--sample-steps", "0"], "argument --sample-steps: must be between 1 and 999, got 0")):
         with pytest.raises(SystemExit) as stopped:
             eval_fid.parse_args(["--runs", "r", "--inception", "i", *args])
         assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -179,8 +179,7 @@ def test_interrupted_study_finishes(study):
 
 def test_bad_sampler_options_are_refused(tmp_path, capsys):
     for options, message in ((["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
-                             (["--sample-steps", "1000"], "argument --sample-steps: expected a whole number of "
-                                                          "sampler steps from 1 to 999, got '1000'")):
+                             (["--sample-steps", "1000"], "argument --sample-steps: must be between 1 and 999, got 1000")):
         with pytest.raises(SystemExit) as stopped:
             reproduce.parse_args(["--smoke", "--out", str(tmp_path / "s"), *options])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
