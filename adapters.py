@@ -1,14 +1,16 @@
-"""Method-independent plumbing for low-rank adapters on nn.Linear layers.
+"""What every low-rank adapter method shares, on nn.Linear layers.
 
-Every method (SeLoRA in selora.py; LoRA, DyLoRA, AdaLoRA in baselines.py; LoRA^2 in lora2.py) is an `Adapter`: a module that holds a frozen
-nn.Linear `base` (W0, b0) and trainable low-rank factors named as in the SeLoRA paper (eq. 1):
-A in R^{d_in x r} and B in R^{r x d_out}, so that the update of W0 is A B (applied as x A B).
-Every adapter gives its update as factors, `factors()` -> (A_eff, B_eff, s) with update s A_eff B_eff (the
-method's own weighting of the ranks folded into A_eff), so exporting it never needs a dense matrix.
-The weight of nn.Linear is stored transposed, [d_out, d_in]; `delta_weight()` returns the update in
-that layout so that merging is one addition.
+Every method (SeLoRA in selora.py; LoRA, DyLoRA, AdaLoRA in baselines.py; LoRA^2 in lora2.py) is
+- an `Adapter`: a module holding a frozen nn.Linear `base` (W0, b0) and trainable low-rank factors named as in
+  the SeLoRA paper (eq. 1): A in R^{d_in x r} and B in R^{r x d_out}, so that the update of W0 is A B (applied
+  as x A B). `factors()` gives the update as (A_eff, B_eff, s), the method's own weighting of its ranks folded
+  into A_eff, so exporting it never needs a dense matrix; `delta_weight()` is (s A_eff B_eff)^T in nn.Linear's
+  [d_out, d_in] layout, so merging is one addition;
+- plus a `Controller`, which a training loop drives the same way for every method.
+New factors start as LoRA's (`lora_factors`: A Kaiming-uniform, B zero), new ranks' columns from
+`draw_candidate`.
 
-This module puts adapters into a model (`inject`), counts parameters (`trainable_fraction`), keeps an
+This module also puts adapters into a model (`inject`), counts parameters (`trainable_fraction`), keeps an
 optimizer consistent when a parameter changes shape (`resize_parameter`, `select_parameter`), saves and
 loads adapters of any rank (`save_adapters`, `load_adapters`) and folds them into plain nn.Linear layers
 (`merge`).
@@ -18,9 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
+from contextlib import nullcontext
 from fnmatch import fnmatchcase
-from typing import Callable
+from typing import Callable, ContextManager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +65,61 @@ class Adapter(nn.Module):
         return f"d_in={self.base.in_features}, d_out={self.base.out_features}, rank={self.rank}"
 
 
+class Controller:
+    """What a training loop calls around every step, the same for every method; by itself LoRA's (no-op).
+
+        controller = Method(adapters, optimizer, total_steps)
+        for step, batch in enumerate(loader, start=1):
+            with controller.capture(step, batch_size=len(batch)):          # SeLoRA's hooks, DyLoRA's b
+                loss = mse(model(batch), target) + controller.penalty()    # AdaLoRA's, LoRA^2's regulariser
+                optimizer.zero_grad()
+                loss.backward()
+            optimizer.step()
+            events = controller.step()                                     # ranks grow, shrink, get masked
+
+    capture(step, batch_size): context manager around forward and backward of step `step` (from 1).
+    penalty(): a term added to the diffusion loss inside capture (zero here).
+    step(): after optimizer.step(); returns log events, dicts with at least "step", "layer", "rank".
+    metadata(): settings written into saved adapter files.
+    state() / load_state(tensors): what an exact resume needs besides adapters and optimizer (none here).
+    ranks(): every layer's current rank, the same format for every method (for rank heatmaps).
+    reduce(tensors): the tensors summed over the processes of a data-parallel run (`distributed.all_reduce_sums`,
+    which the training loop passes); the identity by default. A controller that decides from statistics of
+    its process's part of the batch (SeLoRA's Fisher) sums them with it, so every process decides alike.
+    """
+
+    def __init__(self, adapters: dict[str, Adapter], optimizer: torch.optim.Optimizer | None = None,
+                 total_steps: int | None = None, reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None):
+        if not adapters:
+            raise ValueError("adapters must be a non-empty dict of adapters (from adapters.inject)")
+        self.adapters, self.optimizer, self.total_steps = adapters, optimizer, total_steps
+        self.reduce = reduce or (lambda tensors: tensors)
+        self.last_step = 0
+
+    def capture(self, step: int, batch_size: int) -> ContextManager[None]:
+        self.last_step = step
+        return nullcontext()
+
+    def penalty(self) -> torch.Tensor:
+        return next(iter(self.adapters.values())).A.new_zeros(())
+
+    def step(self) -> list[dict]:
+        return []
+
+    def metadata(self) -> dict[str, str]:
+        return {"step": str(self.last_step)}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"{type(self).__name__} keeps no state, got tensors {sorted(tensors)[:5]}")
+
+    def ranks(self) -> dict[str, int]:
+        return {name: a.rank for name, a in self.adapters.items()}
+
+
 def kaiming_uniform(d_in: int, n: int, generator: torch.Generator | None = None, a: float = 0.0) -> torch.Tensor:
     """A [d_in, n] matrix drawn Kaiming-uniform with fan_in = d_in: U(-b, b), b = sqrt(6 / ((1 + a^2) d_in)).
 
@@ -71,6 +131,35 @@ def kaiming_uniform(d_in: int, n: int, generator: torch.Generator | None = None,
     """
     bound = math.sqrt(6.0 / ((1.0 + a * a) * d_in))
     return torch.empty(d_in, n, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
+def draw_candidate(d_in: int, seed: int, step: int, name: str) -> torch.Tensor:
+    """A new column of A (d_in x 1) for layer `name` at `step`, Kaiming-uniform: SeLoRA's candidate K (eq. 2),
+    LoRA^2's grown ranks.
+
+    Drawn from a generator seeded by (seed, step, layer name), so a run's growth is reproducible, and a
+    resumed run, or another process of a data-parallel run, draws the same column without any generator state.
+    """
+    key = int(np.random.SeedSequence([seed, step, zlib.crc32(name.encode())]).generate_state(1, np.uint64)[0])
+    return kaiming_uniform(d_in, 1, torch.Generator().manual_seed(key))
+
+
+def factor_dtype(base: nn.Linear) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for an adapter's factors: the base layer's, but at least float32 (fp16 factors
+    would lose small updates)."""
+    dtype = base.weight.dtype
+    return base.weight.device, dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
+
+
+def lora_factors(base: nn.Linear, r: int, generator: torch.Generator | None = None,
+                 name: str = "r") -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's start: A (d_in x r) Kaiming-uniform (`adapters.kaiming_uniform`), B (r x d_out) zero, so the
+    update A B is zero and the adapted layer starts equal to its base."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {r!r}")
+    dev, dtype = factor_dtype(base)
+    return (nn.Parameter(kaiming_uniform(base.in_features, r, generator).to(dev, dtype)),
+            nn.Parameter(torch.zeros(r, base.out_features, device=dev, dtype=dtype)))
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -297,10 +386,3 @@ def merge(adapter: Adapter) -> nn.Linear:
         if base.bias is not None:
             merged.bias.copy_(base.bias)
     return merged.requires_grad_(False)
-
-
-def merge_all(model: nn.Module, adapters: dict[str, Adapter]) -> None:
-    """Replace every adapter of `model`, by name, with its merged nn.Linear, in place."""
-    for name, adapter in adapters.items():
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, merge(adapter))

@@ -1,19 +1,10 @@
 """The methods SeLoRA is compared with (SeLoRA paper, section 4): LoRA, DyLoRA and AdaLoRA.
 
 Each is an `adapters.Adapter` (frozen base W0, b0; factors A in R^{d_in x r}, B in R^{r x d_out}; the
-update applied as x A B) plus a `Controller` that a training loop drives the same way for every method:
-
-    controller = method.controller(adapters, optimizer, total_steps)
-    for step, batch in enumerate(loader, start=1):
-        with controller.capture(step, batch_size=len(batch)):  # DyLoRA samples its rank b here
-            loss = mse(model(batch), target) + controller.penalty()   # AdaLoRA's orthogonal regulariser
-            optimizer.zero_grad()
-            loss.backward()
-        optimizer.step()
-        events = controller.step()                               # AdaLoRA's importance and masking
+update applied as x A B) plus an `adapters.Controller`, which a training loop drives the same way for every
+method (its docstring shows the loop). LoRA's controller is `Controller` itself: a fixed rank needs nothing.
 
 Read top to bottom:
-- `Controller`: the interface, and LoRA's controller (a fixed rank needs nothing).
 - `LoRALinear` (Hu et al. 2022): fixed rank r, scale alpha / r.
 - `DyLoRALinear`, `DyLoRA` (Valipour et al. 2022): nested ranks, one b ~ U{1..r} per step, scale alpha / b.
 - `AdaLoRALinear`, `orthogonal_regulariser`, `budget_schedule`, `AdaLoRA` (Zhang et al. 2023): SVD form
@@ -23,74 +14,14 @@ The AdaLoRA formulas follow peft's `adalora` tuner (peft 0.21); where ours diffe
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Iterator
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from adapters import Adapter, kaiming_uniform, select_parameter
-
-
-def factor_dtype(base: nn.Linear) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype for an adapter's factors: the base layer's, but at least float32 (fp16 factors
-    would lose small updates)."""
-    dtype = base.weight.dtype
-    return base.weight.device, dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
-
-
-def lora_factors(base: nn.Linear, r: int, generator: torch.Generator | None = None,
-                 name: str = "r") -> tuple[nn.Parameter, nn.Parameter]:
-    """LoRA's start: A (d_in x r) Kaiming-uniform (`adapters.kaiming_uniform`), B (r x d_out) zero, so the
-    update A B is zero and the adapted layer starts equal to its base."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {r!r}")
-    dev, dtype = factor_dtype(base)
-    return (nn.Parameter(kaiming_uniform(base.in_features, r, generator).to(dev, dtype)),
-            nn.Parameter(torch.zeros(r, base.out_features, device=dev, dtype=dtype)))
-
-
-class Controller:
-    """What a training loop calls around every step, the same for every method; by itself LoRA's (no-op).
-
-    capture(step, batch_size): context manager around forward and backward of step `step` (from 1).
-    penalty(): a term added to the diffusion loss inside capture (zero here).
-    step(): after optimizer.step(); returns log events, dicts with at least "step", "layer", "rank".
-    metadata(): settings written into saved adapter files.
-    state() / load_state(tensors): what an exact resume needs besides adapters and optimizer (none here).
-    ranks(): every layer's current rank, the same format for every method (for rank heatmaps).
-    """
-
-    def __init__(self, adapters: dict[str, Adapter], optimizer: torch.optim.Optimizer | None = None,
-                 total_steps: int | None = None):
-        if not adapters:
-            raise ValueError("adapters must be a non-empty dict of adapters (from adapters.inject)")
-        self.adapters, self.optimizer, self.total_steps = adapters, optimizer, total_steps
-        self.last_step = 0
-
-    def capture(self, step: int, batch_size: int) -> ContextManager[None]:
-        self.last_step = step
-        return nullcontext()
-
-    def penalty(self) -> torch.Tensor:
-        return next(iter(self.adapters.values())).A.new_zeros(())
-
-    def step(self) -> list[dict]:
-        return []
-
-    def metadata(self) -> dict[str, str]:
-        return {"step": str(self.last_step)}
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        if tensors:
-            raise ValueError(f"{type(self).__name__} keeps no state, got tensors {sorted(tensors)[:5]}")
-
-    def ranks(self) -> dict[str, int]:
-        return {name: a.rank for name, a in self.adapters.items()}
+from adapters import Adapter, Controller, factor_dtype, lora_factors, select_parameter
 
 
 # ---------------------------------------------------------------- LoRA
@@ -180,8 +111,8 @@ class DyLoRA(Controller):
     A layer of smaller rank than b (only when adapters of several ranks are mixed) uses its full rank."""
 
     def __init__(self, adapters: dict[str, DyLoRALinear], optimizer: torch.optim.Optimizer | None = None,
-                 total_steps: int | None = None, seed: int = 0):
-        super().__init__(adapters, optimizer, total_steps)
+                 total_steps: int | None = None, reduce=None, seed: int = 0):
+        super().__init__(adapters, optimizer, total_steps, reduce)
         if not all(isinstance(a, DyLoRALinear) for a in adapters.values()):
             raise ValueError("DyLoRA controls DyLoRALinear adapters only")
         self.seed = seed
@@ -289,10 +220,10 @@ class AdaLoRA(Controller):
     """
 
     def __init__(self, adapters: dict[str, AdaLoRALinear], optimizer: torch.optim.Optimizer | None = None,
-                 total_steps: int | None = None, target_r: int = 4, tinit: int | None = None,
+                 total_steps: int | None = None, reduce=None, target_r: int = 4, tinit: int | None = None,
                  tfinal: int | None = None, delta_t: int = 10, beta1: float = 0.85, beta2: float = 0.85,
                  orth_reg_weight: float = 0.5):
-        super().__init__(adapters, optimizer, total_steps)
+        super().__init__(adapters, optimizer, total_steps, reduce)
         if not all(isinstance(a, AdaLoRALinear) for a in adapters.values()):
             raise ValueError("AdaLoRA controls AdaLoRALinear adapters only")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:

@@ -129,6 +129,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out.to(tensor.device)
 
 
+def all_reduce_sums(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor summed over all ranks, with one all-reduce of their concatenation (one collective however
+    many tensors: SeLoRA sums a few per layer at every test); the tensors themselves in one process."""
+    if world_size() == 1 or not dist.is_initialized():
+        return tensors
+    flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def shard(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's rows of a global batch: contiguous slices whose sizes differ by at most one, in rank order.
 

@@ -1,4 +1,5 @@
-"""LoRA^2 (Shenaj, Errica, Carta: "Not All Layers Are Created Equal", ../shared/papers/lora2-abstract.txt).
+"""LoRA^2 (Shenaj, Errica, Carta: "Not All Layers Are Created Equal: Adaptive LoRA Ranks for Personalized Image
+Generation").
 
 Each layer learns its own rank during fine-tuning by imposing an order of importance on the rank
 positions, following the variational adaptive-width networks of Errica et al. (reference code:
@@ -37,9 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import Adapter, resize_parameter
-from baselines import Controller, lora_factors
-from selora import draw_candidate
+from adapters import Adapter, Controller, draw_candidate, lora_factors, resize_parameter
 
 
 def rate_for_rank(rank: int, k: float = 0.9) -> float:
@@ -141,7 +140,7 @@ def param_groups(adapters: dict[str, LoRA2Linear], lr: float, rate_lr: float) ->
 class LoRA2(Controller):
     """After every optimizer step, sets each layer's rank to the k-quantile of its distribution; the prior
     is the penalty. Stateless: ranks follow from the rates, which are saved with the adapters, and new
-    columns of A are drawn from (seed, step, layer, rank position) (selora.draw_candidate).
+    columns of A are drawn from (seed, step, layer, rank position) (adapters.draw_candidate).
 
     k: the quantile (0.9). max_rank: a cap on every layer's rank (also min(d_in, d_out)).
     rate_prior_mean (mu, default: rate_for_rank(1, k) = 2 ln 10 ~ 4.61), rate_prior_scale (sigma_nu, 1),
@@ -150,10 +149,10 @@ class LoRA2(Controller):
     """
 
     def __init__(self, adapters: dict[str, LoRA2Linear], optimizer: torch.optim.Optimizer | None = None,
-                 total_steps: int | None = None, k: float = 0.9, max_rank: int = 32,
+                 total_steps: int | None = None, reduce=None, k: float = 0.9, max_rank: int = 32,
                  rate_prior_mean: float | None = None, rate_prior_scale: float = 1.0,
                  weight_prior_scale: float = 1.0, n_obs: float = 1000.0, seed: int = 0):
-        super().__init__(adapters, optimizer, total_steps)
+        super().__init__(adapters, optimizer, total_steps, reduce)
         if not all(isinstance(a, LoRA2Linear) for a in adapters.values()):
             raise ValueError("LoRA2 controls LoRA2Linear adapters only")
         if not 0 < k < 1:

@@ -1,78 +1,103 @@
-"""One table from a method's name to how to build it, so a training run can switch with --method.
+"""One table from a method's name to everything about it that a run needs, so that --method switches between
+them and a new method is one adapter class, one controller class and one table entry.
 
     method = build("adalora", target_r=4)
     adapters = inject(model, method.make_adapter, targets)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW(param_groups("adalora", adapters, lr=1e-4), lr=1e-4)
     controller = method.controller(adapters, optimizer, total_steps)
-    ... the loop in baselines.py's docstring ...
+    ... the loop in adapters.Controller's docstring ...
     save_adapters(adapters, path, controller.metadata())
 
-Options go to the adapter or to the controller by name (each takes the keyword arguments its
-signature lists). Defaults are the SeLoRA paper's comparison settings: LoRA r = 4; DyLoRA r = 4;
-AdaLoRA init_r = 6 -> target_r = 4; SeLoRA lambda = 1.1, t = 40.
+Each entry names its adapter and controller classes, the command-line options it owns (`OPTIONS`, added to
+train.py's parser) under the keyword its adapter or controller takes, its optimizer param groups, and two
+facts a run needs. Defaults are the SeLoRA paper's comparison settings: LoRA r = 4; DyLoRA r = 4; AdaLoRA
+init_r = 6 -> target_r = 4; SeLoRA lambda = 1.1, t = 40.
 """
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import inspect
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, ContextManager
+from pathlib import Path
+from typing import Callable
 
-import torch
 from torch import nn
 
+import cli
+import kohya
+import lora2
 import weights
-from adapters import Adapter
-from baselines import AdaLoRA, AdaLoRALinear, Controller, DyLoRA, DyLoRALinear, LoRALinear
+from adapters import Adapter, Controller, load_adapters
+from baselines import DYLORA_MODES, AdaLoRA, AdaLoRALinear, DyLoRA, DyLoRALinear, LoRALinear
 from lora2 import LoRA2, LoRA2Linear
-from selora import SeLoRA, SeLoRALinear
+from selora import FISHER_MODES, SeLoRA, SeLoRALinear
 
-METHODS = ("lora", "selora", "dylora", "adalora", "lora2")
-TOTAL_STEPS_SCHEDULES = ("adalora",)  # controllers that lay their schedule over the run's total steps
-
-
-class SeLoRAController(Controller):
-    """SeLoRA's `SeLoRA` schedule behind the common Controller interface; the schedule does the work."""
-
-    def __init__(self, adapters: dict[str, SeLoRALinear], optimizer: torch.optim.Optimizer | None = None,
-                 total_steps: int | None = None, lam: float = 1.1, t: int = 40, fisher: str = "sample",
-                 seed: int = 0, insist: bool = False):
-        super().__init__(adapters, optimizer, total_steps)
-        self.schedule = SeLoRA(adapters, optimizer, lam=lam, t=t, fisher=fisher, seed=seed, insist=insist)
-
-    def capture(self, step: int, batch_size: int) -> ContextManager[None]:
-        self.last_step = step
-        return self.schedule.capture(step, batch_size)
-
-    def step(self) -> list[dict]:
-        return [dataclasses.asdict(test) for test in self.schedule.step()]
-
-    def metadata(self) -> dict[str, str]:
-        return self.schedule.metadata()
-
-
-# name -> (adapter class, controller class); the defaults are the classes' keyword defaults
-TABLE: dict[str, tuple[type[Adapter], type[Controller]]] = {
-    "lora": (LoRALinear, Controller),
-    "selora": (SeLoRALinear, SeLoRAController),
-    "dylora": (DyLoRALinear, DyLoRA),
-    "adalora": (AdaLoRALinear, AdaLoRA),
-    "lora2": (LoRA2Linear, LoRA2),
+# the command-line options methods own: argparse dest -> add_argument keywords (the flag is --dest with dashes)
+OPTIONS = {
+    "lam": dict(type=cli.number(1.0), default=1.1, help="SeLoRA threshold lambda on the FI-ratio, >= 1 (paper: 1.1; "
+                                                          "the ratio is never below 1, so 1 accepts any improvement)"),
+    "t": dict(type=cli.integer(1), default=40, help="SeLoRA: test for expansion every t steps (paper: 40)"),
+    "fisher": dict(default="sample", choices=FISHER_MODES, help="SeLoRA Fisher estimator: per-sample (eq. 3, default) "
+                                                                "or squared batch gradient (authors' script)"),
+    "rank": dict(type=cli.integer(1), default=4, help="LoRA / DyLoRA / LoRA^2 (starting) rank (paper: 4)"),
+    "dylora_mode": dict(default="full", choices=DYLORA_MODES, help="DyLoRA: train ranks 1..b, or rank b only"),
+    "init_r": dict(type=cli.integer(1), default=6, help="AdaLoRA initial rank (paper: 6)"),
+    "target_r": dict(type=cli.integer(1), default=4, help="AdaLoRA target rank, at most --init-r (paper: 4)"),
+    "rate_lr": dict(type=cli.number(0.0, inclusive=False), default=1e-2,
+                    help="LoRA^2: learning rate of the per-layer rates (see lora2.param_groups)"),
 }
+
+
+def _plain_params(adapters: dict[str, Adapter], lr: float, options: argparse.Namespace) -> list[nn.Parameter]:
+    return [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
+
+
+def _check_adalora(options: dict) -> None:
+    if options["target_r"] > options["init_r"]:
+        raise ValueError(f"--target-r {options['target_r']} is above --init-r {options['init_r']}: AdaLoRA only "
+                         "prunes ranks")
+
+
+@dataclass(frozen=True)
+class Entry:
+    adapter: type[Adapter]
+    controller: type[Controller]
+    options: dict[str, str] = field(default_factory=dict)  # the adapter's or controller's keyword -> argparse dest
+    # optimizer param groups from the adapters, the learning rate and the command line (LoRA^2's rates: their own)
+    param_groups: Callable[[dict[str, Adapter], float, argparse.Namespace], list] = _plain_params
+    check: Callable[[dict], None] | None = None  # refuses option values (defaults filled in) that do not go together
+    adaptive: bool = False  # ranks differ per layer after training (figures 3 and 4)
+    over_total_steps: bool = False  # the controller lays its schedule out over the run's total steps
+
+
+TABLE: dict[str, Entry] = {
+    "lora": Entry(LoRALinear, Controller, {"r": "rank"}),
+    "selora": Entry(SeLoRALinear, SeLoRA, {"lam": "lam", "t": "t", "fisher": "fisher", "seed": "seed"},
+                    adaptive=True),
+    "dylora": Entry(DyLoRALinear, DyLoRA, {"r": "rank", "mode": "dylora_mode", "seed": "seed"}),
+    "adalora": Entry(AdaLoRALinear, AdaLoRA, {"init_r": "init_r", "target_r": "target_r"}, check=_check_adalora,
+                     adaptive=True, over_total_steps=True),
+    "lora2": Entry(LoRA2Linear, LoRA2, {"rank": "rank", "seed": "seed"},
+                   param_groups=lambda adapters, lr, options: lora2.param_groups(adapters, lr, options.rate_lr),
+                   adaptive=True),
+}
+METHODS = tuple(TABLE)
 
 
 @dataclass(frozen=True)
 class Method:
-    """make_adapter(base) wraps one nn.Linear; controller(adapters, optimizer, total_steps) drives training."""
+    """make_adapter(base) wraps one nn.Linear; controller(adapters, optimizer, total_steps, reduce) drives training."""
     name: str
     make_adapter: Callable[[nn.Linear], Adapter]
-    controller: Callable[[dict[str, Adapter], torch.optim.Optimizer | None, int | None], Controller]
+    controller: Callable[..., Controller]
 
 
-def _keywords(fn: Callable, skip: int) -> set[str]:
-    return set(list(inspect.signature(fn).parameters)[skip:])
+def _keywords(fn: Callable, skip: int) -> dict[str, object]:
+    """The keyword parameters of `fn` after the first `skip`, with their defaults."""
+    return {name: p.default for name, p in list(inspect.signature(fn).parameters.items())[skip:]}
 
 
 def build(name: str, **options) -> Method:
@@ -82,17 +107,35 @@ def build(name: str, **options) -> Method:
     """
     if name not in TABLE:
         raise ValueError(f"unknown method {name!r}, expected one of {', '.join(METHODS)}")
-    adapter_cls, controller_cls = TABLE[name]
-    for_adapter = _keywords(adapter_cls.__init__, 2) - {"generator"}
-    for_controller = _keywords(controller_cls.__init__, 4)
-    unknown = set(options) - for_adapter - for_controller
+    entry = TABLE[name]
+    for_adapter = {k: v for k, v in _keywords(entry.adapter.__init__, 2).items() if k != "generator"}
+    for_controller = _keywords(entry.controller.__init__, 5)  # after self, adapters, optimizer, total_steps, reduce
+    unknown = set(options) - set(for_adapter) - set(for_controller)
     if unknown:
         raise ValueError(f"method {name!r} takes no option {', '.join(sorted(unknown))}; adapter options: "
                          f"{', '.join(sorted(for_adapter)) or 'none'}; controller options: "
                          f"{', '.join(sorted(for_controller)) or 'none'}")
+    if entry.check:
+        entry.check({**for_adapter, **for_controller, **options})
     adapter_options = {k: v for k, v in options.items() if k in for_adapter}
     controller_options = {k: v for k, v in options.items() if k in for_controller}
-    return Method(name, partial(adapter_cls, **adapter_options), partial(controller_cls, **controller_options))
+    return Method(name, partial(entry.adapter, **adapter_options), partial(entry.controller, **controller_options))
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Every method's command-line options (`OPTIONS`), once each."""
+    for dest, spec in OPTIONS.items():
+        parser.add_argument("--" + dest.replace("_", "-"), **spec)
+
+
+def options(name: str, args: argparse.Namespace) -> dict:
+    """The options of method `name` from a parsed command line, under the keywords its classes take."""
+    return {keyword: getattr(args, dest) for keyword, dest in TABLE[name].options.items()}
+
+
+def param_groups(name: str, adapters: dict[str, Adapter], lr: float, args: argparse.Namespace) -> list:
+    """What the optimizer is built with: the adapters' parameters, in the method's param groups."""
+    return TABLE[name].param_groups(adapters, lr, args)
 
 
 def adapter_for_file(path: str | os.PathLike) -> Callable[[nn.Linear], Adapter]:
@@ -104,4 +147,31 @@ def adapter_for_file(path: str | os.PathLike) -> Callable[[nn.Linear], Adapter]:
     method = weights.load_metadata(path).get("method")
     if method not in TABLE:
         raise ValueError(f"{path}: metadata 'method' is {method!r}, expected one of {', '.join(METHODS)}")
-    return TABLE[method][0]
+    return TABLE[method].adapter
+
+
+def check_base_model(sd, path: str | os.PathLike) -> None:
+    """Refuse an adapter file trained on another base model: its `base_fingerprint` (train.base_metadata) must
+    be the UNet's and the text encoder's fingerprints of `sd` (an sd15.SD15). Files without one (runs before
+    fingerprints, kohya files from elsewhere) are not checked."""
+    metadata = weights.load_metadata(path)
+    if "base_fingerprint" not in metadata:
+        return
+    trained = json.loads(metadata["base_fingerprint"])
+    differ = [part for part in ("unet", "text_encoder") if trained.get(part) != sd.fingerprints[part]]
+    if differ:
+        raise ValueError(f"{path}: trained on another base model than {sd.name} (its {' and '.join(differ)} weights "
+                         f"differ: fingerprint {', '.join(trained.get(p, '?') for p in differ)} in the file, "
+                         f"{', '.join(sd.fingerprints[p] for p in differ)} here); give the model it was trained on "
+                         f"({metadata.get('base_model', 'see its base_model metadata')}), or --force to apply it "
+                         "anyway")
+
+
+def load_adapter(sd, path: str | Path, force: bool = False) -> dict[str, Adapter]:
+    """Put a trained adapter file (any method) or a kohya-format LoRA file into `sd`'s UNet and text encoder
+    (an sd15.SD15); refuse one trained on another base model unless `force`."""
+    if not force:
+        check_base_model(sd, path)
+    if kohya.is_kohya_file(path):
+        return kohya.load_kohya(sd.adaptable(), path)[0]
+    return load_adapters(sd.adaptable(), path, adapter_for_file(path))[0]

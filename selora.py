@@ -1,4 +1,5 @@
-"""SeLoRA: Self-Expanding Low-Rank Adaptation (paper: ../shared/papers/selora-paper.txt, section 3).
+"""SeLoRA: Self-Expanding Low-Rank Adaptation ("SeLoRA: Self-Expanding Low-Rank Adaptation of Latent Diffusion
+Model for Medical Image Synthesis", section 3).
 
 Every adapted layer starts at rank 1. Every t training steps each layer is tested: would appending one
 rank, A <- [A K], B <- [B; 0] (eq. 2), raise the empirical Fisher information of its weights (eq. 3-4)
@@ -8,8 +9,10 @@ zero row to B leaves the output unchanged, and the random column K lets gradient
 Read top to bottom:
 - `SeLoRALinear`: x W0 + b0 + s x A B (eq. 1-2) on a frozen nn.Linear.
 - `expand`: eq. 2, with the optimizer's state resized (adapters.resize_parameter).
-- `per_sample_grads`, `fisher_score`, `fi_ratio`: eq. 3, 4, 5 from a layer's input x and output
-  gradient g, which the training step's own backward produces (the fast test).
+- `per_sample_grads`: each sample's gradients of A, B and of K's row, from a layer's input x and output
+  gradient g, which the training step's own backward produces.
+- `fisher_score` (eq. 3-4, as the paper writes them), `fi_ratio` (eq. 5); `fisher_sums` and
+  `score_from_sums`: the same score from sums that the processes of a data-parallel run can add.
 - `literal_fisher_scores`, `literal_fi_ratios`: the same numbers by definition, one backward per sample
   on an expanded copy of the model (for readers, and the tests' oracle).
 - `SeLoRA`: the schedule (test every t steps, expand above lambda, log) as a training loop calls it.
@@ -24,20 +27,18 @@ output, true for Stable Diffusion (GroupNorm and LayerNorm are per sample; there
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import Adapter, kaiming_uniform, resize_parameter
-from distributed import all_reduce_sum
+from adapters import Adapter, Controller, draw_candidate, lora_factors, resize_parameter
 
 BLOCK = 8  # ranks per matmul block in SeLoRALinear's forward; see `low_rank`
 FISHER_MODES = ("sample", "batch")
@@ -58,11 +59,8 @@ class SeLoRALinear(Adapter):
 
     def __init__(self, base: nn.Linear, scale: float = 8.0, generator: torch.Generator | None = None):
         super().__init__(base)
-        dev, dtype = base.weight.device, base.weight.dtype
-        dtype = dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
-        self.A = nn.Parameter(kaiming_uniform(base.in_features, 1, generator).to(dev, dtype))
-        self.B = nn.Parameter(torch.zeros(1, base.out_features, device=dev, dtype=dtype))
-        self.register_buffer("scale", torch.tensor(float(scale), device=dev, dtype=dtype))
+        self.A, self.B = lora_factors(base, 1, generator)  # rank 1: A Kaiming-uniform, B zero
+        self.register_buffer("scale", self.A.new_tensor(float(scale)))
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """x A B (eq. 1), summed over blocks of BLOCK ranks, A and B zero-padded to whole blocks.
@@ -88,16 +86,6 @@ class SeLoRALinear(Adapter):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, s): the update s A B (eq. 1)."""
         return self.A, self.B, self.scale
-
-
-def draw_candidate(d_in: int, seed: int, step: int, name: str) -> torch.Tensor:
-    """The candidate column K (d_in x 1) that layer `name` is tested with at `step`, Kaiming-uniform.
-
-    Drawn from a generator seeded by (seed, step, layer name), so a run's growth is reproducible and a
-    resumed run draws the same K without saving any generator state.
-    """
-    key = int(np.random.SeedSequence([seed, step, zlib.crc32(name.encode())]).generate_state(1, np.uint64)[0])
-    return kaiming_uniform(d_in, 1, torch.Generator().manual_seed(key))
 
 
 def expand(layer: SeLoRALinear, K: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -139,12 +127,31 @@ def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor,
     return grad_A, grad_B, grad_new
 
 
-def fisher_sums(per_sample: list[torch.Tensor], fisher: str = "sample") -> list[torch.Tensor]:
-    """What the FI-score (eq. 3-4) sums over samples, in float64, one tensor per given gradient [b, ...].
+def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> float:
+    """The FI-score (eq. 4) of some parameters: their empirical Fisher information (eq. 3), summed over entries.
 
-    fisher="sample": the squared per-sample gradients summed over samples and entries (a scalar each);
-    fisher="batch": the per-sample gradients summed over samples. Sums over disjoint sets of samples add
-    up, so summing these across data-parallel ranks gives the global batch's (`SeLoRA.step`).
+        eq. 3:  F(w) = (1/b) sum_i (dl_i/dw)^2          the batch mean of squared per-sample gradients
+        eq. 4:  FI-score = sum over the entries w of F(w)
+
+    per_sample: one tensor [b, ...] per parameter, each sample's gradient of its own loss l_i (from
+    `per_sample_grads`, or from one backward per sample). fisher="batch" squares the batch-mean gradient
+    instead, (mean_i dl_i/dw)^2, as the authors' script does (the sum of squared .grad after one backward
+    of the batch-mean loss).
+    """
+    if fisher == "sample":
+        return sum(float(g.double().square().mean(0).sum()) for g in per_sample)
+    if fisher == "batch":
+        return sum(float(g.double().mean(0).square().sum()) for g in per_sample)
+    raise ValueError(f"fisher must be one of {FISHER_MODES}, got {fisher!r}")
+
+
+def fisher_sums(per_sample: list[torch.Tensor], fisher: str = "sample") -> list[torch.Tensor]:
+    """`fisher_score` in two halves, for a batch split over data-parallel processes: the sums over samples,
+    in float64, one tensor per parameter [b, ...]. Sums over disjoint sets of samples add up, so the processes'
+    sums added (`SeLoRA.reduce`) are the whole batch's.
+
+    fisher="sample": the squared gradients summed over samples and entries (a scalar each);
+    fisher="batch": the gradients summed over samples.
     """
     if fisher == "sample":
         return [p.double().square().sum() for p in per_sample]
@@ -154,21 +161,11 @@ def fisher_sums(per_sample: list[torch.Tensor], fisher: str = "sample") -> list[
 
 
 def score_from_sums(sums: list[torch.Tensor], n: int, fisher: str = "sample") -> float:
-    """The FI-score (eq. 4) of n samples from their `fisher_sums`: the batch mean of the squares (eq. 3),
-    or for fisher="batch" the squares of the batch mean."""
+    """The FI-score (eq. 4) of n samples from their `fisher_sums`: their sum / n (eq. 3's batch mean), or for
+    fisher="batch" the squares of sum / n."""
     if fisher == "sample":
         return sum(float(s) for s in sums) / n
     return sum(float((s / n).square().sum()) for s in sums)
-
-
-def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> float:
-    """The FI-score (eq. 4): the empirical Fisher (eq. 3) summed over every entry of the given tensors.
-
-    per_sample: gradients [b, ...] of each sample's own loss. fisher="sample" is eq. 3, the batch mean of
-    squared per-sample gradients. fisher="batch" squares the batch-mean gradient instead, as the authors'
-    script does (sum of squared .grad after one backward of the batch-mean loss).
-    """
-    return score_from_sums(fisher_sums(per_sample, fisher), per_sample[0].shape[0], fisher)
 
 
 def fi_ratio(score_original: float, score_expanded: float) -> float:
@@ -228,10 +225,10 @@ class RankTest:
     expanded: bool
 
 
-class SeLoRA:
+class SeLoRA(Controller):
     """The expansion schedule (section 3.2): every t steps test every layer, expand those above lambda.
 
-    A training loop calls it so:
+    A training loop calls it as every method's controller (adapters.Controller):
 
         selora = SeLoRA(adapters, optimizer, lam=1.1, t=40)
         for step, batch in enumerate(loader, start=1):
@@ -252,7 +249,8 @@ class SeLoRA:
     """
 
     def __init__(self, adapters: dict[str, SeLoRALinear], optimizer: torch.optim.Optimizer | None = None,
-                 lam: float = 1.1, t: int = 40, fisher: str = "sample", seed: int = 0, insist: bool = False):
+                 total_steps: int | None = None, reduce=None, lam: float = 1.1, t: int = 40, fisher: str = "sample",
+                 seed: int = 0, insist: bool = False):
         if not adapters or not all(isinstance(a, SeLoRALinear) for a in adapters.values()):
             raise ValueError("adapters must be a non-empty dict of SeLoRALinear layers (from adapters.inject)")
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
@@ -272,10 +270,9 @@ class SeLoRA:
             missing = [name for name, a in adapters.items() if id(a.A) not in held or id(a.B) not in held]
             if missing:
                 raise ValueError(f"the optimizer does not hold A and B of {len(missing)} adapters, e.g. '{missing[0]}'")
-        self.adapters, self.optimizer = adapters, optimizer
+        super().__init__(adapters, optimizer, total_steps, reduce)
         self.lam, self.t, self.fisher, self.seed = float(lam), t, fisher, seed
         self.log: list[RankTest] = []
-        self.last_step = 0
         self._tested_step = None
         self._candidates: dict[str, torch.Tensor] = {}
         self._grads: dict[str, list[torch.Tensor]] = {}
@@ -328,24 +325,22 @@ class SeLoRA:
         count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
         return [count, *fisher_sums(grads[:2], self.fisher), *fisher_sums(grads[2:], self.fisher)]
 
-    def step(self) -> list[RankTest]:
-        """After optimizer.step(): on a test step, compute each layer's FI-ratio, expand those above lambda
-        (resizing the optimizer's state), log and return the tests. Layers that received no gradient
-        this step are not tested. Other steps: nothing.
+    def step(self) -> list[dict]:
+        """After optimizer.step(): on a test step, compute each layer's FI-ratio (eq. 5), expand those above
+        lambda (eq. 2, resizing the optimizer's state), log the tests in `log` and return them as dicts.
+        Layers that received no gradient this step are not tested. Other steps: nothing.
 
-        Under data parallelism (distributed.py) each process holds part of the batch: every layer's sample
-        count and Fisher sums are summed over the processes first (one all-reduce; nothing in a single
-        process), so the FI-ratio is the global batch's and every process takes the same decisions. The
-        per-sample gradients use each process's own batch size (the `capture` hook), which is right: the
-        local loss is the mean over the local samples."""
+        Each layer's sample count and Fisher sums go through `reduce` first: the identity in one process, a
+        sum over the processes of a data-parallel run, so that the FI-ratio is the global batch's and every
+        process decides alike. (The per-sample gradients use each process's own batch size in `capture`,
+        which is right: each process's loss is the mean over its own samples.)"""
         if self._tested_step is None:
             return []
-        local = {name: self._fisher_sums(name) for name in self.adapters}  # the same order on every process
-        flat = all_reduce_sum(torch.cat([s.reshape(-1) for sums in local.values() for s in sums]))
-        parts = iter(flat.split([s.numel() for sums in local.values() for s in sums]))
+        names = list(self.adapters)  # the same order on every process
+        sums = iter(self.reduce([s for name in names for s in self._fisher_sums(name)]))
         tests = []
-        for name, sums in local.items():
-            count, sum_A, sum_B, sum_new = (next(parts).view_as(s) for s in sums)
+        for name in names:
+            count, sum_A, sum_B, sum_new = (next(sums) for _ in range(4))
             n = int(count)
             if n == 0:
                 continue
@@ -358,7 +353,7 @@ class SeLoRA:
             tests.append(RankTest(self._tested_step, name, original, ratio, layer.rank, grow))
         self.log += tests
         self._tested_step, self._candidates, self._grads = None, {}, {}
-        return tests
+        return [dataclasses.asdict(test) for test in tests]
 
     def metadata(self) -> dict[str, str]:
         """The schedule's settings and the last step, for adapters.save_adapters (add the base model's name)."""

@@ -136,7 +136,7 @@ def test_a_resumed_run_keeps_its_global_batch(tmp_path, monkeypatch):
         train.resolve(["--resume", str(run)])
 
 
-def selora_step(x: torch.Tensor, y: torch.Tensor, fisher: str) -> selora.SeLoRA:
+def selora_step(x: torch.Tensor, y: torch.Tensor, fisher: str, reduce=None) -> selora.SeLoRA:
     """One process's share of a SeLoRA test step (step 4, t = 4) on a 2-layer MLP with trained-looking
     adapters, captured but not yet stepped; x may have no rows."""
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def selora_step(x: torch.Tensor, y: torch.Tensor, fisher: str) -> selora.SeLoRA:
         with torch.no_grad():
             a.B.copy_(0.3 * torch.randn(a.B.shape, generator=g))
     # lambda between the whole batch's ratio and a half's for some layer: the decision depends on the reduction
-    control = selora.SeLoRA(ads, lam=1.144, t=4, fisher=fisher, seed=3)
+    control = selora.SeLoRA(ads, lam=1.144, t=4, fisher=fisher, seed=3, reduce=reduce)
     with control.capture(4, len(x)):
         if len(x):
             (model(x) - y).square().flatten(1).mean(1).mean().backward()
@@ -157,18 +157,20 @@ def selora_step(x: torch.Tensor, y: torch.Tensor, fisher: str) -> selora.SeLoRA:
 
 @pytest.mark.parametrize("fisher", ["sample", "batch"])
 @pytest.mark.parametrize("rows", [4, 7])  # of the 7 samples, the first process's; the second gets the rest
-def test_selora_tests_the_global_batch_once_its_sums_are_reduced(fisher, rows, monkeypatch):
-    """Two simulated processes: the second's Fisher sums are added to the first's where all_reduce_sum would
-    add them. The first then scores, and decides, exactly as one process holding the whole batch."""
+def test_selora_tests_the_global_batch_once_its_sums_are_reduced(fisher, rows):
+    """Two simulated processes: the second's Fisher sums are added to the first's where
+    distributed.all_reduce_sums would add them (SeLoRA's `reduce`). The first then scores, and decides,
+    exactly as one process holding the whole batch."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
-    whole = selora_step(x, y, fisher).step()
-    first, second = selora_step(x[:rows], y[:rows], fisher), selora_step(x[rows:], y[rows:], fisher)
+    whole = selora_step(x, y, fisher)
+    whole.step()
     held = {}
-    monkeypatch.setattr(selora, "all_reduce_sum", lambda t: held.setdefault("second", t))
+    second = selora_step(x[rows:], y[rows:], fisher, reduce=lambda sums: held.setdefault("second", sums))
+    first = selora_step(x[:rows], y[:rows], fisher, reduce=lambda sums: [a + b for a, b in zip(sums, held["second"])])
     second.step()
-    monkeypatch.setattr(selora, "all_reduce_sum", lambda t: t + held["second"])
-    tests = first.step()
+    first.step()
+    tests, whole = first.log, whole.log
     assert [(t.layer, t.rank, t.expanded) for t in tests] == [(t.layer, t.rank, t.expanded) for t in whole]
     for t, w in zip(tests, whole):
         assert t.score == pytest.approx(w.score, rel=1e-12) and t.ratio == pytest.approx(w.ratio, rel=1e-12)

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import weights
-from adapters import Adapter, inject, load_adapters, merge_all, save_adapters
+from adapters import Adapter, inject, load_adapters, merge, save_adapters
 from baselines import AdaLoRA, AdaLoRALinear, DyLoRALinear, LoRALinear
 from checkpoint import load_checkpoint, save_checkpoint
 from lora2 import LoRA2, LoRA2Linear
-from methods import METHODS, SeLoRAController, adapter_for_file, build
-from selora import SeLoRALinear
+from methods import METHODS, adapter_for_file, build
+from selora import SeLoRA, SeLoRALinear
 from test_selora import Block, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
 
 
@@ -67,7 +67,7 @@ def test_the_table_and_the_paper_defaults():
     ada = build("adalora").controller(inject(model, build("adalora").make_adapter), None, 100)
     assert (ada.init_r, ada.target_r) == (6, 4)
     sel = build("selora").controller(inject(Block(), SeLoRALinear), None, 100)
-    assert isinstance(sel, SeLoRAController) and (sel.schedule.lam, sel.schedule.t) == (1.1, 40)
+    assert isinstance(sel, SeLoRA) and (sel.lam, sel.t) == (1.1, 40)
 
 
 def test_options_go_to_the_adapter_or_the_controller_by_name():
@@ -107,7 +107,9 @@ def test_every_method_trains_saves_loads_and_merges_alike(name, tmp_path):
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
-        merge_all(fresh, loaded)
+        for layer, adapter in loaded.items():
+            parent, _, attr = layer.rpartition(".")
+            setattr(fresh.get_submodule(parent), attr, merge(adapter))
         assert not any(isinstance(m, Adapter) for m in fresh.modules())
         torch.testing.assert_close(fresh(x), expected, rtol=1e-12, atol=1e-12)
 
