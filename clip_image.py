@@ -23,13 +23,13 @@ import torch.nn as nn
 from PIL import Image
 
 import clip_text
-from weights import load_file, load_strict, resolve_component
+from weights import load_file, load_strict, read_json, resolve_component
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CLIPVisionConfig:
     """Shape of the image tower, in transformers' `vision_config` names; the defaults are ViT-L/14's."""
     image_size: int = 224
@@ -109,7 +109,7 @@ def config_from_state(state: dict[str, torch.Tensor], config_json: Path) -> CLIP
                        "and 'visual_projection.weight')")
     width, _, patch, _ = state[prefix + "embeddings.patch_embedding.weight"].shape
     positions = state[prefix + "embeddings.position_embedding.weight"].shape[0]
-    vision = clip_text.read_json(config_json).get("vision_config", {}) if config_json.is_file() else {}
+    vision = read_json(config_json).get("vision_config", {}) if config_json.is_file() else {}
     return CLIPVisionConfig(
         image_size=round((positions - 1) ** 0.5) * patch, patch_size=patch, hidden_size=width,
         intermediate_size=state[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0],

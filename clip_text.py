@@ -9,7 +9,6 @@ Both halves are proven equal to transformers' `CLIPTextModel` and `CLIPTokenizer
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import unicodedata
@@ -21,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights import load_file, load_strict, missing_config_hint, resolve_component
+from weights import load_file, load_strict, part_config, read_json, resolve_component
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text encoder
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class CLIPTextConfig:
     """Shape of the text tower; the defaults are ViT-L/14's, as in SD 1.5's `text_encoder/config.json`."""
     vocab_size: int = 49408
@@ -56,7 +55,7 @@ class CLIPTextConfig:
                    num_attention_heads=4, eos_token_id=999)
 
     @classmethod
-    def from_transformers(cls, cfg: dict) -> CLIPTextConfig:
+    def from_transformers(cls, cfg: dict, source: str | os.PathLike = "text encoder config") -> CLIPTextConfig:
         """Read a transformers config.json: a CLIPTextConfig one, or a CLIPModel one (its `text_config`).
 
         `projection_dim` is kept only where the model has a text projection (CLIPModel,
@@ -66,7 +65,7 @@ class CLIPTextConfig:
         """
         text = cfg.get("text_config", cfg)
         if not isinstance(text, dict):
-            raise ValueError(f"text_config must be a JSON object, got {type(text).__name__}")
+            raise ValueError(f"{source}: text_config must be a JSON object, got {type(text).__name__}")
         fields = {**TRANSFORMERS_DEFAULTS, **{name: text[name] for name in TRANSFORMERS_DEFAULTS if name in text}}
         if fields["eos_token_id"] == 2:
             fields["eos_token_id"] = fields["vocab_size"] - 1
@@ -206,26 +205,15 @@ def load_text_encoder(path: str | os.PathLike, config: CLIPTextConfig | None = N
     """Load a text encoder from a diffusers folder, its `text_encoder/` folder or weights file, an original SD
     single-file checkpoint (`cond_stage_model.transformer.text_model.*`) or a transformers CLIPModel file.
 
-    The config is `config` if given, else the config.json beside a transformers weights file, else SD 1.5's.
+    The configuration follows weights.part_config: the config.json beside a transformers weights file (`config`,
+    if also given, must agree), else `config`, else SD 1.5's.
     """
     file = resolve_component(path, "text_encoder", ("model.safetensors", "model.fp16.safetensors"))
     state = load_file(file)
     single_file = any(k.startswith(SINGLE_FILE_PREFIX) for k in state)
-    hint = ""
-    if config is None and not single_file:
-        if (file.parent / "config.json").is_file():
-            config = CLIPTextConfig.from_transformers(read_json(file.parent / "config.json"))
-        else:
-            hint = missing_config_hint(file, "text encoder")
+    config, hint = part_config(config, file, CLIPTextConfig.from_transformers, "text encoder", beside=not single_file)
     model = CLIPTextModel(config)
     return load_strict(model, text_encoder_state(state), file, dtype, hint).eval()
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ can wrap them by replacing the attribute.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights import load_file, load_strict, missing_config_hint, resolve_component
+from weights import load_file, load_strict, part_config, resolve_component
 
 
 @dataclass(frozen=True)
@@ -380,22 +379,17 @@ def ldm_unet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_unet(path: str | os.PathLike, config: UNetConfig | None = None, dtype: torch.dtype | None = None) -> UNet:
     """Load a UNet from a diffusers pipeline folder, its unet/ folder or weights file, or a single-file checkpoint.
 
-    A diffusers `config.json` beside the weights gives the configuration (`config`, if also given, must agree);
-    otherwise `config` (default SD 1.5) does. Loading is strict (see weights.load_strict). fp16 files load into
+    The configuration follows weights.part_config: a diffusers `config.json` beside the weights (`config`, if
+    also given, must agree), else `config`, else SD 1.5's. Loading is strict (see weights.load_strict). fp16 files load into
     fp32 unless `dtype` says otherwise.
     """
     file = resolve_component(path, "unet", UNET_FILES)
-    config_file = file.parent / "config.json"
-    if config_file.is_file():
-        found = UNetConfig.from_diffusers(json.loads(config_file.read_text()), source=config_file)
-        if config is not None and config != found:
-            raise ValueError(f"{config_file}: describes {found}, but load_unet was given {config}")
-        config = found
-    hint = "" if config else missing_config_hint(file, "UNet")
-    config = config or UNetConfig()
     state = load_file(file)
-    if any(key.startswith(LDM_PREFIX) for key in state):
-        state, source, hint = ldm_unet_state(state), f"{file} (single-file LDM checkpoint)", ""
+    single_file = any(key.startswith(LDM_PREFIX) for key in state)
+    config, hint = part_config(config, file, UNetConfig.from_diffusers, "UNet", beside=not single_file)
+    config = config or UNetConfig()
+    if single_file:
+        state, source = ldm_unet_state(state), f"{file} (single-file LDM checkpoint)"
     else:
         to_ours = {theirs: ours for ours, theirs in unet_diffusers_names(config).items()}
         state = {to_ours.get(key, key): value for key, value in state.items()}

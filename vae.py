@@ -10,7 +10,6 @@ The diffusion model works on latents multiplied by LATENT_SCALE (so they have ro
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -19,12 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import load_file, load_strict, missing_config_hint, resolve_component
+from weights import load_file, load_strict, part_config, resolve_component
 
 LATENT_SCALE = 0.18215  # SD 1.5's `scale_factor`: 1 / std of the VAE's latents over its training images
 
 
-@dataclass
+@dataclass(frozen=True)
 class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
@@ -40,7 +39,7 @@ class VAEConfig:
         return cls(channels=(32, 64), layers_per_block=1, norm_groups=8)
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> VAEConfig:
+    def from_diffusers(cls, cfg: dict, source: str | os.PathLike = "VAE config") -> VAEConfig:
         """Read a diffusers `AutoencoderKL` config.json (as a dict), refusing variants this VAE does not build.
 
         A key the file leaves out takes diffusers' default for it, as diffusers itself would.
@@ -56,7 +55,7 @@ class VAEConfig:
         for key, value in expected.items():
             got = list(cfg[key]) if isinstance(cfg.get(key), (list, tuple)) else cfg.get(key, value)
             if got != value:
-                raise ValueError(f"VAE config: {key} = {cfg[key]!r} is not supported (expected {value!r})")
+                raise ValueError(f"{source}: {key} = {cfg[key]!r} is not supported (expected {value!r})")
         return cls(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
                    channels=tuple(cfg.get("block_out_channels", (64,))),
                    layers_per_block=cfg.get("layers_per_block", 1),
@@ -212,12 +211,6 @@ def posterior_to_latents(mean: torch.Tensor, logvar: torch.Tensor, generator: to
     return (sample_latents(mean, logvar, generator) if sample else mean) * LATENT_SCALE
 
 
-def images_to_latents(vae: VAE, images: torch.Tensor, generator: torch.Generator | None = None,
-                      sample: bool = True) -> torch.Tensor:
-    """Images in [-1, 1] -> the scaled latents the UNet is trained on (see `posterior_to_latents`)."""
-    return posterior_to_latents(*vae.encode(images), generator, sample)
-
-
 def latents_to_images(vae: VAE, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (what the sampler returns) -> images in [-1, 1], clamped."""
     return vae.decode(latents / LATENT_SCALE).clamp(-1.0, 1.0)
@@ -260,26 +253,17 @@ def load_vae(path: str | os.PathLike, config: VAEConfig | None = None, dtype: to
     """Load a VAE from a diffusers pipeline folder, its `vae/` folder or weights file, or an original SD checkpoint.
 
     The layout is read from the keys: `first_stage_model.*` (the original single file; other keys are
-    ignored), bare LDM names (a standalone original VAE file), or diffusers names. The configuration is
-    `config`, else the config.json beside a diffusers weights file, else SD 1.5's.
+    ignored), bare LDM names (a standalone original VAE file), or diffusers names. The configuration follows
+    weights.part_config: the config.json beside a diffusers weights file (`config`, if also given, must agree),
+    else `config`, else SD 1.5's.
     """
     file = resolve_component(path, "vae", VAE_FILES)
     state = load_file(file)
     if any(k.startswith(LDM_PREFIX) for k in state):
         state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
     diffusers_layout = any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.")) for k in state)
-    hint = ""
-    if config is None:
-        config_file = file.parent / "config.json"
-        if diffusers_layout and not config_file.is_file():
-            hint = missing_config_hint(file, "VAE")
-        if diffusers_layout and config_file.is_file():
-            try:
-                config = VAEConfig.from_diffusers(json.loads(config_file.read_text(encoding="utf-8")))
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{config_file}: {err}") from None
-        else:
-            config = VAEConfig()
+    config, hint = part_config(config, file, VAEConfig.from_diffusers, "VAE", beside=diffusers_layout)
+    config = config or VAEConfig()
     if diffusers_layout:
         state = diffusers_to_ldm(state, len(config.channels))
     return load_strict(VAE(config), state, file, dtype, hint).eval()

@@ -20,6 +20,7 @@ import secrets
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -220,10 +221,35 @@ def fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -> str:
     return digest.hexdigest()[:16]
 
 
-def missing_config_hint(file: Path, part: str) -> str:
-    """The load_strict hint for a diffusers-layout weights file with no config.json beside it."""
-    return (f"{file.parent / 'config.json'} is missing, so SD 1.5's {part} configuration was assumed; a model of "
-            "another shape needs its config.json beside the weights")
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def part_config(given, file: Path, read: Callable, part: str, beside: bool = True):
+    """The one rule every model part's loader follows for its configuration; returns (config, hint).
+
+    When `beside` (the weights are in a layout that keeps its config.json beside them: diffusers', transformers')
+    and that config.json exists, it is the configuration (`read(dict, source)` turns it into one, naming the file
+    in its errors), and a `given` config must equal it. Otherwise the configuration is `given`, or None for the loader's default (SD 1.5's); the hint,
+    for load_strict's error, then names the missing config.json.
+    """
+    config_file = file.parent / "config.json"
+    if not beside:
+        return given, ""
+    if not config_file.is_file():
+        return given, "" if given is not None else (f"{config_file} is missing, so SD 1.5's {part} configuration was "
+                                                    "assumed; a model of another shape needs its config.json beside "
+                                                    "the weights")
+    try:
+        found = read(read_json(config_file), config_file)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{config_file}: not a {part} configuration ({type(err).__name__}: {err})") from None
+    if given is not None and given != found:
+        raise ValueError(f"{config_file}: describes {found}, but {given} was given")
+    return found, ""
 
 
 def resolve_component(path: str | os.PathLike, subfolder: str, filenames: tuple[str, ...]) -> Path:

@@ -198,8 +198,14 @@ def test_encoder_errors(tmp_path):
     save_file(state, file)
     with pytest.raises(ValueError, match=r"missing keys \(1\):\s+encoder\.layers\.1\.mlp\.fc2\.bias"):
         load_text_encoder(path)
+    other = CLIPTextConfig(**{**vars(CLIPTextConfig.tiny()), "intermediate_size": 48})
+    with pytest.raises(ValueError, match=r"text_encoder/config\.json: describes .*, but .*intermediate_size=48.* was given"):
+        load_text_encoder(file, config=other)  # one rule for every part (weights.part_config)
+    config_json = (path / "text_encoder" / "config.json").read_text()
+    (path / "text_encoder" / "config.json").unlink()
     with pytest.raises(ValueError, match="shape mismatches"):
-        load_text_encoder(file, config=CLIPTextConfig(**{**vars(CLIPTextConfig.tiny()), "intermediate_size": 48}))
+        load_text_encoder(file, config=other)
+    (path / "text_encoder" / "config.json").write_text(config_json)
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, file)
     with pytest.raises(ValueError, match=r"(?s)missing keys \(36\).*unexpected keys \(1\):\s+model\.diffusion_model"):
         load_text_encoder(file)

@@ -9,7 +9,8 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from vae import (LATENT_SCALE, VAE, VAEConfig, images_to_latents, latents_to_images, load_vae, sample_latents)
+from vae import (LATENT_SCALE, VAE, VAEConfig, latents_to_images, load_vae, posterior_to_latents,
+                 sample_latents)
 from weights import load_file, save_file
 
 TOL = 1e-5  # max |ours - diffusers| / max |diffusers|
@@ -157,9 +158,9 @@ def test_sampling_matches_diffusers_and_scale_is_applied():
         ours_sample = sample_latents(mean, logvar, torch.Generator().manual_seed(3))
         ref_sample = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1)).sample(torch.Generator().manual_seed(3))
         torch.testing.assert_close(ours_sample, ref_sample, rtol=0, atol=1e-6)
-        scaled = images_to_latents(ours, images, torch.Generator().manual_seed(3))
+        scaled = posterior_to_latents(mean, logvar, torch.Generator().manual_seed(3))
         torch.testing.assert_close(scaled, ours_sample * 0.18215, rtol=0, atol=1e-6)
-        torch.testing.assert_close(images_to_latents(ours, images, sample=False), mean * 0.18215)
+        torch.testing.assert_close(posterior_to_latents(mean, logvar, sample=False), mean * 0.18215)
         decoded = latents_to_images(ours, scaled)
         torch.testing.assert_close(decoded, ours.decode(ours_sample).clamp(-1, 1))
     assert LATENT_SCALE == 0.18215
