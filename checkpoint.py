@@ -3,15 +3,20 @@
 A checkpoint holds what `--resume` needs to continue a run exactly: the optimizer's per-parameter state
 (keyed by the parameter's qualified name, so it survives re-creating the model and re-injecting adapters
 with grown ranks), its param-group hyperparameters, the generators' states, and the loop counters.
-The adapters themselves are saved beside it by `adapters.save_adapters`, in their own file.
+The adapters themselves are saved beside it by `adapters.save_adapters`, in their own file; `save_training_state`
+writes the pair into a run folder.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
+import adapters
+import run_folder
 import weights
 
 
@@ -77,3 +82,22 @@ def load_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, n
         gen.set_state(tensors[f"rng.{key}"])
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return json.loads(meta["counters"]), extra
+
+
+def save_training_state(run: Path, model: torch.nn.Module, named: dict[str, adapters.Adapter],
+                        optimizer: torch.optim.Optimizer, controller: adapters.Controller, gen: torch.Generator,
+                        counters: dict, metadata: dict[str, str]) -> None:
+    """RUN/checkpoint/{adapters,state}.safetensors, replaced as a pair: written to checkpoint.tmp/ first, so an
+    interruption leaves the previous checkpoint whole (run_folder.last_checkpoint finds it). `model` holds the
+    adapters (SD15.adaptable()); its parameter names key the optimizer state."""
+    tmp, final, old = (run / name for name in (run_folder.CHECKPOINT_TMP, run_folder.CHECKPOINT,
+                                               run_folder.CHECKPOINT_OLD))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    adapters.save_adapters(named, tmp / "adapters.safetensors", metadata)
+    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(tmp / "state.safetensors", optimizer, names, {"train": gen}, counters, controller.state())
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -18,7 +18,6 @@ per split: evaluation reloads exactly the held-out images.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -27,14 +26,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
-from weights import atomic_write, load_file, save_file
+from weights import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -360,59 +358,6 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
         raise ValueError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from None
 
 
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Items {"image": [3, size, size] in [-1, 1], "caption": str, "name": str}; no tokenizer here."""
-
-    def __init__(self, examples: list[Example], size: int):
-        if not examples:
-            raise ValueError("ImageCaptionDataset: no examples")
-        self.examples, self.size = list(examples), size
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        e = self.examples[i]
-        return {"image": load_image(e.path, self.size), "caption": e.caption, "name": e.name}
-
-
-# ---------------------------------------------------------------- latent cache
-
-def latent_key(path: str | os.PathLike, size: int, model_key: str) -> str:
-    """Cache key of one image's latents: the file (path, byte size, modification time), the crop size, the VAE."""
-    stat = Path(path).stat()
-    ident = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}|{model_key}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:32]
-
-
-def cached_latents(examples: list[Example], size: int, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                   cache_dir: str | os.PathLike, model_key: str, batch_size: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{name: (mean, logvar)} of the VAE posterior of each example's preprocessed image, encoded once.
-
-    Exact, since the crop is deterministic: training samples mean + exp(logvar / 2) * noise each step, as it
-    would from a fresh encoding. `encode` maps images [B, 3, size, size] in [-1, 1] to (mean, logvar);
-    `model_key` names the VAE (e.g. its weights file and dtype) so that another VAE never reads these files.
-    """
-    cache_dir = Path(cache_dir)
-    out, todo = {}, []
-    for e in examples:
-        file = cache_dir / f"{latent_key(e.path, size, model_key)}.safetensors"
-        if file.is_file():
-            t = load_file(file)
-            out[e.name] = (t["mean"].clone(), t["logvar"].clone())
-        else:
-            todo.append((e, file))
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        with torch.no_grad():
-            mean, logvar = encode(torch.stack([load_image(e.path, size) for e, _ in chunk]))
-        for j, (e, file) in enumerate(chunk):
-            m, lv = mean[j].detach().float().cpu().contiguous(), logvar[j].detach().float().cpu().contiguous()
-            save_file({"mean": m, "logvar": lv}, file, {"name": e.name, "size": str(size), "model": model_key})
-            out[e.name] = (m, lv)
-    return out
-
-
 # ---------------------------------------------------------------- split
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -481,64 +426,3 @@ def select(dataset: DataSet, names: list[str], source: str | os.PathLike = "spli
         raise ValueError(f"{source}: {len(missing)} image(s) of the split are not usable in {dataset.root} "
                          f"(first: {missing[0]})")
     return [by_name[n] for n in names]
-
-
-# ---------------------------------------------------------------- embedded default: chest-like phantoms
-
-PHANTOM_LOBES = {  # caption phrase -> (x, y) centre of the opacity as fractions of the image; patient's left is image right
-    "right upper lobe": (0.32, 0.35), "right lower lobe": (0.32, 0.62),
-    "left upper lobe": (0.68, 0.35), "left lower lobe": (0.68, 0.62),
-}
-
-
-def draw_phantom(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
-    """One greyscale chest-like phantom: body, two dark lungs, spine, ribs, heart, maybe a bright opacity."""
-    s = size / 64  # all geometry in a 64 px frame
-    im = Image.new("L", (size, size), 20)
-    d = ImageDraw.Draw(im)
-
-    def jitter(v: float) -> float:
-        return v + rng.uniform(-1.5, 1.5) * s
-
-    d.ellipse([jitter(6 * s), jitter(4 * s), jitter(58 * s), jitter(66 * s)], fill=150)          # body
-    for x0, x1 in ((12, 30), (34, 52)):
-        d.ellipse([jitter(x0 * s), jitter(10 * s), jitter(x1 * s), jitter(56 * s)], fill=60)     # lungs
-    for y in range(14, 54, 6):
-        d.arc([10 * s, (y - 4) * s, 54 * s, (y + 6) * s], 200, 340, fill=115, width=max(1, round(s)))  # ribs
-    d.rectangle([30 * s, 0, 34 * s, size], fill=185)                                             # spine
-    d.ellipse([jitter(27 * s), jitter(40 * s), jitter(41 * s), jitter(54 * s)], fill=165)        # heart
-    if rng.random() < 0.25:
-        caption = "normal chest, no opacity"
-    else:
-        lobe = list(PHANTOM_LOBES)[rng.integers(len(PHANTOM_LOBES))]
-        big = rng.random() < 0.5
-        r = (7 if big else 4) * s
-        cx, cy = (f * size + rng.uniform(-2, 2) * s for f in PHANTOM_LOBES[lobe])
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=235)
-        caption = f"{'large' if big else 'small'} opacity in the {lobe}"
-    im = im.filter(ImageFilter.GaussianBlur(0.8 * s))
-    noise = rng.normal(0, 6, (size, size))
-    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8)), caption
-
-
-def make_phantom_folder(root: str | os.PathLike, n: int = 96, size: int = 64, seed: int = 0) -> Path:
-    """Write `n` phantoms as PNGs plus metadata.jsonl (the `folder` layout) into `root`; returns `root`.
-
-    Shows the mechanics of fine-tuning on a caption that names a location; it is no medical data.
-    metadata.jsonl is written last and atomically: a folder that has it is complete.
-    """
-    if n < 1 or size < 16:
-        raise ValueError(f"phantoms: need n >= 1 and size >= 16, got n={n}, size={size}")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "metadata.jsonl").unlink(missing_ok=True)
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n):
-        im, caption = draw_phantom(rng, size)
-        name = f"phantom_{i:04d}.png"
-        im.save(root / name, format="PNG")
-        lines.append(json.dumps({"file_name": name, "text": caption}))
-    with atomic_write(root / "metadata.jsonl", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return root

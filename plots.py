@@ -1,4 +1,5 @@
-"""PNG figures drawn with Pillow alone: rank heatmaps laid out like the paper's figures 3 and 4, and line plots.
+"""PNG figures drawn with Pillow alone: rank heatmaps laid out like the paper's figures 3 and 4, line plots, a
+run's figures (`run_figures`), and generated images written as PNGs with a contact sheet (`write_images`).
 
 A heatmap places each adapted layer in a grid cell given by a `Layout` (layer name -> (row, column) plus the
 row and column labels). `text_encoder_layout` and `unet_layout` build the paper's grids from our module
@@ -11,8 +12,10 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from weights import atomic_write
@@ -60,6 +63,34 @@ def _vertical_text(text: str, fnt) -> Image.Image:
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
     with atomic_write(path) as f:
         image.save(f, format="PNG")
+
+
+# ---------------------------------------------------------------- generated images
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A (3, H, W) image in [-1, 1] as an 8-bit RGB picture."""
+    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels, "RGB")
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size side by side, `columns` per row (default: a near-square grid)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, math.ceil(len(images) / columns) * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def write_images(images: torch.Tensor, out: Path, names: list[str] | None = None) -> list[Path]:
+    """One PNG per image in [-1, 1] (named `names[i]` or `{i:05d}.png`) and `grid.png`."""
+    pictures = [to_pil(im) for im in images]
+    paths = [out / (names[i] if names else f"{i:05d}.png") for i in range(len(pictures))]
+    for picture, path in zip(pictures, paths):
+        save_png(picture, path)
+    save_png(grid(pictures), out / "grid.png")
+    return paths
 
 
 # ---------------------------------------------------------------- layouts of figures 3 and 4
@@ -351,3 +382,36 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
             d.line([(bx + 6, y), (bx + 24, y)], fill=PALETTE[i % len(PALETTE)], width=3)
             d.text((bx + 30, y), label, fill=INK, font=fnt, anchor="lm")
     return im
+
+
+# ---------------------------------------------------------------- a training run's figures
+
+def run_figures(folder: Path, log: list[dict], ranks: dict[str, int], layers_per_block: int) -> list[str]:
+    """A train.py run's figures from its log.jsonl lines and final ranks, written into `folder`: loss.png,
+    rank_growth.png, memory.png, and the rank heatmaps rank_unet.png (figure 4) and rank_text_encoder.png
+    (figure 3). Returns the names written."""
+    steps = [line for line in log if "loss" in line]
+    epochs = [line for line in log if "val_loss" in line]
+    figures = {
+        "loss.png": line_plot({"training loss": ([s["step"] for s in steps], [s["loss"] for s in steps]),
+                               "validation loss": ([e["step"] for e in epochs], [e["val_loss"] for e in epochs])},
+                              "Training and validation loss", "step", "MSE"),
+        "rank_growth.png": line_plot({"total rank": ([s["step"] for s in steps], [s["total_rank"] for s in steps])},
+                                     "Rank growth", "step", "sum of ranks over layers"),
+    }
+    memory = [s for s in steps if "memory_mib" in s]
+    if memory:
+        figures["memory.png"] = line_plot({memory[0]["memory_kind"]: ([s["step"] for s in memory],
+                                                                      [s["memory_mib"] for s in memory])},
+                                          "Memory", "step", "MiB")
+    unet = {n: r for n, r in ranks.items() if n.startswith("unet.")}
+    text = {n: r for n, r in ranks.items() if n.startswith("text_encoder.")}
+    if unet and unet_layout(list(unet), layers_per_block).cells:
+        figures["rank_unet.png"] = rank_heatmap(unet, unet_layout(list(unet), layers_per_block),
+                                                "UNet: final rank per layer")
+    if text and text_encoder_layout(list(text)).cells:
+        figures["rank_text_encoder.png"] = rank_heatmap(text, text_encoder_layout(list(text)),
+                                                        "Text encoder: final rank per layer", xlabel="Layer")
+    for name, image in figures.items():
+        save_png(image, folder / name)
+    return sorted(figures)

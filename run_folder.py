@@ -14,13 +14,21 @@ The rules (README, "Reliability"):
 - --out may not be, contain or lie inside --data, --model, --tokenizer or --latent-cache.
 - A run counts as started once its start-up (model, data, latents, adapters) has succeeded. A folder whose
   start-up never finished is replaced by the next run without --overwrite, and cannot be resumed.
+- A resumed run keeps its options; only those in RESUMABLE may change (`resume_options`).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
+
+import torch
+
+import data
+import methods
+from weights import atomic_write
 
 CONFIG = "config.json"
 SPLIT = "split.json"
@@ -30,6 +38,13 @@ FIGURES = ("loss.png", "rank_growth.png", "memory.png", "rank_unet.png", "rank_t
 MADE = (CONFIG, SPLIT, LOG, CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD, "summary.json", "best.safetensors",
         "last.safetensors", "best.kohya.safetensors", *FIGURES, "previews", "phantoms", "samples", "real",
         "scores.json")
+
+
+# options a resumed run may change; every other option given with --resume must equal the run's own
+RESUMABLE = ("epochs", "device", "checkpoint_every", "timeout", "stop_after", "samples", "scheduler", "sample_steps",
+             "latent_cache")
+INVOCATION = ("timeout", "stop_after")  # options of one invocation: a resumed run takes today's, not the saved ones
+PATHS = ("model", "tokenizer", "data", "latent_cache", "out")  # compared as resolved paths on resume
 
 
 class RunFolderError(ValueError):
@@ -48,6 +63,76 @@ def read_config(run: str | os.PathLike) -> dict:
     if not (isinstance(config, dict) and isinstance(config.get("options"), dict) and "method" in config["options"]):
         raise RunFolderError(f"{path}: has no train.py options: not a run folder made by train.py")
     return config
+
+
+def read_options(run: str | os.PathLike) -> dict:
+    """The train.py options a run was made with (RUN/config.json's "options")."""
+    return read_config(run)["options"]
+
+
+def read_split(run: str | os.PathLike) -> tuple[Path, dict[str, list[str]]]:
+    """The data folder the run was split from, and its split: image names per part (RUN/split.json)."""
+    path = Path(run) / SPLIT
+    split = data.read_split(path)  # checked
+    return Path(json.loads(path.read_text(encoding="utf-8"))["data"]), split
+
+
+def write_json(path: Path, payload: dict) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def code_version() -> str:
+    """`git describe` of this code, for config.json; "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_config(run: Path, options: dict, started: bool, world_size: int) -> None:
+    """RUN/config.json: the run's options (those of one invocation, like --stop-after, left out), whether its
+    start-up has succeeded, and versions. A resumed run with unchanged options leaves the file as it is."""
+    options = {**options, "resume": None, "overwrite": False, "stop_after": None}
+    config = {"options": options, "started": started, "world_size": world_size, "seed": options["seed"]}
+    if (run / CONFIG).is_file():
+        old = read_config(run)
+        if {k: old.get(k) for k in config} == json.loads(json.dumps(config)):
+            return
+    write_json(run / CONFIG, {**config, "code_version": code_version(), "torch": torch.__version__})
+
+
+def resume_options(run: Path, config: dict, defaults: dict, given: dict, today: dict) -> dict:
+    """The options a resumed run trains with: its config.json's (`config`; options added to train.py since take
+    their `defaults`), with the RESUMABLE options `given` on the command line and today's INVOCATION options.
+    Any other option given with a value other than the run's is refused, all of them listed; --epochs can only
+    grow, and not for a method whose schedule is laid out over the run's total steps (AdaLoRA)."""
+    if not started(config):
+        raise RunFolderError(f"--resume {run}: this run's start-up never finished (bad data or model?), so there is "
+                             "nothing to resume; start it again with the options you want (the folder is replaced "
+                             "without --overwrite)")
+    saved = {**defaults, "data_seed": config["options"].get("seed"), **config["options"]}
+
+    def same(key: str, a, b) -> bool:
+        if key in PATHS and a is not None and b is not None:
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b or (isinstance(a, (list, tuple)) and list(a) == list(b or []))
+    differ = [f"--{k.replace('_', '-')} {v!r} (the run's is {saved.get(k)!r})" for k, v in given.items()
+              if k not in RESUMABLE and not same(k, v, run if k == "out" else saved.get(k))]
+    if differ:
+        raise RunFolderError(f"--resume {run}: these options differ from the run's config.json and cannot change in a "
+                             f"resumed run: {'; '.join(differ)}. Leave them out, or start a new run with another --out")
+    epochs = given.get("epochs", saved["epochs"])
+    if epochs < saved["epochs"]:
+        raise RunFolderError(f"--resume {run}: --epochs {epochs} is below the run's {saved['epochs']}; --epochs can "
+                             "only extend a run")
+    if epochs != saved["epochs"] and methods.TABLE[saved["method"]].over_total_steps:
+        raise RunFolderError(f"--resume {run}: {saved['method']}'s schedule is laid out over the run's total steps, so "
+                             f"its --epochs cannot change when it resumes; start a new run with --epochs {epochs}")
+    return {**saved, **{k: today[k] for k in INVOCATION}, **{k: v for k, v in given.items() if k in RESUMABLE},
+            "resume": str(run), "out": str(run), "overwrite": False}
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:

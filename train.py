@@ -25,43 +25,35 @@ import json
 import math
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import adapters
 import checkpoint
 import cli
 import data
+import diffusion
 import distributed
-import lora2
 import methods
+import phantoms
 import plots
 import run_folder
-import sample
+import sampling
 import weights
-from baselines import Controller
+from adapters import Controller
 from kohya import export_kohya
-from sampling import MAX_STEPS, NUM_TRAIN_TIMESTEPS, SCHEDULERS, add_noise
+from sampling import MAX_STEPS, SCHEDULERS
 from sd15 import SD15, generate, load_model
-from vae import posterior_to_latents
 
 PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 4; other data sets default to 10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_EVERY = 40  # steps between memory readings (appendix D)
 EMBEDDED = dict(size=48, epochs=24, images=96)  # the embedded default: 240 steps, so t = 40 gives 6 tests
-# options a resumed run may change; every other option given with --resume must equal the run's own
-RESUMABLE = ("epochs", "device", "checkpoint_every", "timeout", "stop_after", "samples", "scheduler", "sample_steps",
-             "latent_cache")
-INVOCATION = ("timeout", "stop_after")  # options of one invocation: a resumed run takes today's, not the saved ones
-PATHS = ("model", "tokenizer", "data", "latent_cache", "out")  # compared as resolved paths on resume
 
 
 class TrainingError(RuntimeError):
@@ -73,25 +65,14 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", help="SD 1.5: diffusers folder or single-file .safetensors (default: the embedded tiny random model)")
     a("--tokenizer", help="tokenizer folder or bpe_simple_vocab_16e6.txt.gz (needed with a single-file checkpoint)")
-    a("--data", help="data folder (default: generated phantoms, see data.make_phantom_folder)")
+    a("--data", help="data folder (default: generated phantoms, see phantoms.make_phantom_folder)")
     a("--dataset", default="folder", choices=sorted(data.PAPER_SPLITS), help="layout of --data (default: folder)")
     a("--split", help="train,validation,test percentages (default: the paper's for the data set, e.g. 80,16,4)")
     a("--empty-findings", default="skip", choices=("skip", "impression"), help="IU X-Ray reports without findings")
     a("--per-subtype", type=cli.integer(1), help="PatchGastric: sample this many pairs per subtype (appendix C.2: 1000)")
     a("--method", default="selora", choices=methods.METHODS, help="adapter method (default: selora)")
     a("--targets", nargs="+", help="glob patterns of linear layers to adapt (default: every nn.Linear, as the paper)")
-    a("--lam", type=cli.number(1.0), default=1.1,
-      help="SeLoRA threshold lambda on the FI-ratio, >= 1 (paper: 1.1; the ratio is never below 1, so 1 accepts any "
-           "improvement)")
-    a("--t", type=cli.integer(1), default=40, help="SeLoRA: test for expansion every t steps (paper: 40)")
-    a("--fisher", default="sample", choices=("sample", "batch"),
-      help="SeLoRA Fisher estimator: per-sample (eq. 3, default) or squared batch gradient (authors' script)")
-    a("--rank", type=cli.integer(1), default=4, help="LoRA / DyLoRA rank (paper: 4)")
-    a("--dylora-mode", default="full", choices=("full", "frozen"), help="DyLoRA: train ranks 1..b, or rank b only")
-    a("--init-r", type=cli.integer(1), default=6, help="AdaLoRA initial rank (paper: 6)")
-    a("--target-r", type=cli.integer(1), default=4, help="AdaLoRA target rank, at most --init-r (paper: 4)")
-    a("--rate-lr", type=cli.number(0.0, inclusive=False), default=1e-2,
-      help="LoRA^2: learning rate of the per-layer rates (see lora2.param_groups)")
+    methods.add_options(p)  # each method's own: --lam, --t, --fisher (SeLoRA), --rank, --init-r, ...
     a("--size", type=cli.image_size, help="image size in pixels, a multiple of 8 (paper: 224, 384 as an option; embedded "
                                 f"default: {EMBEDDED['size']})")
     a("--epochs", type=cli.integer(1), help="epochs (paper: 10 for IU X-Ray, 100 for Montgomery)")
@@ -141,8 +122,6 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume:
         return resumed(p, argv, Path(args.resume))
-    if args.target_r > args.init_r:
-        p.error(f"--target-r {args.target_r} is above --init-r {args.init_r}: AdaLoRA only prunes ranks")
     embedded = args.model is None
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.size = args.size or (EMBEDDED["size"] if embedded else 224)
@@ -162,38 +141,13 @@ def inputs(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def resumed(p: argparse.ArgumentParser, argv: list[str] | None, run: Path) -> argparse.Namespace:
-    """The options of the run in `run`, from its config.json. Options that can change safely (RESUMABLE) take
-    the values given now; any other option given with a value other than the run's is refused, listed."""
+    """The options of the run in `run`: its config.json's, with what may change in a resumed run taken from
+    the command line (run_folder.resume_options), and its global batch shared by this run's processes."""
     config = run_folder.read_config(run)
-    if not run_folder.started(config):
-        raise run_folder.RunFolderError(
-            f"--resume {run}: this run's start-up never finished (bad data or model?), so there is nothing to resume; "
-            "start it again with the options you want (the folder is replaced without --overwrite)")
-    saved = {**vars(p.parse_args([])), "data_seed": config["options"].get("seed"), **config["options"]}
+    defaults, today = vars(p.parse_args([])), vars(p.parse_args(argv))
     given = {k: v for k, v in given_options(p, argv).items() if k != "resume"}
-
-    def same(key: str, a, b) -> bool:
-        if key in PATHS and a is not None and b is not None:
-            return Path(a).resolve() == Path(b).resolve()
-        return a == b or (isinstance(a, (list, tuple)) and list(a) == list(b or []))
-    differ = [f"--{k.replace('_', '-')} {v!r} (the run's is {saved.get(k)!r})" for k, v in given.items()
-              if k not in RESUMABLE and not same(k, v, run if k == "out" else saved.get(k))]
-    if differ:
-        raise run_folder.RunFolderError(
-            f"--resume {run}: these options differ from the run's config.json and cannot change in a resumed run: "
-            + "; ".join(differ) + ". Leave them out, or start a new run with another --out")
-    epochs = given.get("epochs", saved["epochs"])
-    if epochs < saved["epochs"]:
-        raise run_folder.RunFolderError(f"--resume {run}: --epochs {epochs} is below the run's {saved['epochs']}; "
-                                        "--epochs can only extend a run")
-    if epochs != saved["epochs"] and saved["method"] in methods.TOTAL_STEPS_SCHEDULES:
-        raise run_folder.RunFolderError(
-            f"--resume {run}: {saved['method']}'s schedule is laid out over the run's total steps, so its --epochs "
-            f"cannot change when it resumes; start a new run with --epochs {epochs}")
-    today = vars(p.parse_args(argv))
-    options = {**saved, **{k: today[k] for k in INVOCATION}, **{k: v for k, v in given.items() if k in RESUMABLE},
-               "resume": str(run), "out": str(run), "overwrite": False}
-    options["batch"] = per_process_batch(run, saved["batch"] * config.get("world_size", 1))
+    options = run_folder.resume_options(run, config, defaults, given, today)
+    options["batch"] = per_process_batch(run, options["batch"] * config.get("world_size", 1))
     args = argparse.Namespace(**options)
     run_folder.check_out(run, inputs(args))
     return args
@@ -209,112 +163,35 @@ def per_process_batch(run: Path, global_batch: int) -> int:
     return global_batch // processes
 
 
-def code_version() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_json(path: Path, payload: dict) -> None:
-    with weights.atomic_write(path, "w") as f:
-        json.dump(payload, f, indent=1)
-
-
-def method_options(args: argparse.Namespace) -> dict:
-    """The options of --method, under the names its adapter and controller take (methods.build)."""
-    return {"selora": dict(lam=args.lam, t=args.t, fisher=args.fisher, seed=args.seed),
-            "lora": dict(r=args.rank),
-            "dylora": dict(r=args.rank, mode=args.dylora_mode, seed=args.seed),
-            "adalora": dict(init_r=args.init_r, target_r=args.target_r),
-            "lora2": dict(rank=args.rank, seed=args.seed)}[args.method]
-
-
-def load_data(args: argparse.Namespace, run: Path) -> tuple[data.DataSet, dict[str, list[str]]]:
-    """The data set and its split; a new split is written to run/split.json, a resumed run reads its own."""
-    if args.data:
-        root = Path(args.data)
-    elif distributed.is_main():
-        root = data.make_phantom_folder(run / "phantoms", EMBEDDED["images"], args.size, args.data_seed)
-    else:
-        root = run / "phantoms"  # made by the main process first (distributed.main_first in train)
-    dataset = data.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
-                                per_subtype=args.per_subtype, seed=args.data_seed)
-    if (run / "split.json").is_file():
-        return dataset, data.read_split(run / "split.json")
-    fractions = data.parse_split(args.split) if args.split else data.PAPER_SPLITS[args.dataset]
-    split = data.make_split(dataset.examples, fractions, args.data_seed)
-    data.write_split(run / "split.json", split, {"data": str(root), "dataset": args.dataset, "seed": args.data_seed,
-                                                 "fractions": list(fractions)})
-    return dataset, split
-
-
-class Examples:
-    """One split part ready for training: cached VAE posteriors (mean, logvar) and token ids, as tensors."""
-
-    def __init__(self, sd: SD15, examples: list[data.Example], args: argparse.Namespace, cache: Path):
-        self.names = [e.name for e in examples]
-        self.captions = [e.caption for e in examples]
-        self.ids, self.truncated = sd.tokenizer.encode(self.captions) if examples else (torch.zeros(0, 77, dtype=torch.long), 0)
-        if not examples:
-            return
-        vae_dtype = next(sd.vae.parameters()).dtype
-        posterior = data.cached_latents(examples, args.size, lambda im: sd.vae.encode(im.to(sd.device, vae_dtype)),
-                                        cache, model_key=f"{sd.fingerprints['vae']}|{vae_dtype}")
-        self.mean = torch.stack([posterior[n][0] for n in self.names])
-        self.logvar = torch.stack([posterior[n][1] for n in self.names])
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-# ------------------------------------------------------------------------------------------ the step
-
-def diffusion_batch(ex: Examples, index: torch.Tensor, gen: torch.Generator):
-    """(noisy latents, t, true noise, token ids) for the examples at `index`, drawn from `gen` on the CPU, so a
-    seed gives the same batch on every device."""
-    x0 = posterior_to_latents(ex.mean[index], ex.logvar[index], gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(index),), generator=gen)
-    return add_noise(x0, noise, t), t, noise, ex.ids[index]
-
-
-def diffusion_loss(sd: SD15, batch, autocast) -> torch.Tensor:
-    """The MSE between predicted and true noise, averaged over the batch (section 3.4)."""
-    noisy, t, noise, ids = (x.to(sd.device) for x in batch)
-    with autocast:
-        pred = sd.unet(noisy, t, sd.text_encoder(ids))
-    return F.mse_loss(pred.float(), noise)
-
-
-def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[torch.nn.Parameter], autocast) -> float:
-    """Forward and backward of this process's rows of the global batch (all of it in a single process),
-    inside the method's capture; returns the global batch's mean loss, with every adapter's gradient that
-    of the global batch (distributed.average_gradients)."""
-    part = distributed.shard(batch)
-    loss = None
-    with controller.capture(step, len(part[0])):
-        optimizer.zero_grad(set_to_none=True)
-        if len(part[0]):  # a process gets no rows when an epoch's last batch is shorter than the process count
-            loss = diffusion_loss(sd, part, autocast)
-            (loss + controller.penalty()).backward()
-    return distributed.average_gradients(params, loss, len(part[0]), len(batch[0]))
-
-
-@torch.no_grad()
-def validation_loss(sd: SD15, ex: Examples, args: argparse.Namespace, autocast) -> float:
-    """Loss on the validation part with the same t and noise at every epoch (a fixed generator), so epochs
-    compare; NaN when the split has no validation part. Global batches, shared by the processes as in training."""
-    if not len(ex):
-        return math.nan
-    gen, total = torch.Generator().manual_seed(args.seed + 1), 0.0
-    for index in torch.arange(len(ex)).split(args.batch * distributed.world_size()):
-        part = distributed.shard(diffusion_batch(ex, index, gen))
-        if len(part[0]):
-            total += diffusion_loss(sd, part, autocast).item() * len(part[0])
-    return distributed.all_reduce_sum(torch.tensor(total, dtype=torch.float64)).item() / len(ex)
+def load_data(args: argparse.Namespace, run: Path, sd: SD15) -> tuple[data.DataSet, dict, diffusion.Examples, diffusion.Examples]:
+    """The data set, its split (a new one written to RUN/split.json; a resumed run reads its own) and the
+    training and validation parts as diffusion.Examples. The main process goes first: it writes the split, the
+    phantoms and the latent cache, which the others then read."""
+    with distributed.main_first():
+        if not (run / run_folder.CONFIG).is_file():
+            raise ValueError(f"process {distributed.rank()}: {run / run_folder.CONFIG} is not there: every machine "
+                             "of a multi-machine run must see the run folder (--out on a shared file system)")
+        if args.data:
+            root = Path(args.data)
+        elif distributed.is_main():
+            root = phantoms.make_phantom_folder(run / "phantoms", EMBEDDED["images"], args.size, args.data_seed)
+        else:
+            root = run / "phantoms"
+        dataset = data.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
+                                    per_subtype=args.per_subtype, seed=args.data_seed)
+        if (run / run_folder.SPLIT).is_file():
+            split = data.read_split(run / run_folder.SPLIT)
+        else:
+            fractions = data.parse_split(args.split) if args.split else data.PAPER_SPLITS[args.dataset]
+            split = data.make_split(dataset.examples, fractions, args.data_seed)
+            data.write_split(run / run_folder.SPLIT, split, {"data": str(root), "dataset": args.dataset,
+                                                             "seed": args.data_seed, "fractions": list(fractions)})
+        cache = Path(args.latent_cache) if args.latent_cache else run.parent / ".latent-cache"
+        parts = [diffusion.Examples(sd, data.select(dataset, split[part], run / run_folder.SPLIT), args.size, cache)
+                 for part in ("train", "validation")]
+    if not len(parts[0]):
+        raise ValueError(f"{run / run_folder.SPLIT}: the training part is empty")
+    return dataset, split, *parts
 
 
 def memory_mib(device: torch.device) -> tuple[float, str]:
@@ -327,7 +204,7 @@ def memory_mib(device: torch.device) -> tuple[float, str]:
 
 def base_metadata(sd: SD15) -> dict[str, str]:
     """What ties an adapter file to its base model: its name, and the fingerprints of the parts it adapts
-    (sample.load_adapter refuses another base model)."""
+    (methods.load_adapter refuses another base model)."""
     return {"base_model": sd.name,
             "base_fingerprint": json.dumps({part: sd.fingerprints[part] for part in ("unet", "text_encoder")})}
 
@@ -335,53 +212,6 @@ def base_metadata(sd: SD15) -> dict[str, str]:
 def adapter_metadata(sd: SD15, controller, step: int) -> dict[str, str]:
     """What saved adapter files carry besides the tensors: the method's settings, the step, the base model."""
     return {**controller.metadata(), "step": str(step), **base_metadata(sd)}
-
-
-def save_training_state(run: Path, sd: SD15, named: dict[str, adapters.Adapter], optimizer, controller,
-                        gen: torch.Generator, counters: dict) -> None:
-    """run/checkpoint/{adapters,state}.safetensors, replaced as a pair: written to checkpoint.tmp/ first, so an
-    interruption leaves the previous checkpoint whole."""
-    tmp, final, old = (run / name for name in (run_folder.CHECKPOINT_TMP, run_folder.CHECKPOINT,
-                                               run_folder.CHECKPOINT_OLD))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    adapters.save_adapters(named, tmp / "adapters.safetensors", adapter_metadata(sd, controller, counters["step"]))
-    names = {p: n for n, p in sd.adaptable().named_parameters() if p.requires_grad}
-    checkpoint.save_checkpoint(tmp / "state.safetensors", optimizer, names, {"train": gen}, counters, controller.state())
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------ figures and summary
-
-def draw_figures(run: Path, log: list[dict], ranks: dict[str, int], layers_per_block: int) -> list[str]:
-    steps = [line for line in log if "loss" in line]
-    epochs = [line for line in log if "val_loss" in line]
-    figures = {
-        "loss.png": plots.line_plot({"training loss": ([s["step"] for s in steps], [s["loss"] for s in steps]),
-                                     "validation loss": ([e["step"] for e in epochs], [e["val_loss"] for e in epochs])},
-                                    "Training and validation loss", "step", "MSE"),
-        "rank_growth.png": plots.line_plot({"total rank": ([s["step"] for s in steps], [s["total_rank"] for s in steps])},
-                                           "Rank growth", "step", "sum of ranks over layers"),
-    }
-    memory = [s for s in steps if "memory_mib" in s]
-    if memory:
-        figures["memory.png"] = plots.line_plot({memory[0]["memory_kind"]: ([s["step"] for s in memory],
-                                                                            [s["memory_mib"] for s in memory])},
-                                                "Memory", "step", "MiB")
-    unet = {n: r for n, r in ranks.items() if n.startswith("unet.")}
-    text = {n: r for n, r in ranks.items() if n.startswith("text_encoder.")}
-    if unet and plots.unet_layout(list(unet), layers_per_block).cells:
-        figures["rank_unet.png"] = plots.rank_heatmap(unet, plots.unet_layout(list(unet), layers_per_block),
-                                                      "UNet: final rank per layer")
-    if text and plots.text_encoder_layout(list(text)).cells:
-        figures["rank_text_encoder.png"] = plots.rank_heatmap(text, plots.text_encoder_layout(list(text)),
-                                                              "Text encoder: final rank per layer", xlabel="Layer")
-    for name, image in figures.items():
-        plots.save_png(image, run / name)
-    return sorted(figures)
 
 
 # ------------------------------------------------------------------------------------------ set-up, loop, finish
@@ -396,8 +226,8 @@ class Training:
     sd: SD15
     dataset: data.DataSet
     split: dict[str, list[str]]
-    train_ex: Examples
-    val_ex: Examples
+    train_ex: diffusion.Examples
+    val_ex: diffusion.Examples
     named: dict[str, adapters.Adapter]
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -410,50 +240,27 @@ class Training:
     started: float = 0.0  # time.time() at step 0, less the time trained before a resume
 
 
-def write_config(run: Path, args: argparse.Namespace, started: bool) -> None:
-    """RUN/config.json: the run's options (those of one invocation, like --stop-after, left out) and whether its
-    start-up has succeeded. A resumed run with unchanged options leaves the file as it is."""
-    options = {**vars(args), "resume": None, "overwrite": False, "stop_after": None}
-    config = {"options": options, "started": started, "world_size": distributed.world_size(), "seed": args.seed}
-    if (run / run_folder.CONFIG).is_file():
-        old = run_folder.read_config(run)
-        if {k: old.get(k) for k in config} == json.loads(json.dumps(config)):
-            return
-    write_json(run / run_folder.CONFIG, {**config, "code_version": code_version(), "torch": torch.__version__})
-
-
 def start(args: argparse.Namespace) -> Training:
     """The set-up: run folder, model, data and cached latents, adapters, optimizer, controller, and a
     resumed run's checkpoint. Every problem with the user's input surfaces here, before the first step; the
     run counts as started (config.json "started") only once all of it has succeeded."""
+    method = methods.build(args.method, **methods.options(args.method, args))  # refuses options that clash
     device = distributed.init(args.device, args.timeout)  # under torchrun; else torch.device(args.device)
     is_main = distributed.is_main()
     run = Path(args.out)
-    if is_main:
-        if not args.resume:
-            run_folder.prepare(run, args.overwrite)
-            write_config(run, args, started=False)
-        if args.model is None:
-            print("Embedded default: a tiny random SD 1.5 architecture"
-                  + (" and generated phantoms" if args.data is None else "")
-                  + ". This shows the mechanics of the run, not image quality. For the paper's run give "
-                    "--model SD15_FOLDER_OR_FILE --data DATA --dataset iu-xray|montgomery|folder (see README).")
+    if is_main and not args.resume:
+        run_folder.prepare(run, args.overwrite)
+        run_folder.write_config(run, vars(args), False, distributed.world_size())
+    if is_main and args.model is None:
+        print("Embedded default: a tiny random SD 1.5 architecture" + (" and generated phantoms" if args.data is None
+              else "") + ". This shows the mechanics of the run, not image quality. For the paper's run give "
+              "--model SD15_FOLDER_OR_FILE --data DATA --dataset iu-xray|montgomery|folder (see README).")
     torch.manual_seed(args.seed)  # adapter initialisation, the same in every process
     sd = load_model(args.model, args.tokenizer, args.seed).to(device)
     if args.size % sd.latent_factor:
         raise ValueError(f"--size {args.size}: must be a multiple of {sd.latent_factor}, this model's VAE factor")
-    with distributed.main_first():  # the main process writes split, phantoms and latent cache; the others read them
-        if not (run / run_folder.CONFIG).is_file():
-            raise ValueError(f"process {distributed.rank()}: {run / run_folder.CONFIG} is not there: every machine "
-                             "of a multi-machine run must see the run folder (--out on a shared file system)")
-        dataset, split = load_data(args, run)
-        cache = Path(args.latent_cache) if args.latent_cache else run.parent / ".latent-cache"
-        train_ex = Examples(sd, data.select(dataset, split["train"], run / run_folder.SPLIT), args, cache)
-        val_ex = Examples(sd, data.select(dataset, split["validation"], run / run_folder.SPLIT), args, cache)
-    if not len(train_ex):
-        raise ValueError(f"{run / run_folder.SPLIT}: the training part is empty")
+    dataset, split, train_ex, val_ex = load_data(args, run, sd)
 
-    method = methods.build(args.method, **method_options(args))
     parts = sd.adaptable()
     ckpt = run_folder.last_checkpoint(run) if args.resume else None
     if ckpt:
@@ -467,12 +274,12 @@ def start(args: argparse.Namespace) -> Training:
                 p.data = p.data.to(PRECISIONS[args.precision])
     parts.to(device)
     params = [p for p in parts.parameters() if p.requires_grad]
-    groups = lora2.param_groups(named, args.lr, args.rate_lr) if args.method == "lora2" else params
+    groups = methods.param_groups(args.method, named, args.lr, args)
     opt_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_class(groups, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / (args.batch * distributed.world_size()))
     total_steps = steps_per_epoch * args.epochs
-    controller = method.controller(named, optimizer, total_steps)
+    controller = method.controller(named, optimizer, total_steps, distributed.all_reduce_sums)
     gen = torch.Generator().manual_seed(args.seed)
     counters = {"step": 0, "best_val_loss": math.inf, "best_epoch": -1, "elapsed": 0.0, "trainable_percent": fractions}
     if ckpt:
@@ -487,7 +294,7 @@ def start(args: argparse.Namespace) -> Training:
         log = run_folder.read_log(run, counters["step"])
         with weights.atomic_write(run / run_folder.LOG, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in log)
-        write_config(run, args, started=True)
+        run_folder.write_config(run, vars(args), True, distributed.world_size())
         print(f"{args.method}: {len(named)} adapted layers; trainable {fractions['unet']:.3f}% of the UNet, "
               f"{fractions['text_encoder']:.3f}% of the text encoder; {len(train_ex)} training images, "
               f"{len(val_ex)} validation; {train_ex.truncated + val_ex.truncated} captions truncated to 77 tokens"
@@ -511,24 +318,19 @@ def fit(tr: Training) -> bool:
                 if step <= counters["step"]:
                     continue  # resumed mid-epoch: these batches were trained before the interruption
                 tic = time.time()
-                batch = diffusion_batch(tr.train_ex, index, tr.gen)  # the global batch, in every process
-                loss = train_step(tr.sd, batch, step, tr.controller, tr.optimizer, tr.params, tr.autocast)
+                batch = diffusion.noisy_batch(tr.train_ex, index, tr.gen)  # the global batch, in every process
+                loss = diffusion.train_step(tr.sd, batch, step, tr.controller, tr.optimizer, tr.params, tr.autocast)
                 if not math.isfinite(loss):
                     raise TrainingError(f"step {step}: the loss is {loss}; stopping. The last good checkpoint is in "
                                         f"{tr.run / run_folder.CHECKPOINT} (try a lower --lr or --precision fp32)")
                 tr.optimizer.step()
                 events = tr.controller.step()
-                line = step_line(tr, step, epoch, loss, events, tic)
-                write_line(logfile, line)
-                counters["step"] = step
-                bar.set_postfix(loss=f"{loss:.4f}", rank=line["total_rank"])
-                bar.update()
+                log_step(tr, logfile, bar, step, epoch, loss, events, tic)
                 last_of_epoch = i == tr.steps_per_epoch - 1
                 if last_of_epoch:
                     end_of_epoch(tr, logfile, step, epoch)
                 if tr.is_main and (last_of_epoch or step % args.checkpoint_every == 0):
-                    counters["elapsed"] = time.time() - tr.started
-                    save_training_state(tr.run, tr.sd, tr.named, tr.optimizer, tr.controller, tr.gen, counters)
+                    save_checkpoint(tr, step)
                 if args.stop_after and step >= args.stop_after:
                     if tr.is_main:
                         print(f"stopped after step {step} (--stop-after); continue with --resume {tr.run}")
@@ -539,8 +341,9 @@ def fit(tr: Training) -> bool:
     return True
 
 
-def step_line(tr: Training, step: int, epoch: int, loss: float, events: list[dict], tic: float) -> dict:
-    """One step's log.jsonl line; memory every MEMORY_EVERY steps and at step 1 (appendix D)."""
+def log_step(tr: Training, logfile, bar: tqdm, step: int, epoch: int, loss: float, events: list[dict],
+             tic: float) -> None:
+    """One step's log.jsonl line and progress bar; memory every MEMORY_EVERY steps and at step 1 (appendix D)."""
     line = {"step": step, "epoch": epoch, "loss": loss, "lr": tr.optimizer.param_groups[0]["lr"],
             "total_rank": sum(tr.controller.ranks().values()), "trainable": sum(p.numel() for p in tr.params),
             "step_time": time.time() - tic}
@@ -548,7 +351,17 @@ def step_line(tr: Training, step: int, epoch: int, loss: float, events: list[dic
         line["events"] = events
     if step % MEMORY_EVERY == 0 or step == 1:
         line["memory_mib"], line["memory_kind"] = memory_mib(tr.device)
-    return line
+    write_line(logfile, line)
+    tr.counters["step"] = step
+    bar.set_postfix(loss=f"{loss:.4f}", rank=line["total_rank"])
+    bar.update()
+
+
+def save_checkpoint(tr: Training, step: int) -> None:
+    """RUN/checkpoint/: the adapters, the optimizer, the generator and the counters, for --resume."""
+    tr.counters["elapsed"] = time.time() - tr.started
+    checkpoint.save_training_state(tr.run, tr.sd.adaptable(), tr.named, tr.optimizer, tr.controller, tr.gen,
+                                   tr.counters, adapter_metadata(tr.sd, tr.controller, step))
 
 
 def write_line(logfile, line: dict) -> None:
@@ -559,7 +372,7 @@ def write_line(logfile, line: dict) -> None:
 def end_of_epoch(tr: Training, logfile, step: int, epoch: int) -> None:
     """Validation loss, logged; the best adapter so far saved (with no validation part, e.g. Montgomery's 80/20,
     the best adapter is the last one)."""
-    val = validation_loss(tr.sd, tr.val_ex, tr.args, tr.autocast)
+    val = diffusion.validation_loss(tr.sd, tr.val_ex, tr.args.batch, tr.args.seed, tr.autocast)
     write_line(logfile, {"step": step, "epoch": epoch, "val_loss": val})
     counters = tr.counters
     if val < counters["best_val_loss"] or (math.isnan(val) and epoch == tr.args.epochs - 1):
@@ -574,7 +387,7 @@ def finish(tr: Training) -> dict:
     adapters.save_adapters(tr.named, run / "last.safetensors", adapter_metadata(tr.sd, tr.controller, counters["step"]))
     log = run_folder.read_log(run, counters["step"])
     ranks = tr.controller.ranks()
-    figures = draw_figures(run, log, ranks, tr.sd.unet.config.num_res_blocks)
+    figures = plots.run_figures(run, log, ranks, tr.sd.unet.config.num_res_blocks)
     memory = [line["memory_mib"] for line in log if "memory_mib" in line]
     summary = {
         "method": args.method, "base_model": tr.sd.name, "steps": counters["step"], "epochs": args.epochs,
@@ -586,7 +399,7 @@ def finish(tr: Training) -> dict:
         "skipped_data": tr.dataset.skipped_counts(), "final_ranks": ranks, "figures": figures,
         "expansions": sum(len([e for e in line.get("events", []) if e.get("expanded")]) for line in log),
     }
-    write_json(run / "summary.json", summary)
+    run_folder.write_json(run / "summary.json", summary)
     return summary
 
 
@@ -594,7 +407,7 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     """Load the best adapter into a fresh model; export it in the kohya format, and generate a few images from
     held-out prompts beside the real images (run/previews/; eval_fid.py --runs generates the whole test split)."""
     sd = load_model(args.model, args.tokenizer, args.seed)
-    best = sample.load_adapter(sd, run / "best.safetensors")
+    best = methods.load_adapter(sd, run / "best.safetensors")
     export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", base_metadata(sd))
     if not args.samples:
         return
@@ -604,9 +417,9 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     images = generate(sd, [e.caption for e in examples], args.sample_steps, seed=args.seed, size=args.size,
                       batch=args.batch, scheduler=args.scheduler)
     real = torch.stack([data.load_image(e.path, args.size) for e in examples])
-    sample.write_images(torch.cat([real, images]), run / "previews")
-    sample.write_sampling(run / "previews", args.scheduler, args.sample_steps, 7.5, 0.0, args.seed, args.size)
-    write_json(run / "previews" / "prompts.json", {"real": names, "prompts": [e.caption for e in examples]})
+    plots.write_images(torch.cat([real, images]), run / "previews")
+    sampling.write_settings(run / "previews", args.scheduler, args.sample_steps, 7.5, 0.0, args.seed, args.size)
+    run_folder.write_json(run / "previews" / "prompts.json", {"real": names, "prompts": [e.caption for e in examples]})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import diffusion  # noqa: E402
 import train  # noqa: E402
 
 kill_rank, kill_step = int(sys.argv[1]), int(sys.argv[2])
-real_step = train.train_step
+real_step = diffusion.train_step
 
 
 def dying_step(sd, batch, step, *rest):
@@ -21,5 +22,5 @@ def dying_step(sd, batch, step, *rest):
     return real_step(sd, batch, step, *rest)
 
 
-train.train_step = dying_step
+diffusion.train_step = dying_step
 sys.exit(train.main(sys.argv[3:]))

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 import data
+import diffusion
+import phantoms
 
 
 def gray_png(path, size=(40, 30), value=None, mode="L"):
@@ -261,16 +263,6 @@ def test_preprocess_range_rgb_and_16_bit(tmp_path):
     assert len(torch.unique(x[0, 0])) == 32
 
 
-def test_dataset_items_and_dataloader(tmp_path):
-    root = data.make_phantom_folder(tmp_path / "ph", n=6, size=40)
-    ds = data.load_dataset("folder", root)
-    items = data.ImageCaptionDataset(ds.examples, 32)
-    batch = next(iter(torch.utils.data.DataLoader(items, batch_size=4)))
-    assert batch["image"].shape == (4, 3, 32, 32)
-    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-    assert batch["caption"][0] == ds.examples[0].caption and batch["name"][0] == "phantom_0000.png"
-
-
 # ---------------------------------------------------------------- split
 
 def test_parse_split():
@@ -408,9 +400,9 @@ def test_empty_or_missing_data_sets(tmp_path, iu_root, montgomery_root):
 
 def test_phantoms_are_seeded_fast_and_show_the_stated_opacity(tmp_path):
     start = time.perf_counter()
-    root = data.make_phantom_folder(tmp_path / "a", n=128, size=64, seed=5)
+    root = phantoms.make_phantom_folder(tmp_path / "a", n=128, size=64, seed=5)
     assert time.perf_counter() - start < 2.0
-    data.make_phantom_folder(tmp_path / "b", n=128, size=64, seed=5)
+    phantoms.make_phantom_folder(tmp_path / "b", n=128, size=64, seed=5)
     assert (root / "metadata.jsonl").read_text() == (tmp_path / "b" / "metadata.jsonl").read_text()
     assert (root / "phantom_0007.png").read_bytes() == (tmp_path / "b" / "phantom_0007.png").read_bytes()
 
@@ -421,7 +413,7 @@ def test_phantoms_are_seeded_fast_and_show_the_stated_opacity(tmp_path):
     for e in ds.examples:
         img = np.asarray(Image.open(e.path), dtype=np.float64)
         means = {lobe: img[int(y * 64) - 3:int(y * 64) + 3, int(x * 64) - 3:int(x * 64) + 3].mean()
-                 for lobe, (x, y) in data.PHANTOM_LOBES.items()}
+                 for lobe, (x, y) in phantoms.PHANTOM_LOBES.items()}
         stated = [lobe for lobe in means if e.caption.endswith(lobe)]
         assert all(means[lobe] > 140 for lobe in stated), (e.caption, means)
         assert all(means[lobe] < 100 for lobe in means if lobe not in stated), (e.caption, means)
@@ -430,7 +422,7 @@ def test_phantoms_are_seeded_fast_and_show_the_stated_opacity(tmp_path):
 # ---------------------------------------------------------------- latent cache
 
 def test_latent_cache_encodes_once_and_is_keyed_by_file_size_and_model(tmp_path):
-    root = data.make_phantom_folder(tmp_path / "ph", n=5, size=48)
+    root = phantoms.make_phantom_folder(tmp_path / "ph", n=5, size=48)
     examples = data.load_dataset("folder", root).examples
     calls = []
 
@@ -440,21 +432,21 @@ def test_latent_cache_encodes_once_and_is_keyed_by_file_size_and_model(tmp_path)
         return pooled.repeat(1, 2, 1, 1)[:, :4] * 0.5, pooled.repeat(1, 2, 1, 1)[:, :4] - 3
 
     cache = tmp_path / "cache"
-    first = data.cached_latents(examples, 32, encode, cache, "vae-a", batch_size=2)
+    first = diffusion.cached_latents(examples, 32, encode, cache, "vae-a", batch_size=2)
     assert calls == [2, 2, 1] and len(list(cache.glob("*.safetensors"))) == 5
     mean, logvar = first[examples[3].name]
     expected = encode(data.load_image(examples[3].path, 32)[None])
     assert torch.equal(mean, expected[0][0]) and torch.equal(logvar, expected[1][0]) and mean.shape == (4, 4, 4)
 
     calls.clear()
-    again = data.cached_latents(examples, 32, encode, cache, "vae-a")
+    again = diffusion.cached_latents(examples, 32, encode, cache, "vae-a")
     assert calls == [] and all(torch.equal(again[n][0], first[n][0]) for n in first)
-    data.cached_latents(examples, 40, encode, cache, "vae-a")                 # another size
-    data.cached_latents(examples[:2], 32, encode, cache, "vae-b")             # another VAE
+    diffusion.cached_latents(examples, 40, encode, cache, "vae-a")                 # another size
+    diffusion.cached_latents(examples[:2], 32, encode, cache, "vae-b")             # another VAE
     assert calls == [5, 2]
     calls.clear()
-    data.make_phantom_folder(root, n=5, size=48, seed=9)                      # the files change
-    data.cached_latents(examples, 32, encode, cache, "vae-a")
+    phantoms.make_phantom_folder(root, n=5, size=48, seed=9)                      # the files change
+    diffusion.cached_latents(examples, 32, encode, cache, "vae-a")
     assert calls == [5]
 
 

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import methods
+import phantoms
 import run_folder
 import sample
 import train
@@ -17,8 +19,7 @@ TINY = ["--epochs", "1", "--batch", "8", "--t", "4", "--samples", "0", "--checkp
 
 def make_data(root, n=12):
     """A small phantom data set (the folder layout) outside any run folder."""
-    import data
-    return data.make_phantom_folder(root, n=n, size=48, seed=1)
+    return phantoms.make_phantom_folder(root, n=n, size=48, seed=1)
 
 
 def exits_2(capsys, argv, command=train.main):
@@ -196,4 +197,4 @@ def test_an_adapter_is_refused_on_another_base_model_unless_forced(tmp_path, cap
     assert not (tmp_path / "img").exists()
     assert sample.main([*command, "--force"]) == 0 and (tmp_path / "img" / "grid.png").is_file()
     from sd15 import tiny_sd15
-    assert len(sample.load_adapter(tiny_sd15(1), adapter)) > 0  # the model it was trained on takes it
+    assert len(methods.load_adapter(tiny_sd15(1), adapter)) > 0  # the model it was trained on takes it

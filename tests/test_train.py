@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 
 import adapters
+import diffusion
+import methods
 import train
 import weights
 
@@ -83,14 +85,14 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real = train.diffusion_loss
+    real = diffusion.denoising_loss
 
     def poisoned(*args):
         calls["n"] += 1
         loss = real(*args)
         return loss * float("nan") if calls["n"] >= 6 else loss  # training steps 1-5 are fine
 
-    monkeypatch.setattr(train, "diffusion_loss", poisoned)
+    monkeypatch.setattr(diffusion, "denoising_loss", poisoned)
     out, code = run(tmp_path, "nan", "--checkpoint-every", "3")
     assert code == 1
     err = capsys.readouterr().err
@@ -114,10 +116,9 @@ def test_existing_folder_is_not_overwritten(tmp_path, capsys):
 def test_adapters_of_a_run_load_for_sampling(tmp_path):
     out, code = run(tmp_path, "s", "--samples", "0")
     assert code == 0 and not (out / "previews").exists()
-    import sample
     from sd15 import tiny_sd15
     sd = tiny_sd15(0)
-    loaded = sample.load_adapter(sd, out / "best.safetensors")
+    loaded = methods.load_adapter(sd, out / "best.safetensors")
     ranks = json.loads(weights.load_metadata(out / "best.safetensors")["ranks"])
     assert {n: a.rank for n, a in loaded.items()} == ranks
     assert all(isinstance(a, adapters.Adapter) for a in loaded.values())
