@@ -14,7 +14,7 @@ averaged. torchmetrics clamps the mean at 0, the CLIPScore paper clamps each pai
 
     python eval_fid.py --real DIR --fake DIR --inception pt_inception-2015-12-05-6726825d.pth \
         [--dims 2048 192 64] [--clip openai-clip-vit-large-patch14/ --prompts prompts.txt] [--json OUT]
-    python eval_fid.py --runs RUN... --inception FILE [--real DIR] [--table OUT]   (see RUN_IMAGES, run_images)
+    python eval_fid.py --runs RUN... --inception FILE [--real DIR] [--table OUT]   (see run_images)
         [--scheduler pndm --sample-steps 50]   (the sampler of a run's test images, when they are generated here)
 
 FID depends on the sampler: each report names the one that made the images (their folder's sampling.json).
@@ -40,8 +40,9 @@ from tqdm import tqdm
 import cli
 import clip_image
 import clip_text
+import heldout
 import inception
-import sample
+import run_folder
 import sampling
 from weights import atomic_write
 
@@ -237,17 +238,15 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
 # ---------------------------------------------------------------- runs: the paper's Table 1/2 layout
 
-RUN_IMAGES = "samples"        # RUN/samples/: the run's test-split images, one per test prompt
-RUN_PROMPTS = "prompts.txt"   # RUN/samples/prompts.txt: their prompts, one line per image in file-name order
-RUN_INFO = "run.json"         # RUN/run.json: {"method": "selora", "seed": 0, ...}
+RUN_INFO = "run.json"  # RUN/run.json: {"method": "selora", "seed": 0, ...} for a folder train.py did not make
 
 
 def run_info(run: Path) -> tuple[str, str]:
-    """(method, seed) of a run folder: from RUN/run.json, else a train.py run's config.json, else (folder name, "")."""
-    info_file = run / RUN_INFO
-    if not info_file.is_file() and (run / "config.json").is_file():
-        options = json.loads((run / "config.json").read_text(encoding="utf-8"))["options"]
+    """(method, seed) of a run folder: a train.py run's options, else RUN/run.json, else (folder name, "")."""
+    if run_folder.is_run_folder(run):
+        options = run_folder.read_options(run)
         return str(options["method"]), str(options["seed"])
+    info_file = run / RUN_INFO
     if not info_file.is_file():
         return run.name, ""
     try:
@@ -259,19 +258,15 @@ def run_info(run: Path) -> tuple[str, str]:
 
 def run_images(run: Path, with_prompts: bool, device: str = "cpu", scheduler: str = "pndm",
                steps: int = 50) -> tuple[Path, list[Path], list[str] | None]:
-    """(run folder, its test-split image files, their prompts if asked for). A train.py run whose images are
-    not there yet, or were made by another sampler (their sampling.json), gets them now with `scheduler` and
-    `steps` (sample.sample_run: its best adapter on the test prompts)."""
-    folder = run / RUN_IMAGES
-    made = sample.read_sampling(folder)
-    other = made is not None and (made["scheduler"], made["steps"], made["guidance"]) != (scheduler, steps, 7.5)
-    trained = (run / "config.json").is_file() and (run / "best.safetensors").is_file()
-    if (not folder.is_dir() or other) and trained:
-        sample.sample_run(run, steps, device=device, scheduler=scheduler)
+    """(run folder, its test-split image files, their prompts if asked for). A finished train.py run whose images
+    are not there yet, or were made by another sampler, gets them now (heldout.ensure_test_split)."""
+    folder = run / heldout.SAMPLES
+    if run_folder.is_run_folder(run) and (run / "best.safetensors").is_file():
+        heldout.ensure_test_split(run, steps, device=device, scheduler=scheduler)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; generate the run's test-split images with sample.py first "
                                 "(done here for a finished train.py run, which has config.json and best.safetensors)")
-    return run, list_images(folder), read_prompts(folder / RUN_PROMPTS) if with_prompts else None
+    return run, list_images(folder), read_prompts(folder / heldout.PROMPTS) if with_prompts else None
 
 
 def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
@@ -315,7 +310,7 @@ def report_lines(report: dict) -> list[str]:
     n = report["images"]
     kid_ = report["kid"]
     rows = [("images", f"real {n['real']}, fake {n['fake']}"),
-            ("fake made by", sample.describe_sampling(report["sampling"]))]
+            ("fake made by", sampling.describe(report["sampling"]))]
     rows += [(f"FID ({d})", f"{v:.4f}") for d, v in report["fid"].items()]
     rows.append((f"KID ({kid_['dims']})", f"{kid_['mean']:.6f} ± {kid_['std']:.6f} "
                                            f"({kid_['subsets']} subsets of {kid_['subset_size']})"))
@@ -403,13 +398,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     real_sets = {}  # real folder -> features, computed once per folder
     reports = []
     for folder, files, prompts in targets:
-        real_folder = Path(args.real) if args.real else folder / "real"  # --runs of train.py: the run's own test images
+        real_folder = Path(args.real) if args.real else folder / heldout.REAL  # --runs: the run's held-out images
         if real_folder not in real_sets:
             real_sets[real_folder] = inception_features(model, real_files or list_images(real_folder), dims,
                                                         args.batch_size, args.device, "real")
         real = real_sets[real_folder]
         fake = inception_features(model, files, dims, args.batch_size, args.device, folder.name)
-        made = sample.read_sampling(files[0].parent)  # the images' own folder (with --runs: RUN/samples)
+        made = sampling.read_settings(files[0].parent)  # the images' own folder (with --runs: RUN/samples)
         report = {"real": str(real_folder), "fake": str(folder), "sampling": made,
                   **fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed)}
         if clip:
@@ -422,7 +417,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         metrics = list(flat_metrics(reports[0]))
         result["table"] = summary = summarise(rows, metrics)
         markdown, csv_text = tables(summary, metrics)
-        samplers = sorted({sample.describe_sampling(r["sampling"]) for r in reports})
+        samplers = sorted({sampling.describe(r["sampling"]) for r in reports})
         markdown += f"\nTest images made by {'; '.join(samplers)}.\n"
         print("\n" + markdown)
         if args.table:

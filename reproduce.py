@@ -38,10 +38,12 @@ import adapters
 import cli
 import data
 import eval_fid
+import heldout
 import inception
+import methods
+import phantoms
 import plots
 import run_folder
-import sample
 import sampling
 import train
 import weights
@@ -49,7 +51,7 @@ from sd15 import load_model
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("lora", "dylora", "adalora", "selora", "lora2")  # the paper's tables' order
-ADAPTIVE = ("selora", "adalora", "lora2")  # ranks that differ per layer after training (figures 3 and 4)
+SWEPT = {"selora": ("lam", "t")}  # method options the study sets on every run of the method (table 3, the t sweep)
 SCORES = "scores.json"  # RUN/scores.json: what was measured on the run's test images, with what
 # train.py options reproduce.py sets itself; passing them through would break the study's layout
 OWN = ("--method", "--seed", "--data-seed", "--out", "--resume", "--overwrite", "--lam", "--t", "--samples",
@@ -66,13 +68,19 @@ PAPER_PERCENT = ("the paper (IU X-Ray, section 4): SeLoRA 0.368% of the UNet and
 class Run:
     method: str
     seed: int
-    lam: float | None = None  # SeLoRA only
-    t: int | None = None
+    options: tuple[tuple[str, float], ...] = ()  # (train.py option, value) of the method's SWEPT options
 
     @property
     def name(self) -> str:
-        selora = f"-lam{self.lam:g}-t{self.t}" if self.method == "selora" else ""
-        return f"{self.method}{selora}-seed{self.seed}"
+        return self.method + "".join(f"-{key}{value:g}" for key, value in self.options) + f"-seed{self.seed}"
+
+    @property
+    def lam(self) -> float | None:
+        return dict(self.options).get("lam")
+
+    @property
+    def t(self) -> int | None:
+        return dict(self.options).get("t")
 
 
 # ------------------------------------------------------------------------------------------ options and plan
@@ -132,13 +140,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def study_run(args: argparse.Namespace, method: str, seed: int, **values) -> Run:
+    """The run of `method` and `seed`; its SWEPT options take `values`, else the study's (--lam, --t)."""
+    return Run(method, seed, tuple((key, values.get(key, getattr(args, key))) for key in SWEPT.get(method, ())))
+
+
 def plan(args: argparse.Namespace) -> list[Run]:
     """Every run of the study, each once: method x seed, then the lambda ablation and the t sweep."""
-    def run(method: str, seed: int, lam: float = args.lam, t: int = args.t) -> Run:
-        return Run(method, seed, lam, t) if method == "selora" else Run(method, seed)
-    runs = [run(m, s) for m in args.methods for s in args.seeds]
-    runs += [run("selora", s, lam=lam) for lam in args.lambdas for s in args.ablation_seeds]
-    runs += [run("selora", s, t=t) for t in args.ts for s in args.ablation_seeds]
+    runs = [study_run(args, m, s) for m in args.methods for s in args.seeds]
+    runs += [study_run(args, "selora", s, lam=lam) for lam in args.lambdas for s in args.ablation_seeds]
+    runs += [study_run(args, "selora", s, t=t) for t in args.ts for s in args.ablation_seeds]
     return list(dict.fromkeys(runs))
 
 
@@ -157,8 +168,8 @@ def train_argv(args: argparse.Namespace, run: Run) -> list[str]:
     for flag, value in (("--epochs", args.epochs), ("--size", args.size), ("--batch", args.batch)):
         if value is not None:
             argv += [flag, str(value)]
-    if run.method == "selora":
-        argv += ["--lam", str(run.lam), "--t", str(run.t)]
+    for key, value in run.options:
+        argv += ["--" + key, str(value)]
     return argv + args.train_options
 
 
@@ -167,7 +178,7 @@ def train_argv(args: argparse.Namespace, run: Run) -> list[str]:
 def check_same(run_dir: Path, argv: list[str]) -> None:
     """A run folder from an earlier invocation must have been made with the options this study gives it."""
     planned = vars(train.resolve(argv))
-    saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["options"]
+    saved = run_folder.read_options(run_dir)
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in planned.items()
               if k not in NOT_COMPARED and saved.get(k) != v]
     if differ:
@@ -203,9 +214,9 @@ def train_run(args: argparse.Namespace, run: Run) -> str:
 def trainable_at_end(run_dir: Path) -> dict:
     """Trainable % of the UNet and the text encoder with the run's last adapter (its final ranks), as train.py
     counts them at the start (adapters.trainable_fraction), and the UNet's layers per block for the heatmaps."""
-    options = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["options"]
+    options = run_folder.read_options(run_dir)
     sd = load_model(options["model"], options["tokenizer"], options["seed"])
-    sample.load_adapter(sd, run_dir / "last.safetensors")
+    methods.load_adapter(sd, run_dir / "last.safetensors")
     percent = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
     return {"trainable_end": percent, "layers_per_block": sd.unet.config.num_res_blocks}
 
@@ -223,31 +234,31 @@ class Scorer:
         a = self.args
         self._inception = self._inception or inception.load_inception(a.inception).to(a.device)
         real, fake = (eval_fid.inception_features(self._inception, eval_fid.list_images(run_dir / part), tuple(a.dims),
-                                                  device=a.device, desc=part) for part in ("real", "samples"))
+                                                  device=a.device, desc=part) for part in (heldout.REAL, heldout.SAMPLES))
         return {"key": self.inception_key, **eval_fid.fid_kid(real, fake, a.kid_subsets)}
 
     def clip_score(self, run_dir: Path) -> dict:
         self._clip = self._clip or eval_fid.load_clip(self.args.clip, self.args.device)
-        files = eval_fid.list_images(run_dir / "samples")
-        prompts = eval_fid.read_prompts(run_dir / "samples" / eval_fid.RUN_PROMPTS)
+        files = eval_fid.list_images(run_dir / heldout.SAMPLES)
+        prompts = eval_fid.read_prompts(run_dir / heldout.SAMPLES / heldout.PROMPTS)
         return {"key": self.clip_key, **eval_fid.clip_score(*self._clip, files, prompts, device=self.args.device)}
 
 
 def sampler(args: argparse.Namespace) -> dict:
-    """What makes the test images: the sampler, its steps and the guidance (sample_run's, SD 1.5's 7.5)."""
-    return {"scheduler": args.scheduler, "steps": args.sample_steps, "guidance": 7.5}
+    """What makes the test images: the sampler, its steps and the guidance (heldout's, SD 1.5's 7.5)."""
+    return {"scheduler": args.scheduler, "steps": args.sample_steps, "guidance": heldout.GUIDANCE}
 
 
 def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:
-    """The run's test split generated once (sample.sample_run), its trainable % at the end, and FID/KID/CLIP
+    """The run's test split generated once (heldout.ensure_test_split), its trainable % at the end, and FID/KID/CLIP
     score where weights were given; kept in RUN/scores.json and redone only when their settings change
     (the sampler's included: other images, other scores)."""
     run_dir = folder(args, run)
     path = run_dir / SCORES
     cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     kept = dict(cache)
-    if cache.get("sampling") != sampler(args) or not (run_dir / "samples" / eval_fid.RUN_PROMPTS).is_file():
-        sample.sample_run(run_dir, steps=args.sample_steps, device=args.device, scheduler=args.scheduler)
+    made = heldout.ensure_test_split(run_dir, args.sample_steps, device=args.device, scheduler=args.scheduler)
+    if made or cache.get("sampling") != sampler(args):
         cache = {"sampling": sampler(args)}  # new images: every score is stale
     if "trainable_end" not in cache:
         cache.update(trainable_at_end(run_dir))
@@ -256,7 +267,7 @@ def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:
     if scorer.clip_key and cache.get("clip", {}).get("key") != scorer.clip_key:
         cache["clip"] = scorer.clip_score(run_dir)
     if cache != kept:
-        train.write_json(path, cache)
+        run_folder.write_json(path, cache)
     return cache
 
 
@@ -349,7 +360,7 @@ def figure(args: argparse.Namespace, image: Image.Image, name: str, caption: str
 
 def rank_figures(args: argparse.Namespace, main: list[dict]) -> list[str]:
     """Figures 3 and 4: each adaptive method's final rank per layer, mean over seeds, on one colour scale."""
-    adaptive = [m for m in args.methods if m in ADAPTIVE and any(r["run"].method == m for r in main)]
+    adaptive = [m for m in args.methods if methods.TABLE[m].adaptive and any(r["run"].method == m for r in main)]
     if not adaptive:
         return ["No adaptive method (selora, adalora, lora2) among --methods: no rank heatmaps.\n"]
     means = {}
@@ -372,7 +383,7 @@ def rank_figures(args: argparse.Namespace, main: list[dict]) -> list[str]:
 def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, str], rows: list[dict]) -> Path:
     by_run = {r["run"]: r for r in rows}
     main = [by_run[r] for r in runs if r in by_run and r.method in args.methods and r.seed in args.seeds
-            and (r.method != "selora" or (r.lam, r.t) == (args.lam, args.t))]
+            and r == study_run(args, r.method, r.seed)]
     quality = quality_metrics(args)
     md = [f"# SeLoRA study: {args.dataset} data in `{args.data}`\n"]
     if args.smoke:
@@ -394,7 +405,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
               "(FID, KID: lowest; CLIP score: highest).\n")
     paper = sampler(args) == {"scheduler": "pndm", "steps": 50, "guidance": 7.5}
     md.append(f"Every FID, KID and CLIP score in this report is of test images made by "
-              f"{sample.describe_sampling(sampler(args))} (`--scheduler`, `--sample-steps`). The paper's images were "
+              f"{sampling.describe(sampler(args))} (`--scheduler`, `--sample-steps`). The paper's images were "
               "made by SD 1.5's own PNDM scheduler at 50 steps, guidance 7.5 (StableDiffusionPipeline's defaults, "
               "see docs/paper-vs-code.md)" + (": the same sampler.\n" if paper else
                                                ": compare these numbers with the paper's with care.\n"))
@@ -406,7 +417,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
                   "(openai/clip-vit-large-patch14, downloaded by the user).\n")
     if quality and main:
         md.append(table(main, lambda r: r.method, "method", quality, tuple(quality)))
-        n = len(eval_fid.list_images(folder(args, main[0]["run"]) / "real"))
+        n = len(eval_fid.list_images(folder(args, main[0]["run"]) / heldout.REAL))
         if args.inception and n <= max(args.dims):
             md.append(f"{n} test images per run: FID is biased at this size and its covariance is singular for "
                       "feature widths at or above it; compare FIDs only at equal counts, and prefer KID.\n")
@@ -454,11 +465,12 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
     md.append("## Real and generated images (figures 2 and 7)\n")
     if first_seed:
         r0 = folder(args, first_seed[0]["run"])
-        columns = {"real": r0 / "real", **{r["run"].method: folder(args, r["run"]) / "samples" for r in first_seed}}
+        columns = {"real": r0 / heldout.REAL,
+                   **{r["run"].method: folder(args, r["run"]) / heldout.SAMPLES for r in first_seed}}
         sheet, n = labelled_grid(columns, args.grid_prompts)
         md.append(f"Seed {args.seeds[0]}, the first {n} test prompts (rows):\n")
         md.append(figure(args, sheet, "samples.png", "real and generated images per prompt"))
-        prompts = eval_fid.read_prompts(r0 / "samples" / eval_fid.RUN_PROMPTS)[:n]
+        prompts = eval_fid.read_prompts(r0 / heldout.SAMPLES / heldout.PROMPTS)[:n]
         md += [f"{i}. {p}" for i, p in enumerate(prompts, 1)] + [""]
 
     for title, runs_of, label, first_col in (
@@ -475,7 +487,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, st
         measured = first_col == "t" and all("measured factor" in r for r in group)
         extra = ["measured factor", "bound 1 + 1/t"] if measured else []
         md.append(f"SeLoRA, seeds {', '.join(map(str, args.ablation_seeds))}; mean ± std over seeds; test images by "
-                  f"{sample.describe_sampling(sampler(args))}.\n")
+                  f"{sampling.describe(sampler(args))}.\n")
         md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
                                                   "text encoder % end", "time (s)", *extra], tuple(quality)))
 
@@ -502,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke and not (Path(args.data) / "metadata.jsonl").is_file():
-        data.make_phantom_folder(args.data, SMOKE["images"], SMOKE["size"], args.data_seed)
+        phantoms.make_phantom_folder(args.data, SMOKE["images"], SMOKE["size"], args.data_seed)
     print(f"{len(runs)} runs: {', '.join(r.name for r in runs)}")
     status = {r.name: train_run(args, r) for r in runs}
     scorer = Scorer(args)

@@ -15,11 +15,15 @@ at sigma = 0.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
+
+from weights import atomic_write
 
 NUM_TRAIN_TIMESTEPS = 1000
 STEPS_OFFSET = 1  # SD 1.5's scheduler_config `steps_offset`
@@ -219,3 +223,37 @@ def sample(unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
         if scheduler == "ddim":
             return ddim(eps, latents, steps, eta, generator)
         return pndm(eps, latents, steps) if scheduler == "pndm" else dpm_solver_pp_2m(eps, latents, steps)
+
+
+# ---------------------------------------------------------------- provenance
+
+SETTINGS = "sampling.json"  # beside generated images: the sampler and settings that made them (FID depends on them)
+
+
+def write_settings(folder: Path, scheduler: str, steps: int, guidance: float, eta: float, seed: int, size: int) -> None:
+    """folder/sampling.json: the sampler and settings that made the images in `folder`."""
+    settings = dict(scheduler=scheduler, steps=steps, guidance=guidance, eta=eta, seed=seed, size=size)
+    with atomic_write(folder / SETTINGS, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
+def read_settings(folder: Path) -> dict | None:
+    """The settings in folder/sampling.json, or None where the images' sampler is not recorded."""
+    path = folder / SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(settings, dict) or not {"scheduler", "steps", "guidance"} <= settings.keys():
+        raise ValueError(f"{path}: expected a JSON object with 'scheduler', 'steps' and 'guidance' (as sample.py "
+                         f"writes it), got {settings!r}")
+    return settings
+
+
+def describe(settings: dict | None) -> str:
+    """How images were made, for reports: e.g. "pndm, 50 steps, guidance 7.5" (the paper's)."""
+    if settings is None:
+        return "an unrecorded sampler (no sampling.json)"
+    return f"{settings['scheduler']}, {settings['steps']} steps, guidance {settings['guidance']:g}"

@@ -16,6 +16,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, con
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import plots
 import sample
 import sampling
 import weights
@@ -147,7 +148,7 @@ def test_sample_command_writes_pngs(pipeline, tmp_path):
     # made by the sampler asked for (to 8-bit rounding), not the default one
     sd = load_sd15(root)
     for scheduler, differ in (("dpmpp2m", False), ("pndm", True)):
-        image = sample.to_pil(generate(sd, PROMPTS[:1], 3, seed=5, size=32, progress=False, scheduler=scheduler)[0])
+        image = plots.to_pil(generate(sd, PROMPTS[:1], 3, seed=5, size=32, progress=False, scheduler=scheduler)[0])
         assert (np.abs(np.asarray(image, dtype=int) - first).max() > 1) == differ, scheduler
     again = tmp_path / "again"
     subprocess.run([str(again) if c == str(out) else c for c in cmd], check=True, capture_output=True, cwd=tmp_path)
@@ -169,11 +170,11 @@ def test_sample_command_refuses_bad_sampler_options(options, message, tmp_path, 
 
 
 def test_sampling_json_is_read_or_named(tmp_path):
-    assert sample.read_sampling(tmp_path) is None  # images whose sampler nobody recorded
+    assert sampling.read_settings(tmp_path) is None  # images whose sampler nobody recorded
     for text in ("[]", '{"scheduler": "pndm"}', "{"):
         (tmp_path / "sampling.json").write_text(text)
         with pytest.raises(ValueError, match="sampling.json: (expected a JSON object with 'scheduler'|not valid JSON)"):
-            sample.read_sampling(tmp_path)
+            sampling.read_settings(tmp_path)
 
 
 @pytest.fixture

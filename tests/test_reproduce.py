@@ -135,10 +135,10 @@ def test_test_images_and_scores_are_made_again_for_another_sampler_only(study, m
     class Made(Exception):
         pass
 
-    def sample_run(run_dir, **options):
+    def generate(run_dir, *options):
         raise Made(options)
 
-    monkeypatch.setattr(reproduce.sample, "sample_run", sample_run)
+    monkeypatch.setattr(reproduce.heldout, "generate_test_split", generate)
     args = reproduce.parse_args(study)
     run = reproduce.plan(args)[0]
     assert reproduce.evaluate(args, run, reproduce.Scorer(args))["sampling"]["scheduler"] == "pndm"  # kept

@@ -1,0 +1,64 @@
+"""A finished train.py run's held-out test split as images: what FID and the CLIP score (tables 1 and 2) compare.
+
+One image per test prompt is generated with the run's best adapter on its own base model, as the paper's
+were made (sampling.py's default: SD 1.5's PNDM, 50 steps, guidance 7.5), into RUN/samples/ with its
+prompts.txt and sampling.json; the real test images, preprocessed as in training, go to RUN/real/.
+eval_fid.py --runs and reproduce.py both generate through `ensure_test_split`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+import data
+import methods
+import plots
+import run_folder
+import sampling
+from sd15 import generate, load_model
+from weights import atomic_write
+
+SAMPLES, REAL, PROMPTS = "samples", "real", "prompts.txt"  # RUN/samples/prompts.txt: one line per image, in order
+GUIDANCE = 7.5  # StableDiffusionPipeline's default, with which the paper's images were made
+
+
+def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8, device: str | torch.device = "cpu",
+                        scheduler: str = "pndm") -> tuple[Path, Path]:
+    """Write RUN/samples/ (generated, with prompts.txt and sampling.json) and RUN/real/ (the held-out images);
+    return the two folders."""
+    run = Path(run)
+    options = run_folder.read_options(run)
+    root, split = run_folder.read_split(run)
+    if not split["test"]:
+        raise ValueError(f"{run / run_folder.SPLIT}: the test part is empty; nothing to generate")
+    dataset = data.load_dataset(options["dataset"], root, empty_findings=options["empty_findings"],
+                                per_subtype=options["per_subtype"], seed=options.get("data_seed", options["seed"]),
+                                check_images=False)
+    examples = data.select(dataset, split["test"], run / run_folder.SPLIT)
+    sd = load_model(options["model"], options["tokenizer"], options["seed"])
+    methods.load_adapter(sd, run / "best.safetensors")
+    sd.to(device)
+    prompts = [e.caption for e in examples]
+    images = generate(sd, prompts, steps, GUIDANCE, options["seed"], options["size"], batch, scheduler=scheduler)
+    plots.write_images(images, run / SAMPLES)
+    sampling.write_settings(run / SAMPLES, scheduler, steps, GUIDANCE, 0.0, options["seed"], options["size"])
+    plots.write_images(torch.stack([data.load_image(e.path, options["size"]) for e in examples]), run / REAL)
+    with atomic_write(run / SAMPLES / PROMPTS, "w") as f:
+        f.write("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
+    return run / SAMPLES, run / REAL
+
+
+def ensure_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8, device: str | torch.device = "cpu",
+                      scheduler: str = "pndm") -> bool:
+    """Generate the run's test split (`generate_test_split`) unless RUN/samples/ holds it already, made with this
+    sampler, steps and guidance (its sampling.json; images from before sampling.json existed are kept as they
+    are). True when it generated."""
+    folder = Path(run) / SAMPLES
+    made = sampling.read_settings(folder)
+    wanted = (scheduler, steps, GUIDANCE)
+    if (folder / PROMPTS).is_file() and (made is None or (made["scheduler"], made["steps"], made["guidance"]) == wanted):
+        return False
+    generate_test_split(run, steps, batch, device, scheduler)
+    return True
