@@ -290,17 +290,29 @@ def mean_std(mean: float, std: float | None) -> str:
     return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
 
 
+def markdown_table(summary: list[dict], metrics: list[str], first: str = "method", marked: tuple[str, ...] = ()) -> str:
+    """A `summarise` result as Markdown: one row per group, each metric's mean ± std over seeds, and the best mean
+    of each `marked` metric in bold (CLIP score: highest; FID, KID: lowest), as the paper's tables mark it."""
+    best = {}
+    for m in marked:
+        if len(summary) > 1:
+            pick = max if m == "CLIP score" else min
+            best[m] = pick(range(len(summary)), key=lambda i: summary[i][m][0])
+    lines = [f"| {first} | runs | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for i, e in enumerate(summary):
+        cells = [f"**{mean_std(*e[m])}**" if best.get(m) == i else mean_std(*e[m]) for m in metrics]
+        lines.append(f"| {e['method']} | {e['runs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def tables(summary: list[dict], metrics: list[str]) -> tuple[str, str]:
     """(Markdown, CSV) of a `summarise` result: method x metric, mean +- std over seeds."""
-    lines = ["| method | runs | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
-    lines += [f"| {e['method']} | {e['runs']} | " + " | ".join(mean_std(*e[m]) for m in metrics) + " |"
-              for e in summary]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["method", "runs"] + [f"{m} {part}" for m in metrics for part in ("mean", "std")])
     for e in summary:
         writer.writerow([e["method"], e["runs"]] + ["" if v is None else f"{v:.6g}" for m in metrics for v in e[m]])
-    return "\n".join(lines) + "\n", out.getvalue()
+    return markdown_table(summary, metrics), out.getvalue()
 
 
 # ---------------------------------------------------------------- command line

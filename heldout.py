@@ -50,6 +50,11 @@ def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8,
     return run / SAMPLES, run / REAL
 
 
+def settings(scheduler: str, steps: int) -> dict:
+    """What makes a test split's images, as sampling.json records it: the sampler, its steps, the guidance."""
+    return {"scheduler": scheduler, "steps": steps, "guidance": GUIDANCE}
+
+
 def ensure_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8, device: str | torch.device = "cpu",
                       scheduler: str = "pndm") -> bool:
     """Generate the run's test split (`generate_test_split`) unless RUN/samples/ holds it already, made with this
@@ -57,8 +62,8 @@ def ensure_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8, d
     are). True when it generated."""
     folder = Path(run) / SAMPLES
     made = sampling.read_settings(folder)
-    wanted = (scheduler, steps, GUIDANCE)
-    if (folder / PROMPTS).is_file() and (made is None or (made["scheduler"], made["steps"], made["guidance"]) == wanted):
+    wanted = settings(scheduler, steps)
+    if (folder / PROMPTS).is_file() and (made is None or {k: made[k] for k in wanted} == wanted):
         return False
     generate_test_split(run, steps, batch, device, scheduler)
     return True

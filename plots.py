@@ -415,3 +415,22 @@ def run_figures(folder: Path, log: list[dict], ranks: dict[str, int], layers_per
     for name, image in figures.items():
         save_png(image, folder / name)
     return sorted(figures)
+
+
+def labelled_grid(files: dict[str, list[Path]]) -> tuple[Image.Image, int]:
+    """Figures 2 and 7: one row per test prompt (numbered), one column of image files per label; as many rows as
+    the shortest column has images. Returns the sheet and that number."""
+    n = min(len(f) for f in files.values())
+    w, h = Image.open(files[next(iter(files))][0]).size
+    fnt = font(12)
+    top, left, pad = 20, 24, 2
+    sheet = Image.new("RGB", (left + len(files) * (w + pad), top + n * (h + pad)), "white")
+    d = ImageDraw.Draw(sheet)
+    for c, (label, paths) in enumerate(files.items()):
+        d.text((left + c * (w + pad) + w // 2, 4), label, fill=INK, font=fnt, anchor="mt")
+        for r, path in enumerate(paths[:n]):
+            with Image.open(path) as im:
+                sheet.paste(im.convert("RGB"), (left + c * (w + pad), top + r * (h + pad)))
+    for r in range(n):
+        d.text((left // 2, top + r * (h + pad) + h // 2), str(r + 1), fill=INK, font=fnt, anchor="mm")
+    return sheet, n

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import adapters
 import cli
@@ -42,11 +41,10 @@ import heldout
 import inception
 import methods
 import phantoms
-import plots
+import report
 import run_folder
 import sampling
 import train
-import weights
 from sd15 import load_model
 
 ROOT = Path(__file__).resolve().parent
@@ -60,8 +58,6 @@ NOT_COMPARED = ("out", "overwrite", "resume", "stop_after", "device",  # may cha
                 "scheduler")  # previews' only, which the study turns off (--samples 0)
 SMOKE = dict(methods=["lora", "selora"], seeds=[0, 1], ablation_seeds=[0], t=2, ts=[2, 4, 8], epochs=2, batch=4,
              size=48, sample_steps=4, images=32, split="50,25,25")
-PAPER_PERCENT = ("the paper (IU X-Ray, section 4): SeLoRA 0.368% of the UNet and 0.121% of the text encoder; "
-                 "rank 4: 0.803% and 0.216%")
 
 
 @dataclass(frozen=True)
@@ -244,11 +240,6 @@ class Scorer:
         return {"key": self.clip_key, **eval_fid.clip_score(*self._clip, files, prompts, device=self.args.device)}
 
 
-def sampler(args: argparse.Namespace) -> dict:
-    """What makes the test images: the sampler, its steps and the guidance (heldout's, SD 1.5's 7.5)."""
-    return {"scheduler": args.scheduler, "steps": args.sample_steps, "guidance": heldout.GUIDANCE}
-
-
 def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:
     """The run's test split generated once (heldout.ensure_test_split), its trainable % at the end, and FID/KID/CLIP
     score where weights were given; kept in RUN/scores.json and redone only when their settings change
@@ -258,8 +249,8 @@ def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:
     cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     kept = dict(cache)
     made = heldout.ensure_test_split(run_dir, args.sample_steps, device=args.device, scheduler=args.scheduler)
-    if made or cache.get("sampling") != sampler(args):
-        cache = {"sampling": sampler(args)}  # new images: every score is stale
+    if made or cache.get("sampling") != heldout.settings(args.scheduler, args.sample_steps):
+        cache = {"sampling": heldout.settings(args.scheduler, args.sample_steps)}  # new images: every score is stale
     if "trainable_end" not in cache:
         cache.update(trainable_at_end(run_dir))
     if scorer.inception_key and cache.get("inception", {}).get("key") != scorer.inception_key:
@@ -292,7 +283,7 @@ def run_row(args: argparse.Namespace, run: Run, cache: dict) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     log = run_folder.read_log(run_dir, math.inf)
     memory = [line["memory_mib"] for line in log if "memory_mib" in line]
-    row = {"run": run, "time (s)": summary["time_s"],
+    row = {"run": run, "folder": run_dir, "time (s)": summary["time_s"],
            "s/step": float(np.mean([line["step_time"] for line in log if "step_time" in line])),
            "memory mean (MiB)": float(np.mean(memory)), "memory peak (MiB)": max(memory),
            "memory_kind": summary["memory_kind"], "log": log,
@@ -310,194 +301,6 @@ def run_row(args: argparse.Namespace, run: Run, cache: dict) -> dict:
     if overhead:
         row.update(overhead, **{"bound 1 + 1/t": 1 + 1 / run.t})
     return row
-
-
-# ------------------------------------------------------------------------------------------ the report
-
-def quality_metrics(args: argparse.Namespace) -> list[str]:
-    return ([f"FID-{d}" for d in args.dims] + ["KID"] if args.inception else []) + (["CLIP score"] if args.clip else [])
-
-
-def table(rows: list[dict], label, first: str, columns: list[str], marked: tuple[str, ...] = ()) -> str:
-    """Markdown: rows grouped by label(run), each column's mean ± std over the group (eval_fid.summarise);
-    the best mean of each `marked` column in bold (CLIP score: highest; FID, KID: lowest)."""
-    summary = eval_fid.summarise([{**r, "method": label(r["run"])} for r in rows], columns)
-    best = {}
-    for c in marked:
-        if len(summary) > 1:
-            pick = max if c == "CLIP score" else min
-            best[c] = pick(range(len(summary)), key=lambda i: summary[i][c][0])
-    lines = [f"| {first} | runs | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for i, e in enumerate(summary):
-        cells = [f"**{eval_fid.mean_std(*e[c])}**" if best.get(c) == i else eval_fid.mean_std(*e[c]) for c in columns]
-        lines.append(f"| {e['method']} | {e['runs']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def labelled_grid(columns: dict[str, Path], count: int) -> tuple[Image.Image, int]:
-    """Figures 2 and 7: one row per test prompt (numbered), one column per image folder (labelled)."""
-    files = {label: eval_fid.list_images(f)[:count] for label, f in columns.items()}
-    n = min(len(f) for f in files.values())
-    w, h = Image.open(files[next(iter(files))][0]).size
-    fnt = plots.font(12)
-    top, left, pad = 20, 24, 2
-    sheet = Image.new("RGB", (left + len(files) * (w + pad), top + n * (h + pad)), "white")
-    d = ImageDraw.Draw(sheet)
-    for c, (label, paths) in enumerate(files.items()):
-        d.text((left + c * (w + pad) + w // 2, 4), label, fill=plots.INK, font=fnt, anchor="mt")
-        for r, path in enumerate(paths[:n]):
-            with Image.open(path) as im:
-                sheet.paste(im.convert("RGB"), (left + c * (w + pad), top + r * (h + pad)))
-    for r in range(n):
-        d.text((left // 2, top + r * (h + pad) + h // 2), str(r + 1), fill=plots.INK, font=fnt, anchor="mm")
-    return sheet, n
-
-
-def figure(args: argparse.Namespace, image: Image.Image, name: str, caption: str) -> str:
-    plots.save_png(image, args.out / "figures" / name)
-    return f"![{caption}](figures/{name})\n"
-
-
-def rank_figures(args: argparse.Namespace, main: list[dict]) -> list[str]:
-    """Figures 3 and 4: each adaptive method's final rank per layer, mean over seeds, on one colour scale."""
-    adaptive = [m for m in args.methods if methods.TABLE[m].adaptive and any(r["run"].method == m for r in main)]
-    if not adaptive:
-        return ["No adaptive method (selora, adalora, lora2) among --methods: no rank heatmaps.\n"]
-    means = {}
-    for m in adaptive:
-        group = [r["final_ranks"] for r in main if r["run"].method == m]
-        means[m] = {name: float(np.mean([g[name] for g in group])) for name in group[0]}
-    names = list(means[adaptive[0]])
-    per_block = main[0]["layers_per_block"]
-    out = []
-    for part, layout, title, xlabel, file in (
-            ("unet.", plots.unet_layout(names, per_block), "UNet (figure 4)", "Attention layer", "ranks_unet.png"),
-            ("text_encoder.", plots.text_encoder_layout(names), "Text encoder (figure 3)", "Layer", "ranks_text.png")):
-        ranks = {m: {n: v for n, v in r.items() if n.startswith(part)} for m, r in means.items()}
-        if layout.cells:
-            out.append(figure(args, plots.heatmap_panel(ranks, layout, f"{title}: final rank, mean over seeds",
-                                                        xlabel=xlabel), file, f"final ranks, {title}"))
-    return out
-
-
-def write_report(args: argparse.Namespace, runs: list[Run], status: dict[str, str], rows: list[dict]) -> Path:
-    by_run = {r["run"]: r for r in rows}
-    main = [by_run[r] for r in runs if r in by_run and r.method in args.methods and r.seed in args.seeds
-            and r == study_run(args, r.method, r.seed)]
-    quality = quality_metrics(args)
-    md = [f"# SeLoRA study: {args.dataset} data in `{args.data}`\n"]
-    if args.smoke:
-        md.append("**Smoke study**: the embedded tiny random SD 1.5 and generated phantoms. It shows that the "
-                  "pipeline runs end to end; its numbers say nothing about the methods.\n")
-    splits = {json.dumps(data.read_split(folder(args, r["run"]) / "split.json")) for r in rows}
-    first = json.loads(next(iter(splits))) if splits else {}
-    md.append(f"Model: {args.model or 'the embedded tiny random model'}. Methods: {', '.join(args.methods)}; seeds "
-              f"{', '.join(map(str, args.seeds))}. Every run uses the split of data seed {args.data_seed} ("
-              + (", ".join(f"{len(v)} {k}" for k, v in first.items()) if first else "no finished run") + "): "
-              + ("the same in all runs, checked." if len(splits) <= 1 else "**the runs' splits differ**.")
-              + f" Device {args.device}. Extra train.py options: {' '.join(args.train_options) or 'none'}.\n")
-    failed = [name for name, s in status.items() if s == "failed"]
-    if failed:
-        md.append(f"**Failed runs** (left out below; see their folders): {', '.join(failed)}.\n")
-
-    md.append("## Image quality (tables 1 and 2)\n")
-    md.append("Mean ± std over seeds of each method's test images against the held-out test images; best in bold "
-              "(FID, KID: lowest; CLIP score: highest).\n")
-    paper = sampler(args) == {"scheduler": "pndm", "steps": 50, "guidance": 7.5}
-    md.append(f"Every FID, KID and CLIP score in this report is of test images made by "
-              f"{sampling.describe(sampler(args))} (`--scheduler`, `--sample-steps`). The paper's images were "
-              "made by SD 1.5's own PNDM scheduler at 50 steps, guidance 7.5 (StableDiffusionPipeline's defaults, "
-              "see docs/paper-vs-code.md)" + (": the same sampler.\n" if paper else
-                                               ": compare these numbers with the paper's with care.\n"))
-    if not args.inception:
-        md.append("FID and KID are not computed: they need `--inception pt_inception-2015-12-05-6726825d.pth` "
-                  "(pytorch-fid's weights, downloaded by the user). Run again with it; nothing is retrained.\n")
-    if not args.clip:
-        md.append("The CLIP score is not computed: it needs `--clip clip-vit-large-patch14/` "
-                  "(openai/clip-vit-large-patch14, downloaded by the user).\n")
-    if quality and main:
-        md.append(table(main, lambda r: r.method, "method", quality, tuple(quality)))
-        n = len(eval_fid.list_images(folder(args, main[0]["run"]) / heldout.REAL))
-        if args.inception and n <= max(args.dims):
-            md.append(f"{n} test images per run: FID is biased at this size and its covariance is singular for "
-                      "feature widths at or above it; compare FIDs only at equal counts, and prefer KID.\n")
-
-    md.append("## Trainable parameters\n")
-    md.append("Percent of the UNet and of the text encoder (adapters included in the total, as train.py counts), "
-              f"at the start of training and with the final ranks of the last adapter; {PAPER_PERCENT}.\n")
-    md.append(table(main, lambda r: r.method, "method", ["UNet % start", "UNet % end", "text encoder % start",
-                                                          "text encoder % end", "total rank"]))
-
-    kind = main[0]["memory_kind"] if main else ""
-    md.append("## Training time and memory (tables 7 and 8, figures 11 and 12)\n")
-    md.append(f"Wall time of the training loop, mean step time, and the memory readings train.py logs at step 1 and "
-              f"every 40 steps ({kind}: a running peak, so the mean is that of the running peak).\n")
-    md.append(table(main, lambda r: r.method, "method",
-                    ["time (s)", "s/step", "memory mean (MiB)", "memory peak (MiB)"]))
-    first_seed = [r for r in main if r["run"].seed == args.seeds[0]]
-    series = {r["run"].method: ([s["step"] for s in r["log"] if "memory_mib" in s],
-                                [s["memory_mib"] for s in r["log"] if "memory_mib" in s]) for r in first_seed}
-    if series:
-        md.append(figure(args, plots.line_plot(series, f"Memory during training (seed {args.seeds[0]})", "step",
-                                               f"{kind} (MiB)"), "memory.png", "memory during training"))
-
-    md.append("## Cost of SeLoRA's expansion tests (eq. 6)\n")
-    md.append("Eq. 6 bounds SeLoRA's time by (1 + 1/t) x LoRA's, as if every test cost one extra step. Measured "
-              "from each run's log.jsonl: the mean time of test steps (those with expansion events) and of the "
-              "other steps (step 1, the warm-up, left out), and the factor by which the tests lengthened the run: "
-              "all step time / (steps x mean other step).\n")
-    selora = [r for r in rows if r["run"].method == "selora" and "measured factor" in r]
-    if selora:
-        md.append(table(selora, lambda r: r.name, "run", ["test steps", "test step (s)", "other step (s)",
-                                                          "measured factor", "bound 1 + 1/t"]))
-        lora = [r["time (s)"] for r in main if r["run"].method == "lora"]
-        main_selora = [r["time (s)"] for r in main if r["run"].method == "selora"]
-        if lora and main_selora:
-            md.append(f"SeLoRA's mean training time is {np.mean(main_selora) / np.mean(lora):.3f} x LoRA's (bound "
-                      f"{1 + 1 / args.t:.3f} for t = {args.t}; the bound assumes LoRA at SeLoRA's mean final rank, "
-                      "while LoRA here has rank 4).\n")
-    else:
-        md.append("No SeLoRA run with both test steps and other steps.\n")
-
-    md.append("## Final ranks (figures 3 and 4)\n")
-    md += rank_figures(args, main)
-
-    md.append("## Real and generated images (figures 2 and 7)\n")
-    if first_seed:
-        r0 = folder(args, first_seed[0]["run"])
-        columns = {"real": r0 / heldout.REAL,
-                   **{r["run"].method: folder(args, r["run"]) / heldout.SAMPLES for r in first_seed}}
-        sheet, n = labelled_grid(columns, args.grid_prompts)
-        md.append(f"Seed {args.seeds[0]}, the first {n} test prompts (rows):\n")
-        md.append(figure(args, sheet, "samples.png", "real and generated images per prompt"))
-        prompts = eval_fid.read_prompts(r0 / heldout.SAMPLES / heldout.PROMPTS)[:n]
-        md += [f"{i}. {p}" for i, p in enumerate(prompts, 1)] + [""]
-
-    for title, runs_of, label, first_col in (
-            ("## Threshold ablation (table 3)\n", lambda r: r.t == args.t and r.lam in args.lambdas,
-             lambda r: f"{r.lam:g}", "lambda"),
-            ("## Sweep of t\n", lambda r: r.lam == args.lam and r.t in args.ts, lambda r: str(r.t), "t")):
-        md.append(title)
-        group = [by_run[r] for r in runs if r in by_run and r.method == "selora" and runs_of(r)
-                 and r.seed in args.ablation_seeds]
-        if not group:
-            md.append("Not run (empty list of values, or no finished run).\n")
-            continue
-        group.sort(key=lambda r: (r["run"].lam, r["run"].t))
-        measured = first_col == "t" and all("measured factor" in r for r in group)
-        extra = ["measured factor", "bound 1 + 1/t"] if measured else []
-        md.append(f"SeLoRA, seeds {', '.join(map(str, args.ablation_seeds))}; mean ± std over seeds; test images by "
-                  f"{sampling.describe(sampler(args))}.\n")
-        md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
-                                                  "text encoder % end", "time (s)", *extra], tuple(quality)))
-
-    md.append("## Runs\n")
-    md.append("| run | this invocation |\n|---|---|\n" + "".join(
-        f"| [{name}](runs/{name}/) | {s} |\n" for name, s in status.items()))
-    path = args.out / "report.md"
-    with weights.atomic_write(path, "w") as f:
-        f.write("\n".join(md))
-    return path
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -519,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     status = {r.name: train_run(args, r) for r in runs}
     scorer = Scorer(args)
     rows = [run_row(args, r, evaluate(args, r, scorer)) for r in runs if status[r.name] != "failed"]
-    report = write_report(args, runs, status, rows)
-    print(f"\nwrote {report}; runs: " + ", ".join(f"{n} {s}" for n, s in status.items()))
+    main_runs = [r for r in runs if r.method in args.methods and r.seed in args.seeds
+                 and r == study_run(args, r.method, r.seed)]  # the tables' runs: each method at the study's options
+    report_file = report.write(args, runs, main_runs, status, rows)
+    print(f"\nwrote {report_file}; runs: " + ", ".join(f"{n} {s}" for n, s in status.items()))
     return 1 if "failed" in status.values() else 0
 
 

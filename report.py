@@ -1,0 +1,182 @@
+"""report.md of reproduce.py's study: the paper's tables (1-3, 7, 8) as mean ± std over seeds, the cost of SeLoRA's
+tests (eq. 6), the figures (2-4, 7, 11, 12), and which sampler made every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import data
+import eval_fid
+import heldout
+import methods
+import plots
+import run_folder
+import sampling
+import weights
+
+PAPER_PERCENT = ("the paper (IU X-Ray, section 4): SeLoRA 0.368% of the UNet and 0.121% of the text encoder; "
+                 "rank 4: 0.803% and 0.216%")
+
+
+def quality_metrics(args: argparse.Namespace) -> list[str]:
+    return ([f"FID-{d}" for d in args.dims] + ["KID"] if args.inception else []) + (["CLIP score"] if args.clip else [])
+
+
+def table(rows: list[dict], label, first: str, columns: list[str], marked: tuple[str, ...] = ()) -> str:
+    """Markdown: rows grouped by label(run), each column's mean ± std over the group, the best of each `marked`
+    column in bold (eval_fid.summarise, eval_fid.markdown_table)."""
+    summary = eval_fid.summarise([{**r, "method": label(r["run"])} for r in rows], columns)
+    return eval_fid.markdown_table(summary, columns, first, marked)
+
+
+def figure(args: argparse.Namespace, image: Image.Image, name: str, caption: str) -> str:
+    plots.save_png(image, args.out / "figures" / name)
+    return f"![{caption}](figures/{name})\n"
+
+
+def rank_figures(args: argparse.Namespace, main: list[dict]) -> list[str]:
+    """Figures 3 and 4: each adaptive method's final rank per layer, mean over seeds, on one colour scale."""
+    adaptive = [m for m in args.methods if methods.TABLE[m].adaptive and any(r["run"].method == m for r in main)]
+    if not adaptive:
+        return ["No adaptive method (selora, adalora, lora2) among --methods: no rank heatmaps.\n"]
+    means = {}
+    for m in adaptive:
+        group = [r["final_ranks"] for r in main if r["run"].method == m]
+        means[m] = {name: float(np.mean([g[name] for g in group])) for name in group[0]}
+    names = list(means[adaptive[0]])
+    per_block = main[0]["layers_per_block"]
+    out = []
+    for part, layout, title, xlabel, file in (
+            ("unet.", plots.unet_layout(names, per_block), "UNet (figure 4)", "Attention layer", "ranks_unet.png"),
+            ("text_encoder.", plots.text_encoder_layout(names), "Text encoder (figure 3)", "Layer", "ranks_text.png")):
+        ranks = {m: {n: v for n, v in r.items() if n.startswith(part)} for m, r in means.items()}
+        if layout.cells:
+            out.append(figure(args, plots.heatmap_panel(ranks, layout, f"{title}: final rank, mean over seeds",
+                                                        xlabel=xlabel), file, f"final ranks, {title}"))
+    return out
+
+
+def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[str, str], rows: list[dict]) -> Path:
+    """OUT/report.md and OUT/figures/ from the runs' rows (reproduce.run_row); `main_runs` are the runs of the
+    quality, parameter and time tables, the others the ablations'."""
+    by_run = {r["run"]: r for r in rows}
+    main = [by_run[r] for r in main_runs if r in by_run]
+    quality = quality_metrics(args)
+    md = [f"# SeLoRA study: {args.dataset} data in `{args.data}`\n"]
+    if args.smoke:
+        md.append("**Smoke study**: the embedded tiny random SD 1.5 and generated phantoms. It shows that the "
+                  "pipeline runs end to end; its numbers say nothing about the methods.\n")
+    splits = {json.dumps(data.read_split(r["folder"] / run_folder.SPLIT)) for r in rows}
+    first = json.loads(next(iter(splits))) if splits else {}
+    md.append(f"Model: {args.model or 'the embedded tiny random model'}. Methods: {', '.join(args.methods)}; seeds "
+              f"{', '.join(map(str, args.seeds))}. Every run uses the split of data seed {args.data_seed} ("
+              + (", ".join(f"{len(v)} {k}" for k, v in first.items()) if first else "no finished run") + "): "
+              + ("the same in all runs, checked." if len(splits) <= 1 else "**the runs' splits differ**.")
+              + f" Device {args.device}. Extra train.py options: {' '.join(args.train_options) or 'none'}.\n")
+    failed = [name for name, s in status.items() if s == "failed"]
+    if failed:
+        md.append(f"**Failed runs** (left out below; see their folders): {', '.join(failed)}.\n")
+
+    md.append("## Image quality (tables 1 and 2)\n")
+    md.append("Mean ± std over seeds of each method's test images against the held-out test images; best in bold "
+              "(FID, KID: lowest; CLIP score: highest).\n")
+    paper = heldout.settings(args.scheduler, args.sample_steps) == {"scheduler": "pndm", "steps": 50, "guidance": 7.5}
+    md.append(f"Every FID, KID and CLIP score in this report is of test images made by "
+              f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps))} (`--scheduler`, `--sample-steps`). The paper's images were "
+              "made by SD 1.5's own PNDM scheduler at 50 steps, guidance 7.5 (StableDiffusionPipeline's defaults, "
+              "see docs/paper-vs-code.md)" + (": the same sampler.\n" if paper else
+                                               ": compare these numbers with the paper's with care.\n"))
+    if not args.inception:
+        md.append("FID and KID are not computed: they need `--inception pt_inception-2015-12-05-6726825d.pth` "
+                  "(pytorch-fid's weights, downloaded by the user). Run again with it; nothing is retrained.\n")
+    if not args.clip:
+        md.append("The CLIP score is not computed: it needs `--clip clip-vit-large-patch14/` "
+                  "(openai/clip-vit-large-patch14, downloaded by the user).\n")
+    if quality and main:
+        md.append(table(main, lambda r: r.method, "method", quality, tuple(quality)))
+        n = len(eval_fid.list_images(main[0]["folder"] / heldout.REAL))
+        if args.inception and n <= max(args.dims):
+            md.append(f"{n} test images per run: FID is biased at this size and its covariance is singular for "
+                      "feature widths at or above it; compare FIDs only at equal counts, and prefer KID.\n")
+
+    md.append("## Trainable parameters\n")
+    md.append("Percent of the UNet and of the text encoder (adapters included in the total, as train.py counts), "
+              f"at the start of training and with the final ranks of the last adapter; {PAPER_PERCENT}.\n")
+    md.append(table(main, lambda r: r.method, "method", ["UNet % start", "UNet % end", "text encoder % start",
+                                                          "text encoder % end", "total rank"]))
+
+    kind = main[0]["memory_kind"] if main else ""
+    md.append("## Training time and memory (tables 7 and 8, figures 11 and 12)\n")
+    md.append(f"Wall time of the training loop, mean step time, and the memory readings train.py logs at step 1 and "
+              f"every 40 steps ({kind}: a running peak, so the mean is that of the running peak).\n")
+    md.append(table(main, lambda r: r.method, "method",
+                    ["time (s)", "s/step", "memory mean (MiB)", "memory peak (MiB)"]))
+    first_seed = [r for r in main if r["run"].seed == args.seeds[0]]
+    series = {r["run"].method: ([s["step"] for s in r["log"] if "memory_mib" in s],
+                                [s["memory_mib"] for s in r["log"] if "memory_mib" in s]) for r in first_seed}
+    if series:
+        md.append(figure(args, plots.line_plot(series, f"Memory during training (seed {args.seeds[0]})", "step",
+                                               f"{kind} (MiB)"), "memory.png", "memory during training"))
+
+    md.append("## Cost of SeLoRA's expansion tests (eq. 6)\n")
+    md.append("Eq. 6 bounds SeLoRA's time by (1 + 1/t) x LoRA's, as if every test cost one extra step. Measured "
+              "from each run's log.jsonl: the mean time of test steps (those with expansion events) and of the "
+              "other steps (step 1, the warm-up, left out), and the factor by which the tests lengthened the run: "
+              "all step time / (steps x mean other step).\n")
+    selora = [r for r in rows if r["run"].method == "selora" and "measured factor" in r]
+    if selora:
+        md.append(table(selora, lambda r: r.name, "run", ["test steps", "test step (s)", "other step (s)",
+                                                          "measured factor", "bound 1 + 1/t"]))
+        lora = [r["time (s)"] for r in main if r["run"].method == "lora"]
+        main_selora = [r["time (s)"] for r in main if r["run"].method == "selora"]
+        if lora and main_selora:
+            md.append(f"SeLoRA's mean training time is {np.mean(main_selora) / np.mean(lora):.3f} x LoRA's (bound "
+                      f"{1 + 1 / args.t:.3f} for t = {args.t}; the bound assumes LoRA at SeLoRA's mean final rank, "
+                      "while LoRA here has rank 4).\n")
+    else:
+        md.append("No SeLoRA run with both test steps and other steps.\n")
+
+    md.append("## Final ranks (figures 3 and 4)\n")
+    md += rank_figures(args, main)
+
+    md.append("## Real and generated images (figures 2 and 7)\n")
+    if first_seed:
+        r0 = first_seed[0]["folder"]
+        columns = {"real": r0 / heldout.REAL,
+                   **{r["run"].method: r["folder"] / heldout.SAMPLES for r in first_seed}}
+        sheet, n = plots.labelled_grid({k: eval_fid.list_images(f)[:args.grid_prompts] for k, f in columns.items()})
+        md.append(f"Seed {args.seeds[0]}, the first {n} test prompts (rows):\n")
+        md.append(figure(args, sheet, "samples.png", "real and generated images per prompt"))
+        prompts = eval_fid.read_prompts(r0 / heldout.SAMPLES / heldout.PROMPTS)[:n]
+        md += [f"{i}. {p}" for i, p in enumerate(prompts, 1)] + [""]
+
+    for title, runs_of, label, first_col in (
+            ("## Threshold ablation (table 3)\n", lambda r: r.t == args.t and r.lam in args.lambdas,
+             lambda r: f"{r.lam:g}", "lambda"),
+            ("## Sweep of t\n", lambda r: r.lam == args.lam and r.t in args.ts, lambda r: str(r.t), "t")):
+        md.append(title)
+        group = [by_run[r] for r in runs if r in by_run and r.method == "selora" and runs_of(r)
+                 and r.seed in args.ablation_seeds]
+        if not group:
+            md.append("Not run (empty list of values, or no finished run).\n")
+            continue
+        group.sort(key=lambda r: (r["run"].lam, r["run"].t))
+        measured = first_col == "t" and all("measured factor" in r for r in group)
+        extra = ["measured factor", "bound 1 + 1/t"] if measured else []
+        md.append(f"SeLoRA, seeds {', '.join(map(str, args.ablation_seeds))}; mean ± std over seeds; test images by "
+                  f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps))}.\n")
+        md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
+                                                  "text encoder % end", "time (s)", *extra], tuple(quality)))
+
+    md.append("## Runs\n")
+    md.append("| run | this invocation |\n|---|---|\n" + "".join(
+        f"| [{name}](runs/{name}/) | {s} |\n" for name, s in status.items()))
+    path = args.out / "report.md"
+    with weights.atomic_write(path, "w") as f:
+        f.write("\n".join(md))
+    return path
