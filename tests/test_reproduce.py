@@ -184,3 +184,23 @@ def test_bad_sampler_options_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit) as stopped:
             reproduce.parse_args(["--smoke", "--out", str(tmp_path / "s"), *options])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fid_is_computed_again_for_another_fid_sqrtm_only(study, monkeypatch):
+    def sample_run(run_dir, **options):
+        raise AssertionError("the test images were made again")
+
+    monkeypatch.setattr(reproduce.sample, "sample_run", sample_run)
+    args = reproduce.parse_args([*study, "--fid-sqrtm", "exact"])
+    run = reproduce.plan(args)[0]
+    path = reproduce.folder(args, run) / reproduce.SCORES
+    saved = path.read_text()
+    before = json.loads(saved)
+    try:
+        after = reproduce.evaluate(args, run, reproduce.Scorer(args))
+        assert (before["inception"]["key"]["fid_sqrtm"], after["inception"]["key"]["fid_sqrtm"]) == ("eigh", "exact")
+        assert after["inception"]["fid"] == pytest.approx(before["inception"]["fid"], rel=1e-6)
+        assert after["clip"] == before["clip"] and after["sampling"] == before["sampling"]
+        assert json.loads(path.read_text()) == after
+    finally:
+        path.write_text(saved)  # the other tests' study computed FID from eigenvalues
