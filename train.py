@@ -59,7 +59,7 @@ MEMORY_EVERY = 40  # steps between memory readings (appendix D)
 EMBEDDED = dict(size=48, epochs=24, images=96)  # the embedded default: 240 steps, so t = 40 gives 6 tests
 # options a resumed run may change; every other option given with --resume must equal the run's own
 RESUMABLE = ("epochs", "device", "checkpoint_every", "timeout", "stop_after", "samples", "scheduler", "sample_steps",
-             "latent_cache")
+             "latent_cache", "gradient_checkpointing")
 INVOCATION = ("timeout", "stop_after")  # options of one invocation: a resumed run takes today's, not the saved ones
 PATHS = ("model", "tokenizer", "data", "latent_cache", "out")  # compared as resolved paths on resume
 
@@ -102,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=cli.number(0.0), default=0.0)
     a("--precision", default="fp32", choices=sorted(PRECISIONS),
       help="frozen weights' precision; adapters and optimizer stay fp32 (default fp32)")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute the activations of the UNet's blocks and the text encoder's layers in backward instead of "
+           "keeping them: less memory, more time, the same results")
     a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
       help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")
@@ -440,6 +443,7 @@ def start(args: argparse.Namespace) -> Training:
                     "--model SD15_FOLDER_OR_FILE --data DATA --dataset iu-xray|montgomery|folder (see README).")
     torch.manual_seed(args.seed)  # adapter initialisation, the same in every process
     sd = load_model(args.model, args.tokenizer, args.seed).to(device)
+    sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = args.gradient_checkpointing
     if args.size % sd.latent_factor:
         raise ValueError(f"--size {args.size}: must be a multiple of {sd.latent_factor}, this model's VAE factor")
     with distributed.main_first():  # the main process writes split, phantoms and latent cache; the others read them
