@@ -4,7 +4,7 @@ FID (Heusel et al. 2017) fits a Gaussian to the Inception features of each image
     FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))
 equal to pytorch-fid's figure within 1e-6 relative, so numbers are comparable with papers that used it:
 float64 statistics, and the trace of the square root from the eigenvalues of a symmetric matrix
-(`trace_sqrt_product`), seconds at 2048 dimensions where pytorch-fid's scipy sqrtm takes 10 to 150;
+(`trace_sqrt_product`), about 1 s at 2048 dimensions where pytorch-fid's scipy sqrtm takes 10 s or more;
 `--fid-sqrtm exact` computes it as pytorch-fid does (`trace_sqrtm`). FID is biased upwards for small sets and its
 covariance is singular when there are no more images than feature dimensions: we warn then, and also report
 KID (Binkowski et al. 2018), the unbiased squared MMD with the cubic polynomial kernel, averaged over random

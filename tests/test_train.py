@@ -163,7 +163,8 @@ def steps_of(method, checkpointing, steps=3):
         module.register_forward_pre_hook(lambda *_: starts.append(1))
     losses, grads, events = [], [], []
     for step in range(1, steps + 1):
-        losses.append(train.train_step(sd, batch, step, controller, optimizer, params, torch.autocast("cpu", enabled=False)))
+        fp32 = torch.autocast("cpu", enabled=False)
+        losses.append(train.train_step(sd, batch, step, controller, optimizer, params, fp32))
         grads.append([p.grad.clone() for p in params if p.grad is not None])
         optimizer.step()
         events.append(controller.step())
@@ -198,7 +199,8 @@ def test_gradient_checkpointing_end_to_end_and_on_resume(tmp_path):
     assert code == 0
     checkpointed, code = run(tmp_path, "checkpointed", "--samples", "0", "--epochs", "1", "--gradient-checkpointing")
     assert code == 0
-    part, code = run(tmp_path, "part", "--samples", "0", "--epochs", "1", "--stop-after", "3", "--checkpoint-every", "2")
+    part, code = run(tmp_path, "part", "--samples", "0", "--epochs", "1", "--stop-after", "3",
+                     "--checkpoint-every", "2")
     assert code == 0 and train.main(["--resume", str(part), "--gradient-checkpointing"]) == 0
     assert json.loads((part / "config.json").read_text())["options"]["gradient_checkpointing"] is True
     a = log_lines(plain)
