@@ -9,8 +9,8 @@ Both sides run on one set of weights (diffusers' randomised UNet, AutoencoderKL 
 ours hold the same tensors), the real CLIP vocabulary (.cache/clip) and the same initial latents, so their images
 agree (the last line gives the largest difference, in [0, 1] pixel units). A run generates --images images in
 batches of --batch; the runs of the two sides alternate, --repeat times each after a warm-up run, and the median
-is reported. One JSON line per side, then a line with ours / diffusers. Defaults: a few steps, about a minute on
-a 2-core CPU; a GPU takes --steps 50 --images 8 --batch 8.
+is reported. One JSON line per side, then a line with ours / diffusers. Defaults: 2 steps, under two minutes on
+a 2-core CPU (docs/performance.md); a GPU takes --steps 50 --images 8 --batch 8.
 """
 from __future__ import annotations
 
