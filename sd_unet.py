@@ -311,15 +311,16 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(latents.dtype))
         h, skips = latents, []
         for block in self.input_blocks:
-            h = self.run(block, h, emb, context)
+            h = self.run_block(block, h, emb, context)
             skips.append(h)
-        h = self.run(self.middle_block, h, emb, context)
+        h = self.run_block(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = self.run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = self.run_block(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
 
-    def run(self, block: Block, *args) -> torch.Tensor:
+    def run_block(self, block: Block, *args) -> torch.Tensor:
+        """block(*args); with gradient checkpointing in training, its activations are recomputed in backward."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)

@@ -256,7 +256,9 @@ def cpu_memory(cfg: Config, args: argparse.Namespace) -> dict:
                "--batch", str(args.batch), "--precision", args.precision]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the memory process of {cfg.name!r} failed:\n{out.stderr[-3000:]}")
     return {**json.loads(out.stdout.splitlines()[-1]), "memory_kind": "cpu_peak_rss_of_a_fresh_process"}
 
 

@@ -204,3 +204,20 @@ def test_fid_is_computed_again_for_another_fid_sqrtm_only(study, monkeypatch):
         assert json.loads(path.read_text()) == after
     finally:
         path.write_text(saved)  # the other tests' study computed FID from eigenvalues
+
+
+def test_gradient_checkpointing_does_not_make_a_finished_run_another(study):
+    """It changes no result, so a study may continue with it, and runs from before it existed still count."""
+    args = reproduce.parse_args([*study, "--gradient-checkpointing"])
+    run = reproduce.plan(args)[0]
+    run_dir = reproduce.folder(args, run)
+    config = run_dir / "config.json"
+    saved = config.read_text()
+    try:
+        older = json.loads(saved)
+        del older["options"]["gradient_checkpointing"]
+        config.write_text(json.dumps(older))
+        reproduce.check_same(run_dir, reproduce.train_argv(args, run))
+        reproduce.check_same(run_dir, reproduce.train_argv(reproduce.parse_args(study), run))
+    finally:
+        config.write_text(saved)
