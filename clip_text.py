@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from weights import load_file, load_strict, part_config, read_json, resolve_component
 
@@ -136,11 +137,15 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """CLIP's text transformer. Parameter names are transformers' `text_model.*` keys without that prefix."""
+    """CLIP's text transformer. Parameter names are transformers' `text_model.*` keys without that prefix.
+
+    With `gradient_checkpointing` set, each layer's activations are recomputed in backward (as sd_unet.UNet's).
+    """
 
     def __init__(self, config: CLIPTextConfig | None = None):
         super().__init__()
         cfg = self.config = config or CLIPTextConfig()
+        self.gradient_checkpointing = False
         self.embeddings = nn.ModuleDict({
             "token_embedding": nn.Embedding(cfg.vocab_size, cfg.hidden_size),
             "position_embedding": nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size),
@@ -160,7 +165,10 @@ class CLIPTextModel(nn.Module):
                              f"{self.config.max_position_embeddings} positions of this text encoder")
         x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding.weight[:T]
         for layer in self.encoder.layers:
-            x = layer(x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return self.final_layer_norm(x)
 
     def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,7 @@ SCORES = "scores.json"  # RUN/scores.json: what was measured on the run's test i
 OWN = ("--method", "--seed", "--data-seed", "--out", "--resume", "--overwrite", "--lam", "--t", "--samples",
        "--model", "--tokenizer", "--data", "--dataset", "--epochs", "--size", "--batch", "--device")
 NOT_COMPARED = ("out", "overwrite", "resume", "stop_after", "device",  # may change when a study continues
+                "gradient_checkpointing",  # changes no result
                 "scheduler")  # previews' only, which the study turns off (--samples 0)
 SMOKE = dict(methods=["lora", "selora"], seeds=[0, 1], ablation_seeds=[0], t=2, ts=[2, 4, 8], epochs=2, batch=4,
              size=48, sample_steps=4, images=32, split="50,25,25")
@@ -106,6 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--clip", help="openai/clip-vit-large-patch14 folder: CLIP score")
     a("--dims", nargs="+", type=int, default=[2048, 192, 64], choices=inception.DIMS, help="FID feature widths")
     a("--kid-subsets", type=int, default=100)
+    a("--fid-sqrtm", default="eigh", choices=eval_fid.FID_SQRTM,
+      help="FID's tr sqrt(S1 S2): from eigenvalues, or pytorch-fid's scipy sqrtm (eval_fid.frechet_distance)")
     a("--scheduler", choices=sampling.SCHEDULERS,
       help="sampler of the test images (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, sampling.MAX_STEPS), help="sampler steps for the test images (default 50)")
@@ -223,7 +226,7 @@ class Scorer:
     def __init__(self, args: argparse.Namespace):
         self.args, self._inception, self._clip = args, None, None
         self.inception_key = args.inception and {"file": str(Path(args.inception).resolve()), "dims": args.dims,
-                                                 "kid_subsets": args.kid_subsets}
+                                                 "kid_subsets": args.kid_subsets, "fid_sqrtm": args.fid_sqrtm}
         self.clip_key = args.clip and {"model": str(Path(args.clip).resolve())}
 
     def fid_kid(self, run_dir: Path) -> dict:
@@ -231,7 +234,7 @@ class Scorer:
         self._inception = self._inception or inception.load_inception(a.inception).to(a.device)
         real, fake = (eval_fid.inception_features(self._inception, eval_fid.list_images(run_dir / part), tuple(a.dims),
                                                   device=a.device, desc=part) for part in (heldout.REAL, heldout.SAMPLES))
-        return {"key": self.inception_key, **eval_fid.fid_kid(real, fake, a.kid_subsets)}
+        return {"key": self.inception_key, **eval_fid.fid_kid(real, fake, a.kid_subsets, sqrtm=a.fid_sqrtm)}
 
     def clip_score(self, run_dir: Path) -> dict:
         self._clip = self._clip or eval_fid.load_clip(self.args.clip, self.args.device)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from weights import load_file, load_strict, part_config, resolve_component
 
@@ -251,11 +252,17 @@ class Block(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """Predicts the noise in `latents` at `timesteps`, conditioned on text `context` [B, tokens, context_dim]."""
+    """Predicts the noise in `latents` at `timesteps`, conditioned on text `context` [B, tokens, context_dim].
+
+    With `gradient_checkpointing` set (train.py --gradient-checkpointing), each block keeps only its input
+    for backward and recomputes its activations there (torch.utils.checkpoint): less memory, more time,
+    the same numbers.
+    """
 
     def __init__(self, config: UNetConfig = UNetConfig()):
         super().__init__()
         self.config = cfg = config
+        self.gradient_checkpointing = False
         ch, emb_dim, groups = cfg.model_channels, 4 * cfg.model_channels, cfg.norm_groups
 
         def transformer(channels):
@@ -303,13 +310,19 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(latents.dtype))
         h, skips = latents, []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = self.run_block(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.run_block(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = self.run_block(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
+
+    def run_block(self, block: Block, *args) -> torch.Tensor:
+        """block(*args); with gradient checkpointing in training, its activations are recomputed in backward."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
 
 # --- Loading ---------------------------------------------------------------------------------------------

@@ -306,6 +306,8 @@ class SeLoRA(Controller):
                                  f"{batch_size} first; the per-sample Fisher needs samples along dimension 0")
             if not output.requires_grad:
                 return
+            # Under gradient checkpointing this hook runs again when backward recomputes the layer; that grad_hook
+            # sits on the recomputed output, which backward never passes through, so each call counts once.
 
             def grad_hook(g):
                 grads = per_sample_grads(layer, x, g * batch_size, self._candidates[name])

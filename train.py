@@ -83,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=cli.number(0.0), default=0.0)
     a("--precision", default="fp32", choices=sorted(PRECISIONS),
       help="frozen weights' precision; adapters and optimizer stay fp32 (default fp32)")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute the activations of the UNet's blocks and the text encoder's layers in backward instead of "
+           "keeping them: less memory, more time, the same results")
     a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
       help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")
@@ -257,6 +260,7 @@ def start(args: argparse.Namespace) -> Training:
               "--model SD15_FOLDER_OR_FILE --data DATA --dataset iu-xray|montgomery|folder (see README).")
     torch.manual_seed(args.seed)  # adapter initialisation, the same in every process
     sd = load_model(args.model, args.tokenizer, args.seed).to(device)
+    sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = args.gradient_checkpointing
     if args.size % sd.latent_factor:
         raise ValueError(f"--size {args.size}: must be a multiple of {sd.latent_factor}, this model's VAE factor")
     dataset, split, train_ex, val_ex = load_data(args, run, sd)

@@ -12,24 +12,66 @@ import eval_fid
 from fid_reference import inception_file, inception_state, pytorch_fid_inception, write_images  # noqa: F401
 
 
-def random_stats(n: int, d: int, seed: int, scale: float = 1.0):
+def random_stats(n: int, d: int, seed: int, scale: float = 1.0, near_duplicates: int = 0):
+    """Statistics of n correlated Gaussian features in d dimensions. n <= d: rank-deficient covariance (as
+    Montgomery's test split at 2048 dims). near_duplicates: that many columns copied from others plus noise
+    1e-6 of their size, so the covariance is full rank but near-singular (condition ~1e12)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * scale / d ** 0.5 + rng.normal(size=d)
+    if near_duplicates:
+        x[:, :near_duplicates] = x[:, -near_duplicates:] + 1e-6 * rng.normal(size=(n, near_duplicates))
     return eval_fid.statistics(x)
 
 
-# ---------------------------------------------------------------- the Frechet distance itself
+FEATURE_SETS = {"well-conditioned": lambda d: dict(n=3 * d), "rank-deficient": lambda d: dict(n=d // 3 + 2),
+                "near-singular": lambda d: dict(n=d + 8, near_duplicates=4)}
 
-@pytest.mark.parametrize("d, n", [(64, 300), (256, 600), (64, 20)])  # the last: singular covariances
-def test_frechet_distance_equals_pytorch_fid_and_torchmetrics(d, n):
+
+def pytorch_fid_and_ours(d: int, kind: str, capsys):
+    """(pytorch-fid's FID, ours, the statistics) of two feature sets of `kind` in d dimensions, and whether S1
+    has no Cholesky factor (trace_sqrt_product's eigh branch)."""
     from pytorch_fid.fid_score import calculate_frechet_distance
+
+    (m1, s1), (m2, s2) = (random_stats(seed=seed, d=d, scale=scale, **FEATURE_SETS[kind](d))
+                          for seed, scale in ((1, 1.0), (2, 1.5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's singular-matrix and deprecation warnings
+        theirs = calculate_frechet_distance(m1, s1, m2, s2)
+    assert "singular product" not in capsys.readouterr().out  # pytorch-fid's sqrtm succeeded: no 1e-6 offset
+    try:
+        singular = not np.linalg.cholesky(s1).size
+    except np.linalg.LinAlgError:
+        singular = True
+    return theirs, eval_fid.frechet_distance(m1, s1, m2, s2), (m1, s1, m2, s2), singular
+
+
+@pytest.mark.parametrize("kind", FEATURE_SETS)
+@pytest.mark.parametrize("d", [64, 192, 768])
+def test_frechet_distance_equals_pytorch_fid(d, kind, capsys):
+    theirs, ours, stats, singular = pytorch_fid_and_ours(d, kind, capsys)
+    assert singular == (kind == "rank-deficient")
+    print(f"{d} dims, {kind}: pytorch-fid {theirs!r}, ours {ours!r}, relative error {abs(ours - theirs) / theirs:.2e}")
+    assert ours > 1
+    assert abs(ours - theirs) <= 1e-6 * theirs
+    if d == 192:  # --fid-sqrtm exact: pytorch-fid's own computation
+        assert abs(eval_fid.frechet_distance(*stats, sqrtm="exact") - theirs) <= 1e-9 * theirs
+
+
+def test_frechet_distance_equals_pytorch_fid_at_2048_dims_with_fewer_images_than_dims(capsys):
+    """The width FID is reported at, with Montgomery's problem: fewer images than dimensions. pytorch-fid's sqrtm
+    takes 10 s or more here (bench/fid.py times both); the near-singular case is checked at 64-768 dims."""
+    theirs, ours, _, singular = pytorch_fid_and_ours(2048, "rank-deficient", capsys)
+    print(f"2048 dims, rank-deficient: pytorch-fid {theirs!r}, ours {ours!r}, "
+          f"relative error {abs(ours - theirs) / theirs:.2e}")
+    assert singular and abs(ours - theirs) <= 1e-6 * theirs
+
+
+def test_frechet_distance_equals_torchmetrics_eigenvalue_route():
     from torchmetrics.image.fid import _compute_fid
 
-    (m1, s1), (m2, s2) = random_stats(n, d, 1), random_stats(n, d, 2, scale=1.5)
+    (m1, s1), (m2, s2) = random_stats(300, 64, 1), random_stats(300, 64, 2, scale=1.5)
+    witness = _compute_fid(*(torch.from_numpy(a) for a in (m1, s1, m2, s2))).item()  # eigenvalues of S1 S2
     ours = eval_fid.frechet_distance(m1, s1, m2, s2)
-    assert ours > 1
-    assert abs(ours - calculate_frechet_distance(m1, s1, m2, s2)) <= 1e-9 * ours
-    witness = _compute_fid(*(torch.from_numpy(a) for a in (m1, s1, m2, s2))).item()  # eigenvalues, not sqrtm
     assert abs(ours - witness) <= 1e-6 * ours
 
 
@@ -45,13 +87,20 @@ def test_fid_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square():
         assert fid == pytest.approx(c ** 2 * direction @ direction, rel=1e-6)
 
 
-def test_frechet_distance_refuses_mismatched_and_complex_statistics():
+@pytest.mark.parametrize("sqrtm", eval_fid.FID_SQRTM)
+def test_frechet_distance_refuses_mismatched_and_complex_statistics(sqrtm):
     m, s = random_stats(100, 8, 0)
     with pytest.raises(ValueError, match=r"shapes differ.*\(8,\) and \(4,\)"):
-        eval_fid.frechet_distance(m, s, m[:4], s[:4, :4])
+        eval_fid.frechet_distance(m, s, m[:4], s[:4, :4], sqrtm=sqrtm)
     not_a_covariance = np.diag([-1.0, 1.0])  # its square root is imaginary
-    with pytest.raises(ValueError, match="imaginary component of up to 1"):
-        eval_fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), not_a_covariance)
+    for s1, s2 in ((np.eye(2), not_a_covariance), (not_a_covariance, np.eye(2))):
+        with pytest.raises(ValueError, match="imaginary component of up to 1: the statistics are numerically unsound"):
+            eval_fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, sqrtm=sqrtm)
+    round_off = np.diag([-1e-9, 1.0])  # a zero variance computed as slightly negative is not an error
+    assert eval_fid.frechet_distance(np.zeros(2), round_off, np.zeros(2), np.eye(2), sqrtm=sqrtm) == \
+        pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="sqrtm must be one of"):
+        eval_fid.frechet_distance(m, s, m, s, sqrtm="svd")
 
 
 # ---------------------------------------------------------------- KID
@@ -157,8 +206,11 @@ def test_runs_make_the_papers_table(inception_file, tmp_path):
         result = eval_fid.main(common + ["--runs", *map(str, runs), "--table", str(tmp_path / "table")])
         single = [eval_fid.main(common + ["--fake", str(run / "samples"), "--json", str(run / "fid.json")])
                   for run in runs]
+        exact = eval_fid.main(common + ["--fake", str(runs[0] / "samples"), "--fid-sqrtm", "exact"])
     assert json.loads((runs[0] / "fid.json").read_text()) == single[0]  # every figure, exactly (repr round-trips)
     fids = [r["fid"]["64"] for r in single]
+    assert (single[0]["fid_sqrtm"], exact["fid_sqrtm"]) == ("eigh", "exact")
+    assert exact["fid"]["64"] == pytest.approx(fids[0], rel=1e-6) and exact["kid"] == single[0]["kid"]
     assert [r["fid"]["64"] for r in result["runs"]] == pytest.approx(fids, rel=1e-12)
     rows = list(csv.DictReader((tmp_path / "table.csv").open()))
     assert [(r["method"], r["runs"]) for r in rows] == [("selora", "2"), ("lora", "1")]

@@ -183,3 +183,40 @@ def test_bad_sampler_options_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit) as stopped:
             reproduce.parse_args(["--smoke", "--out", str(tmp_path / "s"), *options])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fid_is_computed_again_for_another_fid_sqrtm_only(study, monkeypatch):
+    def generate(run_dir, *options):
+        raise AssertionError("the test images were made again")
+
+    monkeypatch.setattr(reproduce.heldout, "generate_test_split", generate)
+    args = reproduce.parse_args([*study, "--fid-sqrtm", "exact"])
+    run = reproduce.plan(args)[0]
+    path = reproduce.folder(args, run) / reproduce.SCORES
+    saved = path.read_text()
+    before = json.loads(saved)
+    try:
+        after = reproduce.evaluate(args, run, reproduce.Scorer(args))
+        assert (before["inception"]["key"]["fid_sqrtm"], after["inception"]["key"]["fid_sqrtm"]) == ("eigh", "exact")
+        assert after["inception"]["fid"] == pytest.approx(before["inception"]["fid"], rel=1e-6)
+        assert after["clip"] == before["clip"] and after["sampling"] == before["sampling"]
+        assert json.loads(path.read_text()) == after
+    finally:
+        path.write_text(saved)  # the other tests' study computed FID from eigenvalues
+
+
+def test_gradient_checkpointing_does_not_make_a_finished_run_another(study):
+    """It changes no result, so a study may continue with it, and runs from before it existed still count."""
+    args = reproduce.parse_args([*study, "--gradient-checkpointing"])
+    run = reproduce.plan(args)[0]
+    run_dir = reproduce.folder(args, run)
+    config = run_dir / "config.json"
+    saved = config.read_text()
+    try:
+        older = json.loads(saved)
+        del older["options"]["gradient_checkpointing"]
+        config.write_text(json.dumps(older))
+        reproduce.check_same(run_dir, reproduce.train_argv(args, run))
+        reproduce.check_same(run_dir, reproduce.train_argv(reproduce.parse_args(study), run))
+    finally:
+        config.write_text(saved)

@@ -11,6 +11,8 @@ import diffusion
 import methods
 import train
 import weights
+from sampling import add_noise
+from sd15 import tiny_sd15
 
 FAST = ["--epochs", "2", "--batch", "8", "--t", "4", "--samples", "2", "--sample-steps", "3"]
 
@@ -139,3 +141,76 @@ def test_a_run_configured_before_scheduler_resumes_with_pndm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"options": {"method": "selora", "seed": 0, "batch": 8,
                                                                   "epochs": 2}}))
     assert train.resolve(["--resume", str(tmp_path)]).scheduler == "pndm"
+
+
+def steps_of(method, checkpointing, steps=3):
+    """Losses, gradients and controller events of `steps` training steps (diffusion.train_step) of `method` on the
+    tiny model, one fixed batch of 2, SeLoRA testing at every step; and how often the UNet's second block and
+    the text encoder's first layer started per step."""
+    sd = tiny_sd15(0)
+    sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = checkpointing
+    method_ = methods.build(method, **methods.options(method, train.parser().parse_args(["--method", method, "--t", "1"])))
+    torch.manual_seed(0)  # the adapters' initialisation
+    named = adapters.inject(sd.adaptable(), method_.make_adapter)
+    params = [p for p in sd.adaptable().parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    controller = method_.controller(named, optimizer, steps)
+    gen = torch.Generator().manual_seed(1)
+    latents, noise = (torch.randn(2, sd.unet.config.in_channels, 8, 8, generator=gen) for _ in range(2))
+    t = torch.tensor([10, 900])
+    batch = (add_noise(latents, noise, t), t, noise, sd.tokenizer.encode(["a chest x-ray", "no acute finding"])[0])
+    starts = []
+    for module in (sd.unet.input_blocks[1], sd.text_encoder.encoder.layers[0]):
+        module.register_forward_pre_hook(lambda *_: starts.append(1))
+    losses, grads, events = [], [], []
+    for step in range(1, steps + 1):
+        fp32 = torch.autocast("cpu", enabled=False)
+        losses.append(diffusion.train_step(sd, batch, step, controller, optimizer, params, fp32))
+        grads.append([p.grad.clone() for p in params if p.grad is not None])
+        optimizer.step()
+        events.append(controller.step())
+    return losses, grads, events, len(starts) / steps
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients_and_selora_tests(method):
+    losses, grads, events, starts = steps_of(method, checkpointing=False)
+    losses_c, grads_c, events_c, starts_c = steps_of(method, checkpointing=True)
+    assert (starts, starts_c) == (2, 4)  # each checkpointed block runs again in backward
+    assert losses_c == pytest.approx(losses, rel=1e-6)
+    for step, (g, g_c) in enumerate(zip(grads, grads_c), 1):
+        assert len(g) == len(g_c) > 0
+        for a, b in zip(g, g_c):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-12, msg=f"step {step}")
+    tests, tests_c = ([e for step in run for e in step] for run in (events, events_c))
+    assert len(tests) == len(tests_c)
+    for e, e_c in zip(tests, tests_c):  # SeLoRA: each layer's score, ratio, rank and decision at every step
+        assert e_c.keys() == e.keys()
+        for key, value in e.items():
+            assert e_c[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (e, key)
+    if method == "selora":
+        assert len(tests) == 3 * len(events[0]) > 0
+        assert any(e["expanded"] for e in tests) and not all(e["expanded"] for e in tests)
+
+
+def test_gradient_checkpointing_end_to_end_and_on_resume(tmp_path):
+    """The embedded default with --gradient-checkpointing from its start, and switched on when a run resumes
+    (a RESUMABLE option), gives the plain run's losses and SeLoRA's growth."""
+    plain, code = run(tmp_path, "plain", "--samples", "0", "--epochs", "1")
+    assert code == 0
+    checkpointed, code = run(tmp_path, "checkpointed", "--samples", "0", "--epochs", "1", "--gradient-checkpointing")
+    assert code == 0
+    part, code = run(tmp_path, "part", "--samples", "0", "--epochs", "1", "--stop-after", "3",
+                     "--checkpoint-every", "2")
+    assert code == 0 and train.main(["--resume", str(part), "--gradient-checkpointing"]) == 0
+    assert json.loads((part / "config.json").read_text())["options"]["gradient_checkpointing"] is True
+    a = log_lines(plain)
+    assert any("events" in line for line in a)  # SeLoRA tested at t = 4
+    for other in (checkpointed, part):
+        b = log_lines(other)
+        assert [line["step"] for line in a] == [line["step"] for line in b]
+        for x, y in zip(a, b):
+            for key in ("loss", "val_loss", "total_rank"):
+                assert (key in x) == (key in y)
+                if key in x:
+                    assert y[key] == pytest.approx(x[key], rel=1e-6), (other.name, x["step"], key)
