@@ -263,6 +263,21 @@ def _compose(title: str, body: list[tuple[str, Image.Image]], bar: Image.Image, 
     return im
 
 
+def rank_table(ranks: dict[str, float], layout: Layout) -> str:
+    """The heatmap's numbers as plain text: one line per row of `layout`, one column per column, "." where no
+    layer sits (for a terminal or a notebook, where the PNG of `rank_heatmap` is not at hand)."""
+    _check_ranks(ranks, layout, "rank table")
+    cells = [["." for _ in layout.cols] for _ in layout.rows]
+    for name, (r, c) in layout.cells.items():
+        if name in ranks:
+            cells[r][c] = _fmt(ranks[name])
+    width = max(len(text) for text in [*layout.cols, *(x for row in cells for x in row)])
+    label = max(len(row) for row in layout.rows)
+    lines = [" " * label + " " + " ".join(col.rjust(width) for col in layout.cols)]
+    lines += [row.ljust(label) + " " + " ".join(x.rjust(width) for x in cells[i]) for i, row in enumerate(layout.rows)]
+    return "\n".join(lines)
+
+
 def rank_heatmap(ranks: dict[str, float], layout: Layout, title: str = "Final rank per layer",
                  xlabel: str = "Attention layer", ylabel: str = "Weight", cell: tuple[int, int] = (34, 24),
                  vmin: float | None = None, vmax: float | None = None) -> Image.Image:

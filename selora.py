@@ -104,6 +104,7 @@ def expand(layer: SeLoRALinear, K: torch.Tensor, optimizer: torch.optim.Optimize
     resize_parameter(layer.B, B, optimizer)
 
 
+@torch.no_grad()
 def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor,
                      K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample gradients of A, B and of the candidate row of B, from the layer's input and output gradient.

@@ -65,6 +65,17 @@ def two_cell_layout():
     return plots.Layout(rows=["q"], cols=["0", "1"], cells={"a": (0, 0), "b": (0, 1)})
 
 
+def test_rank_table_is_the_heatmap_as_text():
+    names = [f"text_model.encoder.layers.{i}.{p}" for i in range(2) for p in TEXT_PARTS]
+    ranks = {n: i + 1 for i, n in enumerate(names) if not n.endswith("fc1")}  # fc1 has no rank given
+    table = plots.rank_table(ranks, plots.text_encoder_layout(names)).splitlines()
+    assert [line.split() for line in table] == [["0", "1"], ["q", "1", "7"], ["k", "2", "8"], ["v", "3", "9"],
+                                                ["out", "4", "10"], ["fc1", ".", "."], ["fc2", "6", "12"]]
+    assert len({len(line) for line in table}) == 1  # aligned columns
+    with pytest.raises(ValueError, match="rank table: none of the"):
+        plots.rank_table({"other": 1}, plots.text_encoder_layout(names))
+
+
 def test_colormap_runs_light_to_dark():
     values = [luminance(plots.colormap(t)) for t in np.linspace(0, 1, 21)]
     assert all(x > y for x, y in zip(values, values[1:]))
