@@ -5,7 +5,7 @@ UNet2DConditionModel + transformers' CLIPTextModel + peft LoRA (r = 4 on every n
         [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory]
 
 A step is train.py's: text encoder and UNet forward, the diffusion loss, backward, the Adam step and the
-method's controller (train.train_step, then optimizer.step and controller.step), the same function on both
+method's controller (diffusion.train_step, then optimizer.step and controller.step), the same function on both
 sides (peft's side gets thin wrappers with our models' call signatures). Both sides share one set of frozen
 weights (the same tensors), so their first losses agree. Configurations: peft's LoRA; each --method of ours
 (SeLoRA at rank 1, grown to rank 8, and a test step at rank 8, where the capture hooks compute per-sample
@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import adapters  # noqa: E402
+import diffusion  # noqa: E402
 import lora2  # noqa: E402
 import methods  # noqa: E402
 import selora  # noqa: E402
@@ -115,7 +116,7 @@ class TransformersText(nn.Module):
 
 
 class NoController:
-    """peft's side: nothing around the step (train.train_step's controller interface)."""
+    """peft's side: nothing around the step (diffusion.train_step's controller interface)."""
 
     def capture(self, step: int, batch_size: int):
         return nullcontext()
@@ -155,7 +156,7 @@ def our_side(cfg: Config, weights: nn.ModuleDict, device: str):
     parts = copy.deepcopy(weights, {id(t): t for t in [*weights.parameters(), *weights.buffers()]})
     options = ["--method", cfg.method, "--rank", str(RANK)]
     options += ["--t", "1", "--lam", "1e30"] if cfg.test_step else ["--t", str(10 ** 9)]
-    method = methods.build(cfg.method, **train.method_options(train.parser().parse_args(options)))
+    method = methods.build(cfg.method, **methods.options(cfg.method, train.parser().parse_args(options)))
     named = adapters.inject(parts, method.make_adapter)
     for layer in named.values():
         for _ in range(cfg.rank - 1):
@@ -180,8 +181,8 @@ class Side:
     def step(self, batch) -> float:
         """train.py's step: train_step (forward, loss, backward inside the controller's capture), Adam, controller."""
         self.steps += 1
-        loss = train.train_step(self.sd, batch, self.steps, self.controller, self.optimizer, self.params,
-                                self.autocast)
+        loss = diffusion.train_step(self.sd, batch, self.steps, self.controller, self.optimizer, self.params,
+                                    self.autocast)
         self.optimizer.step()
         self.controller.step()
         return loss
@@ -203,7 +204,7 @@ def build(cfg: Config, weights: nn.ModuleDict, args: argparse.Namespace) -> Side
 
 
 def make_batch(size: int, batch: int) -> tuple[torch.Tensor, ...]:
-    """(noisy latents, t, noise, token ids) as train.diffusion_batch gives them: 8 random tokens per prompt."""
+    """(noisy latents, t, noise, token ids) as diffusion.noisy_batch gives them: 8 random tokens per prompt."""
     gen = torch.Generator().manual_seed(0)
     latents, noise = (torch.randn(batch, 4, size // 8, size // 8, generator=gen) for _ in range(2))
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
