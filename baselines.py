@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters import Adapter, Controller, factor_dtype, lora_factors, select_parameter
+from adapters import Adapter, Controller, factor_dtype, lora_factors
 
 
 # ---------------------------------------------------------------- LoRA
@@ -65,6 +65,10 @@ class DyLoRALinear(Adapter):
     b - 1 are detached (the paper's frozen update; Adam's momentum still moves them a little, as in
     any detached-gradient scheme); "full" trains all first b. A buffer keeps alpha, so saved files
     carry it.
+
+    At a fixed capacity (train.py --compile; the capacity is r) the forward does not slice: b is the
+    `active` buffer, A's columns from b on are masked to zero (so those ranks contribute nothing and get no
+    gradient, as when sliced away) and the frozen ranks are chosen by position, all at fixed shapes.
     """
     method = "dylora"
 
@@ -83,6 +87,8 @@ class DyLoRALinear(Adapter):
         if b is not None and not 1 <= b <= self.rank:
             raise ValueError(f"rank b must be in 1..{self.rank}, got {b}")
         self.b = b
+        if self.capacity is not None:
+            self.active.fill_(self.rank if b is None else b)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A[:, :b], B[:b], alpha / b): the ranks in use (b = r outside training unless `set_rank` chose one)."""
@@ -91,12 +97,25 @@ class DyLoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.capacity is not None:
+            return y + self.masked_update(x).to(y.dtype)
         A, B, scale = self.factors()
         if self.mode == "frozen" and self.training:  # only the b-th rank receives gradient
             b = A.shape[1]
             A = torch.cat([A[:, :b - 1].detach(), A[:, b - 1:]], dim=1)
             B = torch.cat([B[:b - 1].detach(), B[b - 1:]], dim=0)
         return y + (scale * ((x.to(A.dtype) @ A) @ B)).to(y.dtype)
+
+    def masked_update(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class)."""
+        position = torch.arange(self.A.shape[1], device=self.A.device)
+        b = self.active
+        A = self.A * (position < b).to(self.A.dtype)
+        B = self.B
+        if self.mode == "frozen" and self.training:
+            frozen = position < b - 1
+            A, B = torch.where(frozen, A.detach(), A), torch.where(frozen[:, None], B.detach(), B)
+        return (self.alpha / b) * ((x.to(A.dtype) @ A) @ B)
 
 
 def draw_rank(seed: int, step: int, r: int) -> int:
@@ -147,6 +166,7 @@ class AdaLoRALinear(Adapter):
     peft adds 1e-5 to ranknum, we do not).
     """
     method = "adalora"
+    rank_dims = {"A": 1, "E": 0, "B": 0}
 
     def __init__(self, base: nn.Linear, init_r: int = 6, alpha: float = 8.0, generator: torch.Generator | None = None):
         super().__init__(base)
@@ -164,7 +184,7 @@ class AdaLoRALinear(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(E), B, s): the update s A diag(E) B; a masked triplet (E_i = 0) is a zero column."""
-        return self.A * self.E, self.B, self.scale
+        return self.used("A") * self.used("E"), self.used("B"), self.scale
 
 
 def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
@@ -176,8 +196,9 @@ def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
     """
     terms = []
     for a in adapters.values():
-        eye = torch.eye(a.rank, device=a.A.device, dtype=a.A.dtype)
-        terms += [torch.linalg.matrix_norm(a.A.T @ a.A - eye), torch.linalg.matrix_norm(a.B @ a.B.T - eye)]
+        A, B = a.used("A"), a.used("B")
+        eye = torch.eye(a.rank, device=A.device, dtype=A.dtype)
+        terms += [torch.linalg.matrix_norm(A.T @ A - eye), torch.linalg.matrix_norm(B @ B.T - eye)]
     return torch.stack(terms).mean()
 
 
@@ -213,7 +234,9 @@ class AdaLoRA(Controller):
     is masked once more, and then, where peft keeps masking the same pattern every step, we truncate
     each layer to its kept triplets (A's columns, E, B's rows, with their optimizer state:
     adapters.select_parameter), so the final phase trains, and saved files hold, the final ranks
-    (a layer may reach rank 0). One consequence: in the final phase the regulariser no longer sees
+    (a layer may reach rank 0). At a fixed capacity (train.py --compile; the capacity is init_r) the
+    kept triplets move to the first positions instead and the others become zero, moments included
+    (Adapter.select): they contribute nothing and get no gradient, as if cut off. One consequence: in the final phase the regulariser no longer sees
     the pruned rows, which peft's still includes. Unlike peft (issue 745: only added when the model
     output has a `.loss`, so a diffusers UNet trains without it), `penalty()` is always the
     regulariser times orth_reg_weight and the loop adds it.
@@ -291,9 +314,7 @@ class AdaLoRA(Controller):
         """Drop every layer's masked triplets from A, E, B and the optimizer's state."""
         for name, a in self.adapters.items():
             index = torch.nonzero(self.kept[name]).flatten()
-            select_parameter(a.A, 1, index, self.optimizer)
-            select_parameter(a.E, 0, index, self.optimizer)
-            select_parameter(a.B, 0, index, self.optimizer)
+            a.select(index, self.optimizer)
             self.kept[name] = torch.ones(len(index), dtype=torch.bool)
 
     def step(self) -> list[dict]:

@@ -20,12 +20,16 @@ import run_folder
 import weights
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
-    """Flatten the optimizer's state into `optim.<param name>.<state key>` tensors."""
-    out = {}
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
+                      in_use: dict[torch.nn.Parameter, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Flatten the optimizer's state into `optim.<param name>.<state key>` tensors; the state of a factor stored
+    at a fixed capacity only where it is in use (`in_use`, from adapters.in_use: {param: (dim, rank)})."""
+    out, in_use = {}, in_use or {}
     for param, state in optimizer.state.items():
         for key, value in state.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
+            if param in in_use and value.shape == param.shape:
+                value = value.narrow(in_use[param][0], 0, in_use[param][1])
             out[f"optim.{names[param]}.{key}"] = value
     return out
 
@@ -50,10 +54,11 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.n
 
 def save_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
                     generators: dict[str, torch.Generator], counters: dict,
-                    extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Write optimizer state, generator states, counters (JSON in the metadata) and `extra` tensors (e.g. a
-    method's own state, such as AdaLoRA's importance averages), atomically."""
-    tensors = optimizer_tensors(optimizer, names)
+                    extra: dict[str, torch.Tensor] | None = None,
+                    in_use: dict[torch.nn.Parameter, tuple[int, int]] | None = None) -> None:
+    """Write optimizer state (see `optimizer_tensors`), generator states, counters (JSON in the metadata) and
+    `extra` tensors (e.g. a method's own state, such as AdaLoRA's importance averages), atomically."""
+    tensors = optimizer_tensors(optimizer, names, in_use)
     tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
     for key, gen in generators.items():
         tensors[f"rng.{key}"] = gen.get_state()
@@ -96,7 +101,8 @@ def save_training_state(run: Path, model: torch.nn.Module, named: dict[str, adap
     tmp.mkdir()
     adapters.save_adapters(named, tmp / "adapters.safetensors", metadata)
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
-    save_checkpoint(tmp / "state.safetensors", optimizer, names, {"train": gen}, counters, controller.state())
+    save_checkpoint(tmp / "state.safetensors", optimizer, names, {"train": gen}, counters, controller.state(),
+                    adapters.in_use(named))
     if final.exists():
         final.rename(old)
     tmp.rename(final)

@@ -22,6 +22,9 @@ follow in the points cited below; the LoRA^2 paper itself is not available here,
   f) so that the kept ranks contribute exactly what they did: growth leaves the output unchanged,
   truncation removes only the dropped ranks' part. The optimizer's state is resized with the
   parameters (adapters.resize_parameter); the moments of the rescaled rows are kept as they were.
+  At a fixed capacity (train.py --compile; the capacity is max_rank) the ranks change in place
+  (Adapter.resize) and f is a softmax over the capacity's positions with those from D on masked out,
+  which is f over D positions followed by zeros.
 - The prior, added to the loss as the rank penalty (the reference's ELBO, model.py AWN.forward and
   metric.py, divided by its n_observations): a Gaussian N(mu, sigma_nu^2) on each rate and N(0,
   sigma_theta^2) on every entry of A and B,
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import Adapter, Controller, draw_candidate, lora_factors, resize_parameter
+from adapters import Adapter, Controller, draw_candidate, lora_factors
 
 
 def rate_for_rank(rank: int, k: float = 0.9) -> float:
@@ -78,9 +81,13 @@ class LoRA2Linear(Adapter):
         return F.softplus(self.rho)
 
     def weights(self) -> torch.Tensor:
-        """f(i) = F(i + 1) - F(i) over i < D, renormalised: softmax(-nu i)."""
-        positions = torch.arange(self.rank, device=self.A.device, dtype=self.A.dtype)
-        return torch.softmax(-self.rate * positions, dim=0)
+        """f(i) = F(i + 1) - F(i) over i < D, renormalised: softmax(-nu i). At a fixed capacity, one weight per
+        position of the storage: the positions from D (the `active` buffer) on get 0."""
+        positions = torch.arange(self.A.shape[1], device=self.A.device, dtype=self.A.dtype)
+        logits = -self.rate * positions
+        if self.capacity is not None:
+            logits = logits.masked_fill(positions >= self.active, -math.inf)
+        return torch.softmax(logits, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -88,7 +95,7 @@ class LoRA2Linear(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(f), B, s): the update s A diag(f) B."""
-        return self.A * self.weights(), self.B, self.scale
+        return self.used("A") * self.weights()[:self.rank], self.used("B"), self.scale
 
 
 def normaliser(rate: float, rank: int) -> float:
@@ -111,8 +118,8 @@ def resize(layer: LoRA2Linear, rank: int, new_columns: torch.Tensor | None = Non
     rate = float(layer.rate.detach())
     ratio = normaliser(rate, rank) / normaliser(rate, old)
     with torch.no_grad():
-        B = layer.B[:kept] * ratio
-        A = layer.A[:, :kept]
+        B = layer.used("B")[:kept] * ratio
+        A = layer.used("A")[:, :kept]
         if rank > old:
             if new_columns is None or new_columns.shape != (layer.base.in_features, rank - old):
                 raise ValueError(f"growing from rank {old} to {rank} needs new A columns of shape "
@@ -120,8 +127,7 @@ def resize(layer: LoRA2Linear, rank: int, new_columns: torch.Tensor | None = Non
                                  f"{None if new_columns is None else tuple(new_columns.shape)}")
             A = torch.cat([A, new_columns.to(A)], dim=1)
             B = torch.cat([B, B.new_zeros(rank - old, B.shape[1])], dim=0)
-    resize_parameter(layer.A, A, optimizer)
-    resize_parameter(layer.B, B, optimizer)
+    layer.resize({"A": A, "B": B}, optimizer)
 
 
 def param_groups(adapters: dict[str, LoRA2Linear], lr: float, rate_lr: float) -> list[dict]:
@@ -167,18 +173,21 @@ class LoRA2(Controller):
     def penalty(self) -> torch.Tensor:
         """The negative log prior over n_obs (constants dropped): Gaussian on each rate and on A, B."""
         rates = torch.stack([a.rate for a in self.adapters.values()])
-        weights = sum(a.A.square().sum() + a.B.square().sum() for a in self.adapters.values())
+        weights = sum(a.used("A").square().sum() + a.used("B").square().sum() for a in self.adapters.values())
         rate_term = (rates - self.rate_prior_mean).square().sum() / (2 * self.rate_prior_scale ** 2)
         return (rate_term + weights / (2 * self.weight_prior_scale ** 2)) / self.n_obs
 
-    def target_rank(self, layer: LoRA2Linear) -> int:
-        cap = min(self.max_rank, layer.base.in_features, layer.base.out_features)
-        return quantile_rank(float(layer.rate.detach()), self.k, cap)
+    def capacity(self, name: str) -> int:
+        layer = self.adapters[name]
+        return min(self.max_rank, layer.base.in_features, layer.base.out_features)
+
+    def target_rank(self, name: str) -> int:
+        return quantile_rank(float(self.adapters[name].rate.detach()), self.k, self.capacity(name))
 
     def step(self) -> list[dict]:
         events = []
         for name, layer in self.adapters.items():
-            old, rank = layer.rank, self.target_rank(layer)
+            old, rank = layer.rank, self.target_rank(name)
             if rank == old:
                 continue
             columns = None
@@ -187,7 +196,8 @@ class LoRA2(Controller):
                                      for i in range(old, rank)], dim=1)
             resize(layer, rank, columns, self.optimizer)
             events.append({"step": self.last_step, "layer": name, "rank": rank, "previous": old,
-                           "rate": float(layer.rate.detach())})
+                           "rate": float(layer.rate.detach()), **({"reached_max_rank": True}
+                                                                  if rank == self.capacity(name) else {})})
         return events
 
     def metadata(self) -> dict[str, str]:

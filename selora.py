@@ -10,12 +10,15 @@ Read top to bottom:
 - `SeLoRALinear`: x W0 + b0 + s x A B (eq. 1-2) on a frozen nn.Linear.
 - `expand`: eq. 2, with the optimizer's state resized (adapters.resize_parameter).
 - `per_sample_grads`: each sample's gradients of A, B and of K's row, from a layer's input x and output
-  gradient g, which the training step's own backward produces.
+  gradient g, which the training step's own backward produces (as sums over tokens of outer products,
+  `gradient_factors`); `gram_squared_norms`: the sum of their squares (eq. 3) from the tokens' Gram
+  matrices, without forming them, for layers where that is cheaper (`gram_is_cheaper`).
 - `fisher_score` (eq. 3-4, as the paper writes them), `fi_ratio` (eq. 5); `fisher_sums` and
   `score_from_sums`: the same score from sums that the processes of a data-parallel run can add.
 - `literal_fisher_scores`, `literal_fi_ratios`: the same numbers by definition, one backward per sample
   on an expanded copy of the model (for readers, and the tests' oracle).
-- `SeLoRA`: the schedule (test every t steps, expand above lambda, log) as a training loop calls it.
+- `SeLoRA`: the schedule (test every t steps, expand above lambda, log; optionally up to a maximum rank) as a
+  training loop calls it.
 
 Per-sample gradient convention. The training loss is the batch mean of per-sample losses,
 L = (1/b) sum_i l_i, with l_i the MSE of sample i (mean over its elements). Eq. 3 uses the gradient of
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import Adapter, Controller, draw_candidate, lora_factors, resize_parameter
+from adapters import Adapter, Controller, draw_candidate, lora_factors
 
 BLOCK = 8  # ranks per matmul block in SeLoRALinear's forward; see `low_rank`
 FISHER_MODES = ("sample", "batch")
@@ -69,9 +72,10 @@ class SeLoRALinear(Adapter):
         point: the matmul kernels pick their summation order from the shapes, so going from r to r + 1
         changes the rounding of the ranks that were already there. With fixed-width blocks, appending a
         rank either fills a zero padding column (the block's shapes do not change) or opens a new block
-        whose product is exactly zero, so the output stays the same bit for bit.
+        whose product is exactly zero, so the output stays the same bit for bit. At a fixed capacity the ranks
+        not in use are zero columns of A and zero rows of B, which contribute exact zeros in the same way.
         """
-        pad = -self.rank % BLOCK
+        pad = -self.A.shape[1] % BLOCK  # A's columns: with a fixed capacity (adapters.fix_capacity), all of them
         A, B = F.pad(self.A, (0, pad)), F.pad(self.B, (0, 0, 0, pad))
         out = None
         for i in range(0, A.shape[1], BLOCK):
@@ -85,47 +89,85 @@ class SeLoRALinear(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, s): the update s A B (eq. 1)."""
-        return self.A, self.B, self.scale
+        return self.used("A"), self.used("B"), self.scale
 
 
 def expand(layer: SeLoRALinear, K: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Grow the layer by one rank: A <- [A K], B <- [B; 0] (eq. 2). The output does not change.
 
     With an optimizer, the state of A and B grows with them: existing moments kept, new entries zero,
-    same param group (adapters.resize_parameter).
+    same param group (adapters.resize_parameter). At a fixed capacity K is written into A's first free
+    column, whose row of B is zero already (Adapter.resize).
     """
     d_in, d_out = layer.base.in_features, layer.base.out_features
     if K.numel() != d_in:
         raise ValueError(f"K must have d_in = {d_in} entries (a {d_in} x 1 column), got shape {tuple(K.shape)}")
-    with torch.no_grad():
-        A = torch.cat([layer.A, K.reshape(d_in, 1).to(layer.A)], dim=1)
-        B = torch.cat([layer.B, layer.B.new_zeros(1, d_out)], dim=0)
-    resize_parameter(layer.A, A, optimizer)
-    resize_parameter(layer.B, B, optimizer)
+    A, B = layer.used("A").detach(), layer.used("B").detach()
+    layer.resize({"A": torch.cat([A, K.reshape(d_in, 1).to(A)], dim=1),
+                  "B": torch.cat([B, B.new_zeros(1, d_out)], dim=0)}, optimizer)
 
 
 @torch.no_grad()
-def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor,
-                     K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gradient_factors(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: torch.Tensor,
+                     times: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-sample gradients of A and of the expanded layer's B' = [B; 0] (eq. 2) as sums over tokens of
+    outer products, dl_i/dW = sum_n u_in^T v_in, given by their factors (u [b, n, d1], v [b, n, d2]):
+
+        A:   u = x,            v = s g B^T      (dl_i/dA  = s sum_n x_n^T (g_n B^T))
+        B':  u = s x [A K],    v = g            (dl_i/dB' = s sum_n (x_n [A K])^T g_n: B's rows, then K's row)
+
+    x: the layer's input [b, ..., d_in]; g: its output gradient [b, ..., d_out], of which `times` g is the
+    gradient of each sample's own loss (`per_sample_grads`); the factor is applied to the small factors.
+    """
+    b = x.shape[0]
+    A, B, s = layer.used("A"), layer.used("B"), layer.scale * times
+    x = x.reshape(b, -1, A.shape[0]).to(A.dtype)
+    g = g.reshape(b, -1, B.shape[1]).to(A.dtype)
+    return [(x, s * (g @ B.T)), (s * (x @ torch.cat([A, K.reshape(-1, 1).to(A)], dim=1)), g)]
+
+
+@torch.no_grad()
+def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: torch.Tensor,
+                     times: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample gradients of A, B and of the candidate row of B, from the layer's input and output gradient.
 
     x: the input [b, ..., d_in]; g: the gradient of each sample's own loss l_i with respect to the
-    layer's output [b, ..., d_out] (the captured dL/dy of the batch-mean loss times b). With y = s x A B:
+    layer's output [b, ..., d_out] (the captured dL/dy of the batch-mean loss times b; or give that dL/dy
+    and times=b). With y = s x A B:
         dl_i/dA = s sum_n x_n^T (g_n B^T)          [b, d_in, r]
         dl_i/dB = s sum_n (x_n A)^T g_n            [b, r, d_out]
         dl_i/db_new = s sum_n (x_n K) g_n          [b, d_out]  (the zero row that eq. 2 appends to B)
     The expanded layer's gradient of K is zero because its row of B is zero, and the gradients of A and
     B are those of the original layer, so these three give the Fisher of both. Sums over n (tokens,
-    positions) are einsums: no per-sample copy of any weight is formed.
+    positions) are einsums of `gradient_factors`: no per-sample copy of any weight is formed.
     """
-    b = x.shape[0]
-    A, B, s = layer.A, layer.B, layer.scale
-    x = x.reshape(b, -1, A.shape[0]).to(A.dtype)
-    g = g.reshape(b, -1, B.shape[1]).to(A.dtype)
-    grad_A = s * torch.einsum("bnd,bnr->bdr", x, g @ B.T)
-    grad_B = s * torch.einsum("bnr,bno->bro", x @ A, g)
-    grad_new = s * torch.einsum("bn,bno->bo", (x @ K.reshape(-1, 1).to(x)).squeeze(-1), g)
-    return grad_A, grad_B, grad_new
+    (x, u), (xA, g) = gradient_factors(layer, x, g, K, times)
+    grad_A = torch.einsum("bnd,bnr->bdr", x, u)
+    grad_B_expanded = torch.einsum("bnr,bno->bro", xA, g)
+    return grad_A, grad_B_expanded[:, :-1], grad_B_expanded[:, -1]
+
+
+def gram_is_cheaper(layer: SeLoRALinear, tokens: int) -> bool:
+    """Whether `gram_squared_norms` costs fewer multiply-adds than forming the per-sample gradients
+    (`per_sample_grads`) for a call of `layer` on `tokens` tokens per sample (per sample: n d_in r for A and
+    n (r + 1) d_out for B', against n^2 (d_in + r) and n^2 (d_out + r + 1) for the Gram matrices): for layers
+    with fewer tokens than about their rank, such as SD's time-embedding layers (one token)."""
+    d_in, d_out, r = layer.base.in_features, layer.base.out_features, layer.rank
+    return tokens * (d_in + d_out + 2 * r + 1) < d_in * r + (r + 1) * d_out
+
+
+@torch.no_grad()
+def gram_squared_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_i ||sum_n u_in^T v_in||_F^2 in float64, without forming the per-sample gradients sum_n u_n^T v_n:
+    eq. 3's squares summed over samples and entries (eq. 4's sum, before its mean over samples).
+
+    For one sample (i dropped), the gradient's entry (j, k) is sum_n u_nj v_nk, so
+        ||sum_n u_n^T v_n||_F^2 = sum_jk (sum_n u_nj v_nk)^2 = sum_jk sum_nm u_nj v_nk u_mj v_mk
+                                = sum_nm (sum_j u_nj u_mj)(sum_k v_nk v_mk) = sum_nm (U U^T)_nm (V V^T)_nm:
+    the entrywise product of the samples' token Gram matrices U U^T and V V^T [n, n], summed.
+    """
+    u, v = u.double(), v.double()
+    return ((u @ u.mT) * (v @ v.mT)).sum()
 
 
 def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> float:
@@ -247,11 +289,14 @@ class SeLoRA(Controller):
     from the next step. (The test is measured at the weights before the step, the expansion applied
     at the weights after it: a one-step lag the authors' script also has.) A layer expands when its
     ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
+
+    max_rank: none by default, as in the paper; a layer that reaches it stops growing and is no longer
+    tested (logged once, as an event with "reached_max_rank"). A fixed capacity (train.py --compile) needs one.
     """
 
     def __init__(self, adapters: dict[str, SeLoRALinear], optimizer: torch.optim.Optimizer | None = None,
                  total_steps: int | None = None, reduce=None, lam: float = 1.1, t: int = 40, fisher: str = "sample",
-                 seed: int = 0, insist: bool = False):
+                 seed: int = 0, insist: bool = False, max_rank: int | None = None):
         if not adapters or not all(isinstance(a, SeLoRALinear) for a in adapters.values()):
             raise ValueError("adapters must be a non-empty dict of SeLoRALinear layers (from adapters.inject)")
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
@@ -271,28 +316,39 @@ class SeLoRA(Controller):
             missing = [name for name, a in adapters.items() if id(a.A) not in held or id(a.B) not in held]
             if missing:
                 raise ValueError(f"the optimizer does not hold A and B of {len(missing)} adapters, e.g. '{missing[0]}'")
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+            raise ValueError(f"max_rank must be None or an integer >= 1, got {max_rank!r}")
         super().__init__(adapters, optimizer, total_steps, reduce)
-        self.lam, self.t, self.fisher, self.seed = float(lam), t, fisher, seed
+        self.lam, self.t, self.fisher, self.seed, self.max_rank = float(lam), t, fisher, seed, max_rank
         self.log: list[RankTest] = []
         self._tested_step = None
-        self._candidates: dict[str, torch.Tensor] = {}
-        self._grads: dict[str, list[torch.Tensor]] = {}
+        self._candidates: dict[str, torch.Tensor] = {}  # the layers tested this step, with their K
+        self._gram: dict[str, bool] = {}  # per layer: whether its squared gradients are summed from Gram matrices
+        self._grads: dict[str, list[torch.Tensor]] = {}  # if not: per-sample grads of A, B, K's row, summed over calls
+        self._factors: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # if so: each call's factors
 
     def is_test_step(self, step: int) -> bool:
         return step % self.t == 0
 
+    def hooks_forward(self, step: int) -> bool:
+        return self.is_test_step(step)
+
+    def capacity(self, name: str) -> int | None:
+        return self.max_rank
+
     @contextmanager
     def capture(self, step: int, batch_size: int) -> Iterator[None]:
         """Around the forward and backward of training step `step` (counted from 1): on test steps, hook
-        every adapter so that backward leaves its per-sample gradients here. Other steps: nothing."""
+        every adapter below max_rank so that backward leaves its per-sample gradients here. Other steps:
+        nothing."""
         self.last_step = step
         if not self.is_test_step(step):
             yield
             return
-        self._tested_step, self._grads = step, {}
+        self._tested_step, self._gram, self._grads, self._factors = step, {}, {}, {}
         self._candidates = {name: draw_candidate(a.base.in_features, self.seed, step, name)
-                            for name, a in self.adapters.items()}
-        handles = [a.register_forward_hook(self._hook(name, batch_size)) for name, a in self.adapters.items()]
+                            for name, a in self.adapters.items() if self.max_rank is None or a.rank < self.max_rank}
+        handles = [self.adapters[name].register_forward_hook(self._hook(name, batch_size)) for name in self._candidates]
         try:
             yield
         finally:
@@ -307,11 +363,19 @@ class SeLoRA(Controller):
                                  f"{batch_size} first; the per-sample Fisher needs samples along dimension 0")
             if not output.requires_grad:
                 return
+            # The layer's first call this step chooses how its squared gradients are summed: from the Gram
+            # matrices where cheaper (only the squares are needed, fisher="sample"), else from the gradients.
+            gram = self._gram.setdefault(name, self.fisher == "sample" and
+                                         gram_is_cheaper(layer, x[0].numel() // layer.base.in_features))
             # Under gradient checkpointing this hook runs again when backward recomputes the layer; that grad_hook
             # sits on the recomputed output, which backward never passes through, so each call counts once.
 
-            def grad_hook(g):
-                grads = per_sample_grads(layer, x, g * batch_size, self._candidates[name])
+            def grad_hook(g):  # g: dL/dy of the batch-mean loss; batch_size g is each sample's own (module doc)
+                if gram:
+                    self._factors.setdefault(name, []).append(gradient_factors(layer, x, g, self._candidates[name],
+                                                                               batch_size))
+                    return
+                grads = per_sample_grads(layer, x, g, self._candidates[name], batch_size)
                 held = self._grads.get(name)  # a layer called twice in one forward sums both calls
                 self._grads[name] = list(grads) if held is None else [h + n for h, n in zip(held, grads)]
             output.register_hook(grad_hook)
@@ -321,17 +385,23 @@ class SeLoRA(Controller):
         """[number of samples, fisher_sums of (A, B), fisher_sums of the candidate row] of this process's
         batch for layer `name`; zero samples and zero sums when the layer received no gradient."""
         layer = self.adapters[name]
+        if name in self._factors:  # one sum over the tokens of all the layer's calls: their factors side by side
+            (x, u), (xA, g) = ([torch.cat(parts, dim=1) for parts in zip(*pairs)] for pairs in zip(*self._factors[name]))
+            count = torch.tensor([float(len(x))], dtype=torch.float64, device=x.device)
+            return [count, gram_squared_norms(x, u), gram_squared_norms(xA[..., :-1], g),
+                    gram_squared_norms(xA[..., -1:], g)]
         grads = self._grads.get(name)
         if grads is None:
-            A, B = layer.A, layer.B
+            A, B = layer.used("A"), layer.used("B")
             grads = [A.new_zeros(0, *A.shape), B.new_zeros(0, *B.shape), B.new_zeros(0, B.shape[1])]
         count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
         return [count, *fisher_sums(grads[:2], self.fisher), *fisher_sums(grads[2:], self.fisher)]
 
     def step(self) -> list[dict]:
-        """After optimizer.step(): on a test step, compute each layer's FI-ratio (eq. 5), expand those above
-        lambda (eq. 2, resizing the optimizer's state), log the tests in `log` and return them as dicts.
-        Layers that received no gradient this step are not tested. Other steps: nothing.
+        """After optimizer.step(): on a test step, compute each tested layer's FI-ratio (eq. 5), expand those
+        above lambda (eq. 2, resizing the optimizer's state), log the tests in `log` and return them as dicts
+        (and a layer that reaches max_rank). Layers that received no gradient this step are not tested.
+        Other steps: nothing.
 
         Each layer's sample count and Fisher sums go through `reduce` first: the identity in one process, a
         sum over the processes of a data-parallel run, so that the FI-ratio is the global batch's and every
@@ -339,9 +409,9 @@ class SeLoRA(Controller):
         which is right: each process's loss is the mean over its own samples.)"""
         if self._tested_step is None:
             return []
-        names = list(self.adapters)  # the same order on every process
+        names = list(self._candidates)  # the same order on every process
         sums = iter(self.reduce([s for name in names for s in self._fisher_sums(name)]))
-        tests = []
+        tests, events = [], []
         for name in names:
             count, sum_A, sum_B, sum_new = (next(sums) for _ in range(4))
             n = int(count)
@@ -354,11 +424,13 @@ class SeLoRA(Controller):
             if grow:
                 expand(layer, self._candidates[name], self.optimizer)
             tests.append(RankTest(self._tested_step, name, original, ratio, layer.rank, grow))
+            if grow and layer.rank == self.max_rank:
+                events.append({"step": self._tested_step, "layer": name, "rank": layer.rank, "reached_max_rank": True})
         self.log += tests
-        self._tested_step, self._candidates, self._grads = None, {}, {}
-        return [dataclasses.asdict(test) for test in tests]
+        self._tested_step, self._candidates, self._gram, self._grads, self._factors = None, {}, {}, {}, {}
+        return [dataclasses.asdict(test) for test in tests] + events
 
     def metadata(self) -> dict[str, str]:
         """The schedule's settings and the last step, for adapters.save_adapters (add the base model's name)."""
-        return {"lambda": repr(self.lam), "t": str(self.t), "fisher": self.fisher,
-                "seed": str(self.seed), "step": str(self.last_step)}
+        return {"lambda": repr(self.lam), "t": str(self.t), "fisher": self.fisher, "seed": str(self.seed),
+                "step": str(self.last_step), **({} if self.max_rank is None else {"max_rank": str(self.max_rank)})}

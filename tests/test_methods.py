@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import weights
-from adapters import Adapter, inject, load_adapters, merge, save_adapters
+from adapters import Adapter, fix_capacity, in_use, inject, load_adapters, merge, save_adapters
 from baselines import AdaLoRA, AdaLoRALinear, DyLoRALinear, LoRALinear
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, optimizer_tensors, save_checkpoint
 from lora2 import LoRA2, LoRA2Linear
 from methods import METHODS, adapter_for_file, build
 from selora import SeLoRA, SeLoRALinear
@@ -32,10 +32,10 @@ def data(step):
     return torch.randn(3, 5, 8, generator=g, dtype=torch.float64), torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
 
 
-def setup(name, seed=0):
+def setup(name, seed=0, **options):
     torch.manual_seed(seed)
     model = Block().double()
-    method = build(name, **ACTIVE[name])
+    method = build(name, **ACTIVE[name], **options)
     ads = inject(model, method.make_adapter)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     return model, ads, opt, method.controller(ads, opt, TOTAL)
@@ -143,6 +143,52 @@ def test_resume_from_saved_state_continues_identically(name, tmp_path):
     assert resumed.keys() == straight.keys()
     for n in straight:
         assert torch.equal(resumed[n], straight[n]), n
+
+
+CAPACITY = {"selora": {"max_rank": 3}}  # SeLoRA sets no maximum rank by default; here layers reach it
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_fixed_capacity_trains_saves_and_checkpoints_as_the_true_ranks_do(name, tmp_path):
+    """adapters.fix_capacity (train.py --compile): the factors keep one shape from the start, the ranks change in
+    place, and the run is the one without: the same outputs and events, and saved files and optimizer state
+    at the true ranks."""
+    runs = []
+    for fixed in (False, True):
+        model, ads, opt, control = setup(name, **CAPACITY.get(name, {}))
+        initial = control.ranks()
+        if fixed:
+            fix_capacity(control, opt)
+            factors = {n: (p, p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        events = train(model, opt, control, range(1, TOTAL + 1))
+        save_adapters(ads, tmp_path / f"{fixed}.safetensors", control.metadata())
+        names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+        state = optimizer_tensors(opt, names, in_use(ads))
+        with torch.no_grad():
+            runs.append((model(data(99)[0]), events, control.ranks(), state))
+    assert all(p is getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) and p.shape == shape
+               for n, (p, shape) in factors.items())
+    (out, events, ranks, state), (out_f, events_f, ranks_f, state_f) = runs
+    assert (ranks != initial) == (name in ("selora", "adalora", "lora2"))  # the adaptive ones adapted
+    assert ranks_f == ranks and len(events_f) == len(events)
+    for e, e_f in zip(events, events_f):
+        assert e_f.keys() == e.keys()
+        assert all(e_f[k] == (pytest.approx(v, rel=1e-10) if isinstance(v, float) else v) for k, v in e.items())
+    torch.testing.assert_close(out_f, out, rtol=1e-10, atol=1e-12)
+    saved, saved_f = (weights.load_file(tmp_path / f"{fixed}.safetensors") for fixed in (False, True))
+    assert saved_f.keys() == saved.keys() and state_f.keys() == state.keys()
+    for tensors, tensors_f in ((saved, saved_f), (state, state_f)):
+        for k in tensors:
+            torch.testing.assert_close(tensors_f[k], tensors[k], rtol=1e-10, atol=1e-12, msg=k)
+    if name == "selora":  # tests every 2 steps: each layer grew to max_rank 3 by step 4, logged once, then untested
+        assert set(ranks.values()) == {3} and {e["step"] for e in events} == {2, 4}
+        assert sorted(e["layer"] for e in events if e.get("reached_max_rank")) == sorted(ads)
+
+
+def test_a_fixed_capacity_needs_a_maximum_rank():
+    _, ads, opt, control = setup("selora")
+    with pytest.raises(ValueError, match="SeLoRA sets no maximum rank, so layer 'to_q' cannot be stored at a fixed"):
+        fix_capacity(control, opt)
 
 
 def test_adalora_without_its_state_would_not_resume_identically(tmp_path):

@@ -105,6 +105,44 @@ def test_expansion_keeps_the_output_bit_for_bit(kind):
                 a.B.normal_()  # train between expansions
 
 
+def test_expansion_at_a_fixed_capacity_writes_K_into_a_free_column_and_keeps_the_output_bit_for_bit():
+    """adapters.fix_capacity (train.py --compile): A and B keep their shapes, K fills A's next column, B's row
+    stays zero, Adam's moments of the new entries are zero, and the output does not change at all."""
+    model, ads = make("block", dtype=torch.float32)
+    randomise(ads)
+    optimizer = torch.optim.Adam([p for a in ads.values() for p in (a.A, a.B)], lr=0.1)
+    control = SeLoRA(ads, optimizer, max_rank=11)
+    adapters.fix_capacity(control, optimizer)
+    x, y = batch("block", 3, dtype=torch.float32)
+    (model(x) - y).square().mean().backward()
+    optimizer.step()
+    for r in range(10):  # from ranks 1-3 up to 11: fills and crosses the 8-rank block of SeLoRALinear.low_rank
+        with torch.no_grad():
+            before = model(x)
+        for name, a in ads.items():
+            if a.rank < a.capacity:
+                K = draw_candidate(a.base.in_features, 0, r, name)
+                rank, A, moments = a.rank, a.A.detach().clone(), optimizer.state[a.B]["exp_avg"].clone()
+                expand(a, K, optimizer)
+                assert a.A.shape == (a.base.in_features, 11) and a.B.shape == (11, a.base.out_features)
+                assert torch.equal(a.A[:, rank], K[:, 0]) and torch.equal(a.A[:, :rank], A[:, :rank])
+                assert not a.A[:, rank + 1:].any() and not a.B[rank:].any()
+                assert torch.equal(optimizer.state[a.B]["exp_avg"], moments) and not moments[rank:].any()
+        with torch.no_grad():
+            assert torch.equal(model(x), before), f"output changed at expansion {r}"
+    assert all(a.rank == 11 and a.factors()[0].shape[1] == 11 for a in ads.values())
+
+
+def test_squared_gradient_norms_from_gram_matrices_equal_the_gradients_squared():
+    """selora.gram_squared_norms is eq. 3's sum of squares of the per-sample gradients sum_n u_n^T v_n."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(4, 3, 7, generator=g, dtype=torch.float64), torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    grads = torch.stack([sum(torch.outer(u[i, n], v[i, n]) for n in range(3)) for i in range(4)])
+    assert float(selora.gram_squared_norms(u, v)) == pytest.approx(float(grads.square().sum()), rel=1e-13)
+    layer = SeLoRALinear(nn.Linear(64, 32))  # rank 1: the Gram form pays below about one token per rank
+    assert selora.gram_is_cheaper(layer, 1) and not selora.gram_is_cheaper(layer, 2)
+
+
 def test_expand_is_eq_2():
     layer = SeLoRALinear(nn.Linear(5, 3))
     with torch.no_grad():
