@@ -5,12 +5,17 @@ true noise; and one training step around it, inside the method's controller (ada
 The latents are cached once per image (`cached_latents`) and sampled afresh from the posterior every step,
 which is exact since the crop is deterministic. Every random draw of a batch (latent sample, noise, t) comes from
 one generator on the CPU, so a seed gives the same batches on every device and in every process.
+
+With train.py --compile the step runs a compiled view of the model (`compiled`), except where the method hooks
+Python code into the adapters' forward (SeLoRA's test steps, adapters.Controller.hooks_forward).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -98,10 +103,33 @@ def denoising_loss(sd: SD15, batch, autocast) -> torch.Tensor:
     return F.mse_loss(pred.float(), noise)
 
 
-def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[torch.nn.Parameter], autocast) -> float:
+def check_compiler(device: torch.device) -> None:
+    """Refuse --compile on the CPU without the C++ compiler that inductor builds its CPU kernels with."""
+    compiler = os.environ.get("CXX", "g++")
+    if device.type == "cpu" and not shutil.which(compiler):
+        raise ValueError(f"--compile on the CPU needs a C++ compiler (inductor builds its kernels with one): no "
+                         f"{compiler} found on the PATH; install g++ or set CXX, or leave out --compile")
+
+
+def compiled(sd: SD15) -> SD15:
+    """`sd` with its UNet and text encoder compiled (torch.compile, TorchDynamo and inductor, for fixed shapes):
+    the same modules and weights, so training through it trains `sd`; `.unet._orig_mod` is `sd.unet`.
+
+    The adapters must be at a fixed capacity first (adapters.fix_capacity), or every change of rank would
+    recompile."""
+    view = copy.copy(sd)
+    view.unet, view.text_encoder = (torch.compile(part, dynamic=False) for part in (sd.unet, sd.text_encoder))
+    return view
+
+
+def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[torch.nn.Parameter], autocast,
+               compiled_sd: SD15 | None = None) -> float:
     """Forward and backward of this process's rows of the global batch (all of it in a single process),
     inside the method's capture; returns the global batch's mean loss, with every adapter's gradient that
-    of the global batch (distributed.average_gradients)."""
+    of the global batch (distributed.average_gradients). With `compiled_sd` (`compiled(sd)`) the step runs
+    compiled, except a step whose capture hooks the adapters' forward, which a compiled model would skip."""
+    if compiled_sd is not None and not controller.hooks_forward(step):
+        sd = compiled_sd
     part = distributed.shard(batch)
     loss = None
     with controller.capture(step, len(part[0])):

@@ -48,6 +48,9 @@ OPTIONS = {
     "target_r": dict(type=cli.integer(1), default=4, help="AdaLoRA target rank, at most --init-r (paper: 4)"),
     "rate_lr": dict(type=cli.number(0.0, inclusive=False), default=1e-2,
                     help="LoRA^2: learning rate of the per-layer rates (see lora2.param_groups)"),
+    "max_rank": dict(type=cli.integer(1), help="SeLoRA / LoRA^2: the most ranks a layer may reach; it stops growing "
+                                               "there (logged). Default: none for SeLoRA (the paper; 16 with "
+                                               "--compile), 32 for LoRA^2"),
 }
 
 
@@ -71,16 +74,17 @@ class Entry:
     check: Callable[[dict], None] | None = None  # refuses option values (defaults filled in) that do not go together
     adaptive: bool = False  # ranks differ per layer after training (figures 3 and 4)
     over_total_steps: bool = False  # the controller lays its schedule out over the run's total steps
+    compiled_max_rank: int | None = None  # max_rank of a compiled run that sets none (its factors' capacity)
 
 
 TABLE: dict[str, Entry] = {
     "lora": Entry(LoRALinear, Controller, {"r": "rank"}),
-    "selora": Entry(SeLoRALinear, SeLoRA, {"lam": "lam", "t": "t", "fisher": "fisher", "seed": "seed"},
-                    adaptive=True),
+    "selora": Entry(SeLoRALinear, SeLoRA, {"lam": "lam", "t": "t", "fisher": "fisher", "seed": "seed",
+                                           "max_rank": "max_rank"}, adaptive=True, compiled_max_rank=16),
     "dylora": Entry(DyLoRALinear, DyLoRA, {"r": "rank", "mode": "dylora_mode", "seed": "seed"}),
     "adalora": Entry(AdaLoRALinear, AdaLoRA, {"init_r": "init_r", "target_r": "target_r"}, check=_check_adalora,
                      adaptive=True, over_total_steps=True),
-    "lora2": Entry(LoRA2Linear, LoRA2, {"rank": "rank", "seed": "seed"},
+    "lora2": Entry(LoRA2Linear, LoRA2, {"rank": "rank", "seed": "seed", "max_rank": "max_rank"},
                    param_groups=lambda adapters, lr, options: lora2.param_groups(adapters, lr, options.rate_lr),
                    adaptive=True),
 }
@@ -129,8 +133,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def options(name: str, args: argparse.Namespace) -> dict:
-    """The options of method `name` from a parsed command line, under the keywords its classes take."""
-    return {keyword: getattr(args, dest) for keyword, dest in TABLE[name].options.items()}
+    """The options of method `name` from a parsed command line, under the keywords its classes take; one left
+    unset (None, as --max-rank) takes the class's default."""
+    return {keyword: getattr(args, dest) for keyword, dest in TABLE[name].options.items()
+            if getattr(args, dest) is not None}
 
 
 def param_groups(name: str, adapters: dict[str, Adapter], lr: float, args: argparse.Namespace) -> list:

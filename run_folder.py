@@ -42,7 +42,7 @@ MADE = (CONFIG, SPLIT, LOG, CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD, "summary
 
 # options a resumed run may change; every other option given with --resume must equal the run's own
 RESUMABLE = ("epochs", "device", "checkpoint_every", "timeout", "stop_after", "samples", "scheduler", "sample_steps",
-             "latent_cache", "gradient_checkpointing")
+             "latent_cache", "gradient_checkpointing", "compile")
 INVOCATION = ("timeout", "stop_after")  # options of one invocation: a resumed run takes today's, not the saved ones
 PATHS = ("model", "tokenizer", "data", "latent_cache", "out")  # compared as resolved paths on resume
 
@@ -131,6 +131,10 @@ def resume_options(run: Path, config: dict, defaults: dict, given: dict, today: 
     if epochs != saved["epochs"] and methods.TABLE[saved["method"]].over_total_steps:
         raise RunFolderError(f"--resume {run}: {saved['method']}'s schedule is laid out over the run's total steps, so "
                              f"its --epochs cannot change when it resumes; start a new run with --epochs {epochs}")
+    if given.get("compile") and saved["max_rank"] is None and methods.TABLE[saved["method"]].compiled_max_rank:
+        raise RunFolderError(f"--resume {run} --compile: this {saved['method']} run was started without --max-rank, so "
+                             "its ranks have no limit and cannot be stored at the fixed capacity --compile needs; "
+                             "resume it without --compile")
     return {**saved, **{k: today[k] for k in INVOCATION}, **{k: v for k, v in given.items() if k in RESUMABLE},
             "resume": str(run), "out": str(run), "overwrite": False}
 

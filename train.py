@@ -86,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     a("--gradient-checkpointing", action="store_true",
       help="recompute the activations of the UNet's blocks and the text encoder's layers in backward instead of "
            "keeping them: less memory, more time, the same results")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="train through a torch.compile'd UNet and text encoder (inductor; on a CPU it needs g++), the adapters "
+           "stored at a fixed capacity (--max-rank) so that changing ranks never recompile: the same results; it "
+           "pays where steps are bound by kernel launches, as on a GPU. SeLoRA's test steps run uncompiled. "
+           "--no-compile resumes a compiled run without")
     a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
       help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")
@@ -133,6 +138,8 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or ("runs/default" if embedded and args.data is None
                             else f"runs/{args.method}-{args.dataset}-seed{args.seed}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.compile and args.max_rank is None:  # a fixed capacity needs a maximum rank (SeLoRA: none by default)
+        args.max_rank = methods.TABLE[args.method].compiled_max_rank
     run_folder.check_out(args.out, inputs(args))
     return args
 
@@ -233,6 +240,7 @@ class Training:
     val_ex: diffusion.Examples
     named: dict[str, adapters.Adapter]
     params: list[torch.nn.Parameter]
+    compiled: SD15 | None  # --compile: sd with its UNet and text encoder compiled (diffusion.compiled)
     optimizer: torch.optim.Optimizer
     controller: Controller
     autocast: torch.autocast
@@ -249,6 +257,8 @@ def start(args: argparse.Namespace) -> Training:
     run counts as started (config.json "started") only once all of it has succeeded."""
     method = methods.build(args.method, **methods.options(args.method, args))  # refuses options that clash
     device = distributed.init(args.device, args.timeout)  # under torchrun; else torch.device(args.device)
+    if args.compile:
+        diffusion.check_compiler(device)
     is_main = distributed.is_main()
     run = Path(args.out)
     if is_main and not args.resume:
@@ -291,6 +301,10 @@ def start(args: argparse.Namespace) -> Training:
         counters, extra = checkpoint.load_checkpoint(ckpt / "state.safetensors", optimizer, names, {"train": gen})
         controller.load_state(extra)
         counters.setdefault("trainable_percent", fractions)  # checkpoints written before it was carried
+    compiled = None
+    if args.compile:  # after loading: checkpoints hold the true ranks, which fix_capacity pads
+        adapters.fix_capacity(controller, optimizer)
+        compiled = diffusion.compiled(sd)
     if is_main:
         if args.resume:
             print(f"resuming {run} at step {counters['step']}" if ckpt else
@@ -304,8 +318,8 @@ def start(args: argparse.Namespace) -> Training:
               f"{len(val_ex)} validation; {train_ex.truncated + val_ex.truncated} captions truncated to 77 tokens"
               + (f"; {distributed.world_size()} processes of batch {args.batch}" if distributed.world_size() > 1 else ""))
     autocast = torch.autocast(device.type, PRECISIONS[args.precision], enabled=args.precision != "fp32")
-    return Training(args, run, device, is_main, sd, dataset, split, train_ex, val_ex, named, params, optimizer,
-                    controller, autocast, gen, counters, steps_per_epoch, total_steps)
+    return Training(args, run, device, is_main, sd, dataset, split, train_ex, val_ex, named, params, compiled,
+                    optimizer, controller, autocast, gen, counters, steps_per_epoch, total_steps)
 
 
 def fit(tr: Training) -> bool:
@@ -323,7 +337,8 @@ def fit(tr: Training) -> bool:
                     continue  # resumed mid-epoch: these batches were trained before the interruption
                 tic = time.time()
                 batch = diffusion.noisy_batch(tr.train_ex, index, tr.gen)  # the global batch, in every process
-                loss = diffusion.train_step(tr.sd, batch, step, tr.controller, tr.optimizer, tr.params, tr.autocast)
+                loss = diffusion.train_step(tr.sd, batch, step, tr.controller, tr.optimizer, tr.params, tr.autocast,
+                                            tr.compiled)
                 if not math.isfinite(loss):
                     raise TrainingError(f"step {step}: the loss is {loss}; stopping. The last good checkpoint is in "
                                         f"{tr.run / run_folder.CHECKPOINT} (try a lower --lr or --precision fp32)")
@@ -349,7 +364,7 @@ def log_step(tr: Training, logfile, bar: tqdm, step: int, epoch: int, loss: floa
              tic: float) -> None:
     """One step's log.jsonl line and progress bar; memory every MEMORY_EVERY steps and at step 1 (appendix D)."""
     line = {"step": step, "epoch": epoch, "loss": loss, "lr": tr.optimizer.param_groups[0]["lr"],
-            "total_rank": sum(tr.controller.ranks().values()), "trainable": sum(p.numel() for p in tr.params),
+            "total_rank": sum(tr.controller.ranks().values()), "trainable": adapters.trainable_count(tr.named),
             "step_time": time.time() - tic}
     if events:
         line["events"] = events

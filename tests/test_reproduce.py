@@ -205,16 +205,19 @@ def test_fid_is_computed_again_for_another_fid_sqrtm_only(study, monkeypatch):
         path.write_text(saved)  # the other tests' study computed FID from eigenvalues
 
 
-def test_gradient_checkpointing_does_not_make_a_finished_run_another(study):
-    """It changes no result, so a study may continue with it, and runs from before it existed still count."""
-    args = reproduce.parse_args([*study, "--gradient-checkpointing"])
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "compile"])
+def test_gradient_checkpointing_or_compile_does_not_make_a_finished_run_another(study, option):
+    """Neither changes a result, so a study may continue with it, and runs from before it existed still count.
+    (A SeLoRA run continued with --compile would get --max-rank 16, which differs: its runs are refused.)"""
+    args = reproduce.parse_args([*study, "--" + option.replace("_", "-")])
     run = reproduce.plan(args)[0]
+    assert run.method == "lora"
     run_dir = reproduce.folder(args, run)
     config = run_dir / "config.json"
     saved = config.read_text()
     try:
         older = json.loads(saved)
-        del older["options"]["gradient_checkpointing"]
+        del older["options"][option]
         config.write_text(json.dumps(older))
         reproduce.check_same(run_dir, reproduce.train_argv(args, run))
         reproduce.check_same(run_dir, reproduce.train_argv(reproduce.parse_args(study), run))
