@@ -110,20 +110,21 @@ def expand(layer: SeLoRALinear, K: torch.Tensor, optimizer: torch.optim.Optimize
 @torch.no_grad()
 def gradient_factors(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: torch.Tensor,
                      times: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The per-sample gradients of A and of the expanded layer's B' = [B; 0] (eq. 2) as sums over tokens of
+    """Each sample's gradients of A, B and of the candidate row of B (`per_sample_grads`) as sums over tokens of
     outer products, dl_i/dW = sum_n u_in^T v_in, given by their factors (u [b, n, d1], v [b, n, d2]):
 
-        A:   u = x,            v = s g B^T      (dl_i/dA  = s sum_n x_n^T (g_n B^T))
-        B':  u = s x [A K],    v = g            (dl_i/dB' = s sum_n (x_n [A K])^T g_n: B's rows, then K's row)
+        A:      u = x,        v = s g B^T      (dl_i/dA = s sum_n x_n^T (g_n B^T))
+        B:      u = s x A,    v = g            (dl_i/dB = s sum_n (x_n A)^T g_n)
+        b_new:  u = s x K,    v = g            (dl_i/db_new = s sum_n (x_n K) g_n)
 
     x: the layer's input [b, ..., d_in]; g: its output gradient [b, ..., d_out], of which `times` g is the
-    gradient of each sample's own loss (`per_sample_grads`); the factor is applied to the small factors.
+    gradient of each sample's own loss; the factor `times` goes onto the small factors, not onto g.
     """
     b = x.shape[0]
     A, B, s = layer.used("A"), layer.used("B"), layer.scale * times
     x = x.reshape(b, -1, A.shape[0]).to(A.dtype)
     g = g.reshape(b, -1, B.shape[1]).to(A.dtype)
-    return [(x, s * (g @ B.T)), (s * (x @ torch.cat([A, K.reshape(-1, 1).to(A)], dim=1)), g)]
+    return [(x, s * (g @ B.T)), (s * (x @ A), g), (s * (x @ K.reshape(-1, 1).to(A)), g)]
 
 
 @torch.no_grad()
@@ -141,17 +142,15 @@ def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: t
     B are those of the original layer, so these three give the Fisher of both. Sums over n (tokens,
     positions) are einsums of `gradient_factors`: no per-sample copy of any weight is formed.
     """
-    (x, u), (xA, g) = gradient_factors(layer, x, g, K, times)
-    grad_A = torch.einsum("bnd,bnr->bdr", x, u)
-    grad_B_expanded = torch.einsum("bnr,bno->bro", xA, g)
-    return grad_A, grad_B_expanded[:, :-1], grad_B_expanded[:, -1]
+    grad_A, grad_B, grad_new = (torch.einsum("bnd,bne->bde", u, v) for u, v in gradient_factors(layer, x, g, K, times))
+    return grad_A, grad_B, grad_new[:, 0]
 
 
 def gram_is_cheaper(layer: SeLoRALinear, tokens: int) -> bool:
     """Whether `gram_squared_norms` costs fewer multiply-adds than forming the per-sample gradients
     (`per_sample_grads`) for a call of `layer` on `tokens` tokens per sample (per sample: n d_in r for A and
-    n (r + 1) d_out for B', against n^2 (d_in + r) and n^2 (d_out + r + 1) for the Gram matrices): for layers
-    with fewer tokens than about their rank, such as SD's time-embedding layers (one token)."""
+    n (r + 1) d_out for B and b_new, against n^2 (d_in + r) and n^2 (d_out + r + 1) for the Gram matrices):
+    for layers with fewer tokens than about their rank, such as SD's time-embedding layers (one token)."""
     d_in, d_out, r = layer.base.in_features, layer.base.out_features, layer.rank
     return tokens * (d_in + d_out + 2 * r + 1) < d_in * r + (r + 1) * d_out
 
@@ -386,10 +385,9 @@ class SeLoRA(Controller):
         batch for layer `name`; zero samples and zero sums when the layer received no gradient."""
         layer = self.adapters[name]
         if name in self._factors:  # one sum over the tokens of all the layer's calls: their factors side by side
-            (x, u), (xA, g) = ([torch.cat(parts, dim=1) for parts in zip(*pairs)] for pairs in zip(*self._factors[name]))
-            count = torch.tensor([float(len(x))], dtype=torch.float64, device=x.device)
-            return [count, gram_squared_norms(x, u), gram_squared_norms(xA[..., :-1], g),
-                    gram_squared_norms(xA[..., -1:], g)]
+            pairs = [[torch.cat(parts, dim=1) for parts in zip(*calls)] for calls in zip(*self._factors[name])]
+            count = torch.tensor([float(len(pairs[0][0]))], dtype=torch.float64, device=layer.A.device)
+            return [count, *(gram_squared_norms(u, v) for u, v in pairs)]
         grads = self._grads.get(name)
         if grads is None:
             A, B = layer.used("A"), layer.used("B")

@@ -2,22 +2,27 @@
 UNet2DConditionModel + transformers' CLIPTextModel + peft LoRA (r = 4 on every nn.Linear), in the same run.
 
     OMP_NUM_THREADS=2 python bench/train_step.py [--device cpu|cuda] [--size 224] [--batch 1] [--method lora ...|all]
-        [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory]
+        [--mode eager compiled] [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory]
 
 A step is train.py's: text encoder and UNet forward, the diffusion loss, backward, the Adam step and the
 method's controller (diffusion.train_step, then optimizer.step and controller.step), the same function on both
 sides (peft's side gets thin wrappers with our models' call signatures). Both sides share one set of frozen
 weights (the same tensors), so their first losses agree. Configurations: peft's LoRA; each --method of ours
 (SeLoRA at rank 1, grown to rank 8, and a test step at rank 8, where the capture hooks compute per-sample
-gradients); with lora, ours again with --gradient-checkpointing.
+gradients); with lora, ours again with --gradient-checkpointing; with --mode compiled, ours again as train.py
+--compile runs it (adapters at a fixed capacity, UNet and text encoder torch.compile'd; SeLoRA at rank 8 in a
+capacity of 16; no compiled test step: it runs uncompiled).
 
 Each configuration reports the aten ops it dispatches per step (a TorchDispatchMode counter), its FLOPs per step
 (torch.utils.flop_counter), the median time of --repeat steps taken in turn with every other configuration (so a
 busy machine slows all alike), and its peak memory: on a GPU torch.cuda.max_memory_allocated, on a CPU the peak
-RSS of a fresh process that builds that side alone (also the RSS once built, before the first step). One JSON
-line per configuration, then a line with ours / peft for each, the saving of gradient checkpointing, SeLoRA's
-test step against its normal step, and the goals for LoRA. Defaults: about a minute of steps on a 2-core CPU
-(plus a fresh process per configuration for the memory figure).
+RSS of a fresh process that builds that side alone (also the RSS once built, before the first step). A compiled
+configuration's first step compiles (minutes on a CPU; inductor caches the kernels on disk for the next process)
+and is not timed; its ops and FLOPs are not counted (inductor's fused kernels bypass the dispatcher; its eager
+twin's apply). One JSON line per configuration, then a line with ours / peft for each, the saving of gradient
+checkpointing, SeLoRA's test step against its normal step, compiled against eager, and the goals for LoRA.
+Defaults: eager only, about a minute of steps on a 2-core CPU (plus a fresh process per configuration for the
+memory figure).
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ from unet_helpers import diffusers_config, randomize_  # noqa: E402
 RANK = 4  # LoRA's r on both sides (paper: 4); alpha 8 on both, so the scale is 2
 LR = 1e-4
 GOALS = {"ops": 0.90, "flops": 1.000, "seconds": 0.75}  # ours / peft for LoRA, CPU at 224 px, batch 1 (issue 17)
-MODES = ("eager",)  # torch.compile comes with train.py --compile: its configurations join here as "compiled"
+MODES = ("eager", "compiled")  # compiled: as train.py --compile (--mode)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class Config:
     mode: str = "eager"
 
 
-def configurations(chosen: list[str]) -> list[Config]:
+def configurations(chosen: list[str], modes: list[str] = MODES) -> list[Config]:
+    """peft's LoRA and ours for every chosen method, eager; with "compiled" in `modes`, ours compiled too."""
     out = [Config("peft lora r=4")]
     for method in chosen:
         if method == "selora":
@@ -77,6 +83,9 @@ def configurations(chosen: list[str]) -> list[Config]:
                     Config("ours selora rank 8, test step", "selora", rank=8, test_step=True)]
         else:
             out.append(Config(f"ours {method}" + (f" r={RANK}" if method == "lora" else ""), method))
+        if "compiled" in modes:
+            eager = out[-2] if method == "selora" else out[-1]  # SeLoRA: rank 8
+            out.append(Config(f"{eager.name}, compiled", method, rank=eager.rank, mode="compiled"))
         if method == "lora":
             out.append(Config(f"ours lora r={RANK}, gradient checkpointing", "lora", checkpointing=True))
     return out
@@ -156,6 +165,7 @@ def our_side(cfg: Config, weights: nn.ModuleDict, device: str):
     parts = copy.deepcopy(weights, {id(t): t for t in [*weights.parameters(), *weights.buffers()]})
     options = ["--method", cfg.method, "--rank", str(RANK)]
     options += ["--t", "1", "--lam", "1e30"] if cfg.test_step else ["--t", str(10 ** 9)]
+    options += ["--max-rank", "16"] if cfg.mode == "compiled" and cfg.method == "selora" else []  # --compile's default
     method = methods.build(cfg.method, **methods.options(cfg.method, train.parser().parse_args(options)))
     named = adapters.inject(parts, method.make_adapter)
     for layer in named.values():
@@ -176,13 +186,14 @@ class Side:
     controller: object
     autocast: torch.autocast
     layers: int
+    compiled: SimpleNamespace | None = None  # mode "compiled": sd with its UNet and text encoder compiled
     steps: int = 0
 
     def step(self, batch) -> float:
         """train.py's step: train_step (forward, loss, backward inside the controller's capture), Adam, controller."""
         self.steps += 1
         loss = diffusion.train_step(self.sd, batch, self.steps, self.controller, self.optimizer, self.params,
-                                    self.autocast)
+                                    self.autocast, self.compiled)
         self.optimizer.step()
         self.controller.step()
         return loss
@@ -200,7 +211,11 @@ def build(cfg: Config, weights: nn.ModuleDict, args: argparse.Namespace) -> Side
         controller, layers = method.controller(named, optimizer, 10 ** 6), len(named)
     autocast = torch.autocast(torch.device(args.device).type, train.PRECISIONS[args.precision],
                               enabled=args.precision != "fp32")
-    return Side(cfg, sd, params, optimizer, controller, autocast, layers)
+    compiled = None
+    if cfg.mode == "compiled":
+        adapters.fix_capacity(controller, optimizer)
+        compiled = diffusion.compiled(sd)
+    return Side(cfg, sd, params, optimizer, controller, autocast, layers, compiled)
 
 
 def make_batch(size: int, batch: int) -> tuple[torch.Tensor, ...]:
@@ -274,10 +289,13 @@ def measure(sides: list[Side], batch, args: argparse.Namespace, memory: dict[str
         if torch.device(args.device).type == "cuda":
             memory[side.cfg.name] = {"peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20),
                                      "memory_kind": "cuda_max_memory_allocated"}
-        with FlopCounterMode(display=False) as flops, OpCounter() as ops:
-            side.step(batch)
-        results[side.cfg.name] = {"loss_first_step": loss, "ops": ops.count, "flops": flops.get_total_flops(),
-                                  "runs": []}
+        if side.compiled is None:
+            with FlopCounterMode(display=False) as flops, OpCounter() as ops:
+                side.step(batch)
+            results[side.cfg.name] = {"loss_first_step": loss, "ops": ops.count, "flops": flops.get_total_flops()}
+        else:
+            results[side.cfg.name] = {"loss_first_step": loss, "ops": None, "flops": None}
+        results[side.cfg.name]["runs"] = []
     for _ in range(args.repeat):
         for side in sides:
             synchronize(args.device)
@@ -289,12 +307,17 @@ def measure(sides: list[Side], batch, args: argparse.Namespace, memory: dict[str
 
 
 def summary(lines: dict[str, dict]) -> dict:
-    """ours / peft for every configuration; gradient checkpointing's saving; SeLoRA's test step against its step."""
+    """ours / peft for every configuration; gradient checkpointing's saving; SeLoRA's test step against its step;
+    compiled against eager."""
     peft = lines["peft lora r=4"]
     keys = ["ops", "flops", "seconds"] + (["peak_memory_mib"] if "peak_memory_mib" in peft else [])
-    ratios = {name: {k: round(line[k] / peft[k], 3) for k in keys}
+    ratios = {name: {k: round(line[k] / peft[k], 3) for k in keys if line[k] is not None}
               for name, line in lines.items() if name != "peft lora r=4"}
     out = {"ours_over_peft": ratios}
+    compiled = {name: round(line["seconds"] / lines[name.removesuffix(", compiled")]["seconds"], 3)
+                for name, line in lines.items() if line["mode"] == "compiled"}
+    if compiled:
+        out["compiled_over_eager_time"] = compiled
     lora, checkpointed = lines.get(f"ours lora r={RANK}"), lines.get(f"ours lora r={RANK}, gradient checkpointing")
     if lora and checkpointed:
         saving = {"time_factor": round(checkpointed["seconds"] / lora["seconds"], 3)}
@@ -321,6 +344,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--method", nargs="+", default=["lora"], choices=(*methods.METHODS, "all"),
                    help="our methods to measure against peft's LoRA (all: every one)")
+    p.add_argument("--mode", nargs="+", default=["eager"], choices=MODES,
+                   help="eager (train.py's default); compiled: each of ours also as train.py --compile runs it")
     p.add_argument("--precision", default="fp32", choices=sorted(train.PRECISIONS),
                    help="frozen weights and autocast, both sides (train.py --precision)")
     p.add_argument("--repeat", type=int, default=3, help="timed steps per configuration, taken in turn")
@@ -333,7 +358,7 @@ def main() -> None:
     if args.memory_of:
         return memory_child(args)
     chosen = list(methods.METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
-    configs = [c for c in configurations(chosen) if c.mode in MODES]
+    configs = configurations(chosen, args.mode)
     memory = {}
     if args.device == "cpu" and not args.no_memory:  # first, before this process holds the models
         memory = {c.name: cpu_memory(c, args) for c in configs}
