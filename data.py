@@ -279,7 +279,8 @@ def load_dataset(kind: str, root: str | os.PathLike, *, empty_findings: str = "s
     """Read one of the layouts; decode every image once (`check_images`) so unreadable ones are skipped now."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{root}: data folder not found")
+        raise ValueError(f"{root}: {'not a folder' if root.exists() else 'data folder not found'} (--data names the "
+                         f"folder of a {kind} data set)")
     if kind == "folder":
         examples, skipped = read_folder(root)
     elif kind == "iu-xray":

@@ -25,8 +25,6 @@ FID depends on the sampler: each report names the one that made the images (thei
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
@@ -47,6 +45,7 @@ import heldout
 import inception
 import run_folder
 import sampling
+import tables
 from weights import atomic_write
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
@@ -329,52 +328,6 @@ def run_images(run: Path, with_prompts: bool, device: str = "cpu", scheduler: st
     return run, list_images(folder), read_prompts(folder / heldout.PROMPTS) if with_prompts else None
 
 
-def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
-    """Group runs by method (first-seen order): {method, runs, metric: (mean, std over seeds)} per method.
-
-    The std is the sample std (n - 1); None for a single run.
-    """
-    table = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        group = [r for r in rows if r["method"] == method]
-        entry = {"method": method, "runs": len(group)}
-        for m in metrics:
-            values = np.array([r[m] for r in group], dtype=np.float64)
-            entry[m] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None)
-        table.append(entry)
-    return table
-
-
-def mean_std(mean: float, std: float | None) -> str:
-    """A table cell: 'mean ± std' (std over seeds), or the mean alone for a single run."""
-    return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
-
-
-def markdown_table(summary: list[dict], metrics: list[str], first: str = "method", marked: tuple[str, ...] = ()) -> str:
-    """A `summarise` result as Markdown: one row per group, each metric's mean ± std over seeds, and the best mean
-    of each `marked` metric in bold (CLIP score: highest; FID, KID: lowest), as the paper's tables mark it."""
-    best = {}
-    for m in marked:
-        if len(summary) > 1:
-            pick = max if m == "CLIP score" else min
-            best[m] = pick(range(len(summary)), key=lambda i: summary[i][m][0])
-    lines = [f"| {first} | runs | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
-    for i, e in enumerate(summary):
-        cells = [f"**{mean_std(*e[m])}**" if best.get(m) == i else mean_std(*e[m]) for m in metrics]
-        lines.append(f"| {e['method']} | {e['runs']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def tables(summary: list[dict], metrics: list[str]) -> tuple[str, str]:
-    """(Markdown, CSV) of a `summarise` result: method x metric, mean +- std over seeds."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["method", "runs"] + [f"{m} {part}" for m in metrics for part in ("mean", "std")])
-    for e in summary:
-        writer.writerow([e["method"], e["runs"]] + ["" if v is None else f"{v:.6g}" for m in metrics for v in e[m]])
-    return markdown_table(summary, metrics), out.getvalue()
-
-
 # ---------------------------------------------------------------- command line
 
 def report_lines(report: dict) -> list[str]:
@@ -490,8 +443,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.runs:
         rows = [{"method": m, "seed": s, **flat_metrics(r)} for r, (m, s) in zip(reports, infos)]
         metrics = list(flat_metrics(reports[0]))
-        result["table"] = summary = summarise(rows, metrics)
-        markdown, csv_text = tables(summary, metrics)
+        result["table"] = summary = tables.summarise(rows, metrics)
+        markdown, csv_text = tables.markdown_and_csv(summary, metrics)
         samplers = sorted({sampling.describe(r["sampling"]) for r in reports})
         markdown += f"\nTest images made by {'; '.join(samplers)}.\n"
         print("\n" + markdown)

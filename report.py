@@ -17,6 +17,7 @@ import methods
 import plots
 import run_folder
 import sampling
+import tables
 import weights
 
 PAPER_PERCENT = ("the paper (IU X-Ray, section 4): SeLoRA 0.368% of the UNet and 0.121% of the text encoder; "
@@ -29,9 +30,9 @@ def quality_metrics(args: argparse.Namespace) -> list[str]:
 
 def table(rows: list[dict], label, first: str, columns: list[str], marked: tuple[str, ...] = ()) -> str:
     """Markdown: rows grouped by label(run), each column's mean ± std over the group, the best of each `marked`
-    column in bold (eval_fid.summarise, eval_fid.markdown_table)."""
-    summary = eval_fid.summarise([{**r, "method": label(r["run"])} for r in rows], columns)
-    return eval_fid.markdown_table(summary, columns, first, marked)
+    column in bold (tables.summarise, tables.markdown_table)."""
+    summary = tables.summarise([{**r, "method": label(r["run"])} for r in rows], columns)
+    return tables.markdown_table(summary, columns, first, marked)
 
 
 def figure(args: argparse.Namespace, image: Image.Image, name: str, caption: str) -> str:

@@ -186,8 +186,14 @@ def check_same(run_dir: Path, argv: list[str]) -> None:
 
 
 def check_runs(args: argparse.Namespace, runs: list[Run]) -> None:
-    """Before any training: each run folder an earlier invocation finished or checkpointed was made with the
-    options this study gives it (`check_same`)."""
+    """Before any training: the inputs exist, and each run folder an earlier invocation finished or checkpointed
+    was made with the options this study gives it (`check_same`)."""
+    if not args.smoke and not Path(args.data).is_dir():
+        raise ValueError(f"--data {args.data}: {'not a folder' if Path(args.data).exists() else 'no such folder'}")
+    for option in ("model", "tokenizer", "inception", "clip"):
+        path = getattr(args, option)
+        if path and not Path(path).exists():
+            raise ValueError(f"--{option} {path}: no such file or folder")
     for run in runs:
         run_dir = folder(args, run)
         if (run_dir / "summary.json").is_file() or run_folder.last_checkpoint(run_dir):

@@ -53,9 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--eta {args.eta}: eta is DDIM's; give --scheduler ddim, or leave --eta out")
 
     try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: is a file, not a folder")
+        if out.is_dir() and any(out.iterdir()) and sampling.read_settings(out) is None:
+            raise ValueError(f"--out {out}: a folder sample.py did not make (it has no {sampling.SETTINGS}), whose "
+                             "files the images could replace; give a new or empty folder")
         if args.prompt is not None:
             texts = [args.prompt]
         else:
+            if not Path(args.prompts).is_file():
+                raise ValueError(f"--prompts {args.prompts}: no such file")
             texts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
             if not texts:
                 raise ValueError(f"--prompts {args.prompts}: no prompt in it (one per line expected)")
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if size % sd.latent_factor:
             raise ValueError(f"--size {size}: must be a multiple of {sd.latent_factor}, this model's VAE factor")
         if args.adapter:
+            if not Path(args.adapter).is_file():
+                raise ValueError(f"--adapter {args.adapter}: no such file")
             methods.load_adapter(sd, args.adapter, args.force)
     except (ValueError, OSError) as err:  # the message names the option or file
         print(f"error: {err}", file=sys.stderr)

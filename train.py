@@ -252,8 +252,8 @@ class Training:
 
 
 def start(args: argparse.Namespace) -> Training:
-    """The set-up: run folder, model, data and cached latents, adapters, optimizer, controller, and a
-    resumed run's checkpoint. Every problem with the user's input surfaces here, before the first step; the
+    """The set-up: run folder, model, adapters, data and cached latents, optimizer, controller, and a resumed
+    run's checkpoint. Every problem with the user's input surfaces here, before the first step; the
     run counts as started (config.json "started") only once all of it has succeeded."""
     method = methods.build(args.method, **methods.options(args.method, args))  # refuses options that clash
     device = distributed.init(args.device, args.timeout)  # under torchrun; else torch.device(args.device)
@@ -273,15 +273,14 @@ def start(args: argparse.Namespace) -> Training:
     sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = args.gradient_checkpointing
     if args.size % sd.latent_factor:
         raise ValueError(f"--size {args.size}: must be a multiple of {sd.latent_factor}, this model's VAE factor")
-    dataset, split, train_ex, val_ex = load_data(args, run, sd)
-
     parts = sd.adaptable()
     ckpt = run_folder.last_checkpoint(run) if args.resume else None
     if ckpt:
         named = adapters.load_adapters(parts, ckpt / "adapters.safetensors", method.make_adapter)[0]
-    else:
+    else:  # before the data, so that a --targets pattern matching nothing fails before the latents are encoded
         named = adapters.inject(parts, method.make_adapter, args.targets)
     fractions = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
+    dataset, split, train_ex, val_ex = load_data(args, run, sd)
     if args.precision != "fp32":  # frozen weights in low precision; adapters (trainable) stay fp32
         for p in parts.parameters():
             if not p.requires_grad:

@@ -198,3 +198,24 @@ def test_an_adapter_is_refused_on_another_base_model_unless_forced(tmp_path, cap
     assert sample.main([*command, "--force"]) == 0 and (tmp_path / "img" / "grid.png").is_file()
     from sd15 import tiny_sd15
     assert len(methods.load_adapter(tiny_sd15(1), adapter)) > 0  # the model it was trained on takes it
+
+
+def test_sample_py_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "00000.png").write_bytes(b"my own picture")
+    command = ["--prompt", "small opacity", "--steps", "1", "--size", "16"]
+    err = exits_2(capsys, [*command, "--out", str(mine)], sample.main)
+    assert "sample.py did not make" in err and (mine / "00000.png").read_bytes() == b"my own picture"
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in exits_2(capsys, [*command, "--out", str(tmp_path / "file")], sample.main)
+    assert "--adapter nowhere.safetensors: no such file" in exits_2(
+        capsys, [*command, "--out", str(tmp_path / "new"), "--adapter", "nowhere.safetensors"], sample.main)
+    assert sample.main([*command, "--out", str(tmp_path / "new")]) == 0
+    assert sample.main([*command, "--out", str(tmp_path / "new"), "--seed", "1"]) == 0  # its own folder: replaced
+
+
+def test_reproduce_checks_its_inputs_before_training(tmp_path, capsys):
+    import reproduce
+    err = exits_2(capsys, ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")], reproduce.main)
+    assert "--data" in err and "no such folder" in err and not (tmp_path / "s").exists()
