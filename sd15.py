@@ -118,7 +118,8 @@ def generate(sd: SD15, prompts: list[str], steps: int = 50, guidance: float = 7.
     default, PNDM at 50 steps, guidance 7.5 and 224 px, is StableDiffusionPipeline's), then the VAE decoder.
 
     Image i starts from noise drawn from its own generator seeded with (seed, i), so an image does not
-    depend on the batch size or on the other prompts: same seed, same images.
+    depend on the batch size or on the other prompts: same seed, same images. The noise is drawn in fp32 and
+    sampled in the UNet's precision, as StableDiffusionPipeline does for a half-precision model.
     """
     if size % sd.latent_factor:
         raise ValueError(f"size {size} must be a multiple of {sd.latent_factor}, the VAE's downsampling factor")
@@ -129,7 +130,7 @@ def generate(sd: SD15, prompts: list[str], steps: int = 50, guidance: float = 7.
         chunk = prompts[start:start + batch]
         noise = torch.stack([torch.randn(channels, latent_size, latent_size,
                                          generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
-                             for i in range(len(chunk))]).to(sd.device)
+                             for i in range(len(chunk))]).to(sd.device, next(sd.unet.parameters()).dtype)
         context, _ = sd.encode_prompts(chunk)
         generator = torch.Generator(sd.device).manual_seed(seed) if eta > 0 else None
         latents = sampling.sample(sd.unet, noise, context, uncond, steps, guidance, eta, generator,

@@ -122,6 +122,16 @@ def test_same_seed_same_images_whatever_the_batch(pipeline):
     assert (generate(sd, PROMPTS, seed=4, batch=2, **kwargs) - ours).abs().max() > 1e-2
 
 
+def test_a_half_precision_model_generates_the_fp32_images_to_its_precision(pipeline):
+    """A model loaded in bf16 samples in bf16 (as the pipeline does in half precision), from the same noise."""
+    _, root = pipeline
+    kwargs = dict(steps=5, guidance=7.5, seed=3, size=32, progress=False)
+    full = generate(load_sd15(root), PROMPTS[:1], **kwargs)
+    half = generate(load_sd15(root, dtype=torch.bfloat16), PROMPTS[:1], **kwargs)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert 0 < (half - full).abs().mean() < 0.05 * full.abs().mean()
+
+
 def test_single_file_needs_a_tokenizer(pipeline, tmp_path):
     _, root = pipeline
     ckpt = tmp_path / "model.safetensors"
