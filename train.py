@@ -89,8 +89,8 @@ def parser() -> argparse.ArgumentParser:
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="train through a torch.compile'd UNet and text encoder (inductor; on a CPU it needs g++), the adapters "
            "stored at a fixed capacity (--max-rank) so that changing ranks never recompile: the same results; it "
-           "pays where steps are bound by kernel launches, as on a GPU. SeLoRA's test steps run uncompiled. "
-           "--no-compile resumes a compiled run without")
+           "pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
+           "docs/performance.md). SeLoRA's test steps run uncompiled. --no-compile resumes a compiled run without")
     a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
       help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")

@@ -186,6 +186,7 @@ class Side:
     controller: object
     autocast: torch.autocast
     layers: int
+    trainable: int  # at the true ranks (a fixed capacity stores more)
     compiled: SimpleNamespace | None = None  # mode "compiled": sd with its UNet and text encoder compiled
     steps: int = 0
 
@@ -211,11 +212,11 @@ def build(cfg: Config, weights: nn.ModuleDict, args: argparse.Namespace) -> Side
         controller, layers = method.controller(named, optimizer, 10 ** 6), len(named)
     autocast = torch.autocast(torch.device(args.device).type, train.PRECISIONS[args.precision],
                               enabled=args.precision != "fp32")
-    compiled = None
+    trainable, compiled = sum(p.numel() for p in params), None
     if cfg.mode == "compiled":
         adapters.fix_capacity(controller, optimizer)
         compiled = diffusion.compiled(sd)
-    return Side(cfg, sd, params, optimizer, controller, autocast, layers, compiled)
+    return Side(cfg, sd, params, optimizer, controller, autocast, layers, trainable, compiled)
 
 
 def make_batch(size: int, batch: int) -> tuple[torch.Tensor, ...]:
@@ -372,7 +373,7 @@ def main() -> None:
         r = results[side.cfg.name]
         lines[side.cfg.name] = line = {
             "config": side.cfg.name, "mode": side.cfg.mode, "adapted_layers": side.layers,
-            "trainable": sum(p.numel() for p in side.params), "loss_first_step": r["loss_first_step"],
+            "trainable": side.trainable, "loss_first_step": r["loss_first_step"],
             "ops": r["ops"], "flops": r["flops"], "seconds": round(statistics.median(r["runs"]), 3),
             "runs": [round(t, 3) for t in r["runs"]], **memory.get(side.cfg.name, {}), **common}
         print(json.dumps(line), flush=True)
