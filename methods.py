@@ -75,6 +75,7 @@ class Entry:
     adaptive: bool = False  # ranks differ per layer after training (figures 3 and 4)
     over_total_steps: bool = False  # the controller lays its schedule out over the run's total steps
     compiled_max_rank: int | None = None  # max_rank of a compiled run that sets none (its factors' capacity)
+    param_options: tuple[str, ...] = ()  # OPTIONS that param_groups reads (LoRA^2's --rate-lr)
 
 
 TABLE: dict[str, Entry] = {
@@ -86,7 +87,7 @@ TABLE: dict[str, Entry] = {
                      adaptive=True, over_total_steps=True),
     "lora2": Entry(LoRA2Linear, LoRA2, {"rank": "rank", "seed": "seed", "max_rank": "max_rank"},
                    param_groups=lambda adapters, lr, options: lora2.param_groups(adapters, lr, options.rate_lr),
-                   adaptive=True),
+                   adaptive=True, param_options=("rate_lr",)),
 }
 METHODS = tuple(TABLE)
 
@@ -137,6 +138,13 @@ def options(name: str, args: argparse.Namespace) -> dict:
     unset (None, as --max-rank) takes the class's default."""
     return {keyword: getattr(args, dest) for keyword, dest in TABLE[name].options.items()
             if getattr(args, dest) is not None}
+
+
+def not_taken(name: str, dests) -> list[str]:
+    """The method options among `dests` (argparse dests, e.g. those a command line gives) that method `name`
+    does not take: given to it, they would be ignored without a word."""
+    taken = {*TABLE[name].options.values(), *TABLE[name].param_options}
+    return [dest for dest in dests if dest in OPTIONS and dest not in taken]
 
 
 def param_groups(name: str, adapters: dict[str, Adapter], lr: float, args: argparse.Namespace) -> list:

@@ -114,10 +114,25 @@ def test_resume_refuses_changed_options_and_takes_the_safe_ones(tmp_path, capsys
     assert run_folder.read_config(out)["options"]["epochs"] == 2
 
 
+@pytest.mark.parametrize("method, options, message", [
+    ("lora", ["--lam", "2", "--t", "3"], "--lam, --t: not an option of --method lora, which would ignore it (its own: "
+                                         "--rank)"),
+    ("adalora", ["--rank", "8"], "--rank: not an option of --method adalora, which would ignore it (its own: "
+                                 "--init-r, --target-r)"),
+    ("selora", ["--rate-lr", "0.1"], "--rate-lr: not an option of --method selora"),
+    ("dylora", ["--max-rank", "8"], "--max-rank: not an option of --method dylora"),
+])
+def test_an_option_of_another_method_is_refused_not_ignored(tmp_path, capsys, method, options, message):
+    out = tmp_path / "run"
+    assert exits_2(capsys, ["--out", str(out), "--method", method, *options]).startswith(f"error: {message}")
+    assert not out.exists()
+
+
 def test_adalora_cannot_change_its_length_when_resumed(tmp_path, capsys):
     out = tmp_path / "run"
+    tiny = [option for option in TINY if option not in ("--t", "4")]  # --t is SeLoRA's
     assert train.main(["--out", str(out), "--data", str(make_data(tmp_path / "data")), "--method", "adalora",
-                       *TINY, "--stop-after", "1"]) == 0
+                       *tiny, "--stop-after", "1"]) == 0
     err = exits_2(capsys, ["--resume", str(out), "--epochs", "2"])
     assert "adalora's schedule is laid out over the run's total steps" in err
 
