@@ -64,6 +64,12 @@ def _check_adalora(options: dict) -> None:
                          "prunes ranks")
 
 
+def _check_lora2(options: dict) -> None:
+    if options["rank"] > options["max_rank"]:
+        raise ValueError(f"--rank {options['rank']} is above --max-rank {options['max_rank']}: LoRA^2 would start "
+                         "above its cap")
+
+
 @dataclass(frozen=True)
 class Entry:
     adapter: type[Adapter]
@@ -87,7 +93,7 @@ TABLE: dict[str, Entry] = {
                      adaptive=True, over_total_steps=True),
     "lora2": Entry(LoRA2Linear, LoRA2, {"rank": "rank", "seed": "seed", "max_rank": "max_rank"},
                    param_groups=lambda adapters, lr, options: lora2.param_groups(adapters, lr, options.rate_lr),
-                   adaptive=True, param_options=("rate_lr",)),
+                   check=_check_lora2, adaptive=True, param_options=("rate_lr",)),
 }
 METHODS = tuple(TABLE)
 

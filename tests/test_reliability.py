@@ -114,6 +114,12 @@ def test_resume_refuses_changed_options_and_takes_the_safe_ones(tmp_path, capsys
     assert run_folder.read_config(out)["options"]["epochs"] == 2
 
 
+def test_lora2_cannot_start_above_its_maximum_rank(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = exits_2(capsys, ["--out", str(out), "--method", "lora2", "--rank", "4", "--max-rank", "2"])
+    assert err.startswith("error: --rank 4 is above --max-rank 2") and not out.exists()
+
+
 @pytest.mark.parametrize("method, options, message", [
     ("lora", ["--lam", "2", "--t", "3"], "--lam, --t: not an option of --method lora, which would ignore it (its own: "
                                          "--rank)"),
