@@ -136,7 +136,12 @@ def build(name: str, **options) -> Method:
 def add_options(parser: argparse.ArgumentParser) -> None:
     """Every method's command-line options (`OPTIONS`), once each."""
     for dest, spec in OPTIONS.items():
-        parser.add_argument("--" + dest.replace("_", "-"), **spec)
+        parser.add_argument(flag(dest), **spec)
+
+
+def flag(dest: str) -> str:
+    """The command-line flag of an option's argparse dest: "max_rank" -> "--max-rank"."""
+    return "--" + dest.replace("_", "-")
 
 
 def options(name: str, args: argparse.Namespace) -> dict:
@@ -146,11 +151,16 @@ def options(name: str, args: argparse.Namespace) -> dict:
             if getattr(args, dest) is not None}
 
 
+def taken(name: str) -> list[str]:
+    """The method options (`OPTIONS`, by argparse dest) that method `name` reads."""
+    entry = TABLE[name]
+    return [dest for dest in OPTIONS if dest in entry.options.values() or dest in entry.param_options]
+
+
 def not_taken(name: str, dests) -> list[str]:
     """The method options among `dests` (argparse dests, e.g. those a command line gives) that method `name`
     does not take: given to it, they would be ignored without a word."""
-    taken = {*TABLE[name].options.values(), *TABLE[name].param_options}
-    return [dest for dest in dests if dest in OPTIONS and dest not in taken]
+    return [dest for dest in dests if dest in OPTIONS and dest not in taken(name)]
 
 
 def param_groups(name: str, adapters: dict[str, Adapter], lr: float, args: argparse.Namespace) -> list:

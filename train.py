@@ -132,11 +132,9 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
         return resumed(p, argv, Path(args.resume))
     foreign = methods.not_taken(args.method, given_options(p, argv))
     if foreign:
-        flags = ", ".join("--" + dest.replace("_", "-") for dest in foreign)
-        own = sorted({*methods.TABLE[args.method].options.values(), *methods.TABLE[args.method].param_options}
-                     & set(methods.OPTIONS))
-        raise ValueError(f"{flags}: not an option of --method {args.method}, which would ignore it (its own: "
-                         f"{', '.join('--' + d.replace('_', '-') for d in own) or 'none'})")
+        own = ", ".join(map(methods.flag, methods.taken(args.method))) or "none"
+        raise ValueError(f"{', '.join(map(methods.flag, foreign))}: not an option of --method {args.method}, which "
+                         f"would ignore it (its own: {own})")
     embedded = args.model is None
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.size = args.size or (EMBEDDED["size"] if embedded else 224)
