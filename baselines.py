@@ -236,8 +236,8 @@ class AdaLoRA(Controller):
     adapters.select_parameter), so the final phase trains, and saved files hold, the final ranks
     (a layer may reach rank 0). At a fixed capacity (train.py --compile; the capacity is init_r) the
     kept triplets move to the first positions instead and the others become zero, moments included
-    (Adapter.select): they contribute nothing and get no gradient, as if cut off. One consequence: in the final phase the regulariser no longer sees
-    the pruned rows, which peft's still includes. Unlike peft (issue 745: only added when the model
+    (Adapter.select): they contribute nothing and get no gradient, as if cut off. One consequence: in the
+    final phase the regulariser no longer sees the pruned rows, which peft's still includes. Unlike peft (issue 745: only added when the model
     output has a `.loss`, so a diffusers UNet trains without it), `penalty()` is always the
     regulariser times orth_reg_weight and the loop adds it.
     """

@@ -15,6 +15,11 @@ import torch
 SEEDS = 2 ** 32  # seeds are 0 .. 2^32 - 1
 
 
+def flag(dest: str) -> str:
+    """The command-line flag of an option's argparse dest: "max_rank" -> "--max-rank"."""
+    return "--" + dest.replace("_", "-")
+
+
 def integer(low: int, high: int | None = None):
     """An argparse type: an integer in [low, high]."""
     def parse(text: str) -> int:

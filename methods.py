@@ -136,12 +136,7 @@ def build(name: str, **options) -> Method:
 def add_options(parser: argparse.ArgumentParser) -> None:
     """Every method's command-line options (`OPTIONS`), once each."""
     for dest, spec in OPTIONS.items():
-        parser.add_argument(flag(dest), **spec)
-
-
-def flag(dest: str) -> str:
-    """The command-line flag of an option's argparse dest: "max_rank" -> "--max-rank"."""
-    return "--" + dest.replace("_", "-")
+        parser.add_argument(cli.flag(dest), **spec)
 
 
 def options(name: str, args: argparse.Namespace) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import methods
 from weights import atomic_write
@@ -119,7 +120,7 @@ def resume_options(run: Path, config: dict, defaults: dict, given: dict, today: 
         if key in PATHS and a is not None and b is not None:
             return Path(a).resolve() == Path(b).resolve()
         return a == b or (isinstance(a, (list, tuple)) and list(a) == list(b or []))
-    differ = [f"--{k.replace('_', '-')} {v!r} (the run's is {saved.get(k)!r})" for k, v in given.items()
+    differ = [f"{cli.flag(k)} {v!r} (the run's is {saved.get(k)!r})" for k, v in given.items()
               if k not in RESUMABLE and not same(k, v, run if k == "out" else saved.get(k))]
     if differ:
         raise RunFolderError(f"--resume {run}: these options differ from the run's config.json and cannot change in a "

@@ -132,8 +132,8 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
         return resumed(p, argv, Path(args.resume))
     foreign = methods.not_taken(args.method, given_options(p, argv))
     if foreign:
-        own = ", ".join(map(methods.flag, methods.taken(args.method))) or "none"
-        raise ValueError(f"{', '.join(map(methods.flag, foreign))}: not an option of --method {args.method}, which "
+        own = ", ".join(map(cli.flag, methods.taken(args.method))) or "none"
+        raise ValueError(f"{', '.join(map(cli.flag, foreign))}: not an option of --method {args.method}, which "
                          f"would ignore it (its own: {own})")
     embedded = args.model is None
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
