@@ -9,6 +9,7 @@ Both halves are proven equal to transformers' `CLIPTextModel` and `CLIPTokenizer
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import unicodedata
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from weights import load_file, load_strict, part_config, read_json, resolve_component
+from weights import atomic_write, load_file, load_strict, part_config, read_json, resolve_component
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text encoder
@@ -74,6 +75,13 @@ class CLIPTextConfig:
             fields["projection_dim"] = cfg.get("projection_dim", text.get("projection_dim", 512))
         return cls(**fields)
 
+
+    def to_transformers(self) -> dict:
+        """This shape as a transformers `text_encoder/config.json` (CLIPTextModel; the inverse of
+        `from_transformers`)."""
+        fields = {name: getattr(self, name) for name in TRANSFORMERS_DEFAULTS}
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **fields,
+                "bos_token_id": self.eos_token_id - 1, "pad_token_id": self.eos_token_id}
 
 # transformers' CLIPTextConfig defaults (CLIP ViT-B's text tower), for keys a config.json leaves out.
 TRANSFORMERS_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -424,6 +432,21 @@ def read_vocab_files(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int
     lines = merges_path.read_text(encoding="utf-8").split("\n")
     skip = 1 if lines and lines[0].startswith("#version") else 0
     return vocab, parse_merges(lines[skip:], merges_path, first_line=1 + skip)
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str | os.PathLike, merges: list[tuple[str, str]]) -> None:
+    """Write `vocab.json` and `merges.txt` (with its `#version` line) as diffusers' `tokenizer/` folder holds them,
+    plus the `tokenizer_config.json` transformers' CLIPTokenizer reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"vocab.json": json.dumps(tokenizer.encoder, ensure_ascii=False),
+             "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+             "tokenizer_config.json": json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                                                  "bos_token": START, "eos_token": END, "pad_token": END,
+                                                  "unk_token": END, "do_lower_case": True})}
+    for name, text in files.items():
+        with atomic_write(folder / name, "w") as f:
+            f.write(text)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -1,7 +1,10 @@
-"""Chest-like phantoms for the embedded default run: greyscale images of a body, two lungs, spine, ribs and heart,
-most with a bright opacity in one lobe, and a caption naming where it is ("small opacity in the left upper lobe").
+"""Chest-like phantoms, the target domain of the embedded default run: greyscale images of a body, two lungs,
+spine, ribs and heart, most with a bright opacity in one lobe, some with a pacemaker, and a caption naming the
+patient's sex, the finding and the device ("female chest, small opacity in the left upper lobe, with a pacemaker").
 
-They show the mechanics of fine-tuning on a caption that names a location; they are no medical data. Written in
+The tiny pretrained model has never seen one (it learned coloured shapes, shapes.py): fine-tuning must learn
+their appearance, as SD 1.5 must learn X-rays, while the words of place and size carry over. They are no
+medical data. Written in
 data.py's `folder` layout (PNGs plus metadata.jsonl), so training reads them like any user's folder.
 """
 from __future__ import annotations
@@ -20,10 +23,49 @@ PHANTOM_LOBES = {  # caption phrase -> (x, y) centre of the opacity as fractions
     "right upper lobe": (0.32, 0.35), "right lower lobe": (0.32, 0.62),
     "left upper lobe": (0.68, 0.35), "left lower lobe": (0.68, 0.62),
 }
+ATTRIBUTES = {  # attribute -> its values, in the order the reader's (readback.py) classes use
+    "sex": ("female", "male"),
+    "finding": ("no opacity", *PHANTOM_LOBES),
+    "size": ("small", "large"),  # named only with an opacity
+    "device": ("none", "pacemaker"),
+}
 
 
-def draw_phantom(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
-    """One greyscale chest-like phantom: body, two dark lungs, spine, ribs, heart, maybe a bright opacity."""
+def caption(attrs: dict[str, str]) -> str:
+    """"male chest, large opacity in the left upper lobe, with a pacemaker"; "female chest, no opacity"."""
+    finding = attrs["finding"] if attrs["finding"] == "no opacity" else f"{attrs['size']} opacity in the {attrs['finding']}"
+    return f"{attrs['sex']} chest, {finding}" + (", with a pacemaker" if attrs["device"] == "pacemaker" else "")
+
+
+def parse(text: str) -> dict[str, str]:
+    """The attributes a caption names (the inverse of `caption`; no size without an opacity); ValueError for
+    text that is not one."""
+    parts = text.split(", ")
+    device = "pacemaker" if parts[-1] == "with a pacemaker" else "none"
+    parts = parts[:-1] if device == "pacemaker" else parts
+    sex = parts[0].removesuffix(" chest") if parts else ""
+    if len(parts) != 2 or sex not in ATTRIBUTES["sex"] or not parts[0].endswith(" chest"):
+        raise ValueError(f"not a phantom caption: {text!r}")
+    attrs = {"sex": sex, "device": device}
+    if parts[1] == "no opacity":
+        return {**attrs, "finding": "no opacity"}
+    size, _, lobe = parts[1].partition(" opacity in the ")
+    if size not in ATTRIBUTES["size"] or lobe not in PHANTOM_LOBES:
+        raise ValueError(f"not a phantom caption: {text!r}")
+    return {**attrs, "finding": lobe, "size": size}
+
+
+def random_attributes(rng: np.random.Generator) -> dict[str, str]:
+    """A quarter without an opacity, the rest in a uniformly drawn lobe; a pacemaker in one in four."""
+    lobe = "no opacity" if rng.random() < 0.25 else list(PHANTOM_LOBES)[rng.integers(len(PHANTOM_LOBES))]
+    attrs = {"sex": ATTRIBUTES["sex"][rng.integers(2)], "finding": lobe,
+             "device": "pacemaker" if rng.random() < 0.25 else "none"}
+    return attrs if lobe == "no opacity" else {**attrs, "size": ATTRIBUTES["size"][rng.integers(2)]}
+
+
+def draw(rng: np.random.Generator, size: int, attrs: dict[str, str]) -> Image.Image:
+    """One greyscale chest-like phantom: body (wider shoulders for a male, breast shadows for a female), two
+    dark lungs, spine, ribs, heart; the opacity and the pacemaker (a bright box, its lead to the heart) as named."""
     s = size / 64  # all geometry in a 64 px frame
     im = Image.new("L", (size, size), 20)
     d = ImageDraw.Draw(im)
@@ -31,25 +73,34 @@ def draw_phantom(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]
     def jitter(v: float) -> float:
         return v + rng.uniform(-1.5, 1.5) * s
 
-    d.ellipse([jitter(6 * s), jitter(4 * s), jitter(58 * s), jitter(66 * s)], fill=150)          # body
+    inset = 3 if attrs["sex"] == "male" else 9
+    d.ellipse([jitter(inset * s), jitter(4 * s), jitter((64 - inset) * s), jitter(66 * s)], fill=150)  # body
     for x0, x1 in ((12, 30), (34, 52)):
         d.ellipse([jitter(x0 * s), jitter(10 * s), jitter(x1 * s), jitter(56 * s)], fill=60)     # lungs
+    if attrs["sex"] == "female":
+        for x0 in (10, 36):
+            d.chord([x0 * s, 40 * s, (x0 + 18) * s, 62 * s], 0, 180, fill=100)                    # breast shadows
     for y in range(14, 54, 6):
         d.arc([10 * s, (y - 4) * s, 54 * s, (y + 6) * s], 200, 340, fill=115, width=max(1, round(s)))  # ribs
     d.rectangle([30 * s, 0, 34 * s, size], fill=185)                                             # spine
     d.ellipse([jitter(27 * s), jitter(40 * s), jitter(41 * s), jitter(54 * s)], fill=165)        # heart
-    if rng.random() < 0.25:
-        caption = "normal chest, no opacity"
-    else:
-        lobe = list(PHANTOM_LOBES)[rng.integers(len(PHANTOM_LOBES))]
-        big = rng.random() < 0.5
-        r = (7 if big else 4) * s
-        cx, cy = (f * size + rng.uniform(-2, 2) * s for f in PHANTOM_LOBES[lobe])
+    if attrs["finding"] != "no opacity":
+        r = (7 if attrs["size"] == "large" else 4) * s
+        cx, cy = (f * size + rng.uniform(-2, 2) * s for f in PHANTOM_LOBES[attrs["finding"]])
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=235)
-        caption = f"{'large' if big else 'small'} opacity in the {lobe}"
+    if attrs["device"] == "pacemaker":
+        x, y = jitter(44 * s), jitter(8 * s)
+        d.line([x + 2 * s, y + 3 * s, 40 * s, 30 * s, 36 * s, 46 * s], fill=245, width=max(1, round(s)))  # lead
+        d.rectangle([x, y, x + 7 * s, y + 5 * s], fill=250)                                    # generator
     im = im.filter(ImageFilter.GaussianBlur(0.8 * s))
     noise = rng.normal(0, 6, (size, size))
-    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8)), caption
+    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+
+
+def draw_phantom(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+    """A phantom with randomly drawn attributes, and its caption."""
+    attrs = random_attributes(rng)
+    return draw(rng, size, attrs), caption(attrs)
 
 
 def make_phantom_folder(root: str | os.PathLike, n: int = 96, size: int = 64, seed: int = 0) -> Path:

@@ -7,6 +7,7 @@ the tests, where no real weights can be had.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,10 @@ from tqdm import tqdm
 
 import sampling
 from clip_text import END, END_OF_WORD, START, CLIPTextConfig, CLIPTextModel, Tokenizer, bytes_to_unicode, \
-    load_text_encoder, load_tokenizer
-from sd_unet import UNet, UNetConfig, load_unet
-from vae import VAE, VAEConfig, latents_to_images, load_vae
-from weights import fingerprint
+    load_text_encoder, load_tokenizer, save_tokenizer
+from sd_unet import UNet, UNetConfig, load_unet, unet_diffusers_names
+from vae import VAE, VAEConfig, latents_to_images, ldm_to_diffusers, load_vae
+from weights import atomic_write, fingerprint, save_file
 
 
 @dataclass
@@ -80,6 +81,43 @@ def load_sd15(path: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
         tokenizer = path
     return SD15(unet=load_unet(path, dtype=dtype).eval(), text_encoder=load_text_encoder(path, dtype=dtype).eval(),
                 tokenizer=load_tokenizer(tokenizer), vae=load_vae(path, dtype=dtype).eval(), name=str(path))
+
+
+SCHEDULER_CONFIG = {  # SD 1.5's scheduler/scheduler_config.json: the training schedule of sampling.py, PNDM
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None}
+
+
+def save_sd15(sd: SD15, folder: str | os.PathLike, merges: list[tuple[str, str]], dtype: torch.dtype = torch.float16) -> None:
+    """Write `sd` as a diffusers pipeline folder, the layout of `stable-diffusion-v1-5/`: unet/, text_encoder/,
+    vae/ (config.json and safetensors in `dtype`), tokenizer/ (vocab.json and `merges`), scheduler/ and
+    model_index.json. `load_sd15` and diffusers' StableDiffusionPipeline both read it."""
+    folder = Path(folder)
+    unet_names = unet_diffusers_names(sd.unet.config)
+    parts = {
+        "unet": ("diffusion_pytorch_model.safetensors", sd.unet.config.to_diffusers(),
+                 {unet_names[k]: v for k, v in sd.unet.state_dict().items()}),
+        "text_encoder": ("model.safetensors", sd.text_encoder.config.to_transformers(),
+                         {f"text_model.{k}": v for k, v in sd.text_encoder.state_dict().items()}),
+        "vae": ("diffusion_pytorch_model.safetensors", sd.vae.config.to_diffusers(),
+                ldm_to_diffusers(sd.vae.state_dict(), len(sd.vae.config.channels))),
+        "scheduler": (None, SCHEDULER_CONFIG, None),
+    }
+    for part, (weights_name, config, state) in parts.items():
+        (folder / part).mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            save_file({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, folder / part / weights_name)
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        with atomic_write(folder / part / name, "w") as f:
+            json.dump(config, f, indent=2)
+    save_tokenizer(sd.tokenizer, folder / "tokenizer", merges)
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    with atomic_write(folder / "model_index.json", "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -104,6 +104,16 @@ class UNetConfig:
                    context_dim=one("cross_attention_dim"), norm_groups=one("norm_num_groups"))
 
 
+    def to_diffusers(self) -> dict:
+        """This shape as a diffusers `unet/config.json` (the inverse of `from_diffusers`)."""
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention_levels)]
+        return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "block_out_channels": [self.model_channels * m for m in self.channel_mult],
+                "down_block_types": down, "up_block_types": up, "layers_per_block": self.num_res_blocks,
+                "attention_head_dim": self.num_heads, "cross_attention_dim": self.context_dim,
+                "norm_num_groups": self.norm_groups, **{k: v for k, v in DIFFUSERS_FIXED.items() if v is not None}}
+
 # diffusers UNet2DConditionModel options that must keep these values (their SD 1.5 values) for our UNet.
 DIFFUSERS_FIXED = {
     "dropout": 0.0, "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",

@@ -38,6 +38,15 @@ class VAEConfig:
         """Two levels (one downsampling), for fast tests."""
         return cls(channels=(32, 64), layers_per_block=1, norm_groups=8)
 
+    def to_diffusers(self) -> dict:
+        """This shape as a diffusers `vae/config.json` (AutoencoderKL; the inverse of `from_diffusers`)."""
+        levels = len(self.channels)
+        return {"_class_name": "AutoencoderKL", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "block_out_channels": list(self.channels), "down_block_types": ["DownEncoderBlock2D"] * levels,
+                "up_block_types": ["UpDecoderBlock2D"] * levels, "layers_per_block": self.layers_per_block,
+                "latent_channels": self.latent_channels, "norm_num_groups": self.norm_groups, "act_fn": "silu",
+                "scaling_factor": LATENT_SCALE}
+
     @classmethod
     def from_diffusers(cls, cfg: dict, source: str | os.PathLike = "VAE config") -> VAEConfig:
         """Read a diffusers `AutoencoderKL` config.json (as a dict), refusing variants this VAE does not build.
@@ -241,6 +250,21 @@ def diffusers_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, t
             name = name.replace(old, new)
         if ".mid.attn_1." in name and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]
+        out[name] = tensor
+    return out
+
+
+def ldm_to_diffusers(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """Rename an LDM-named VAE state dict to diffusers' names (the inverse of `diffusers_to_ldm`, with
+    diffusers' current attention names)."""
+    renames = [(new, old) for old, new in reversed(DIFFUSERS_RENAMES) if old not in (".query.", ".key.", ".value.", ".proj_attn.")]
+    out = {}
+    for key, tensor in state.items():
+        name = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.", key)
+        for old, new in renames:
+            name = name.replace(old, new)
+        if ".mid.attn_1." in key and tensor.ndim == 4:
+            tensor = tensor[:, :, 0, 0]
         out[name] = tensor
     return out
 
