@@ -146,7 +146,7 @@ def train_vae(steps: int, batch: int, seed: int, log) -> tuple[VAE, list[float]]
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if step % 200 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             log(f"vae: step {step}, reconstruction + KL {loss.item():.5f}")
     return vae.eval(), losses
 
@@ -271,6 +271,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # tiny weights and gradients as denormals slow a CPU several times over
     out, readers = Path(args.out), Path(args.readers)
     started, timings = time.time(), {}
     def log(msg):
