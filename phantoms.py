@@ -90,7 +90,7 @@ def draw(rng: np.random.Generator, size: int, attrs: dict[str, str]) -> Image.Im
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=235)
     if attrs["device"] == "pacemaker":
         x, y = jitter(44 * s), jitter(8 * s)
-        d.line([x + 2 * s, y + 3 * s, 40 * s, 30 * s, 36 * s, 46 * s], fill=245, width=max(1, round(s)))  # lead
+        d.line([x + 2 * s, y + 4 * s, 36 * s, 14 * s, 35 * s, 44 * s], fill=245, width=max(1, round(s)))  # lead
         d.rectangle([x, y, x + 7 * s, y + 5 * s], fill=250)                                    # generator
     im = im.filter(ImageFilter.GaussianBlur(0.8 * s))
     noise = rng.normal(0, 6, (size, size))
@@ -101,6 +101,13 @@ def draw_phantom(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]
     """A phantom with randomly drawn attributes, and its caption."""
     attrs = random_attributes(rng)
     return draw(rng, size, attrs), caption(attrs)
+
+
+def drawn(n: int, size: int, seed: int) -> tuple[list[Image.Image], list[str]]:
+    """`n` phantoms with randomly drawn attributes, and their captions (same seed, same set)."""
+    rng = np.random.default_rng(seed)
+    pairs = [draw_phantom(rng, size) for _ in range(n)]
+    return [im for im, _ in pairs], [c for _, c in pairs]
 
 
 def make_phantom_folder(root: str | os.PathLike, n: int = 96, size: int = 64, seed: int = 0) -> Path:
@@ -114,13 +121,11 @@ def make_phantom_folder(root: str | os.PathLike, n: int = 96, size: int = 64, se
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "metadata.jsonl").unlink(missing_ok=True)
-    rng = np.random.default_rng(seed)
     lines = []
-    for i in range(n):
-        im, caption = draw_phantom(rng, size)
+    for i, (im, text) in enumerate(zip(*drawn(n, size, seed))):
         name = f"phantom_{i:04d}.png"
         im.save(root / name, format="PNG")
-        lines.append(json.dumps({"file_name": name, "text": caption}))
+        lines.append(json.dumps({"file_name": name, "text": text}))
     with atomic_write(root / "metadata.jsonl", "w") as f:
         f.write("\n".join(lines) + "\n")
     return root
