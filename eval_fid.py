@@ -10,6 +10,10 @@ covariance is singular when there are no more images than feature dimensions: we
 KID (Binkowski et al. 2018), the unbiased squared MMD with the cubic polynomial kernel, averaged over random
 subsets, as torchmetrics computes it.
 
+For the tiny pretrained model's phantoms, `--reader assets/readers/phantoms.safetensors` takes the features of a
+small classifier of the domain instead of Inception's (phantom-FID), and reads each image's attributes back to
+score caption adherence, the CLIP score's analogue (readback.py).
+
 CLIP score (Hessel et al. 2021): 100 * cos(image embedding, text embedding) with CLIP ViT-L/14, per pair,
 averaged. torchmetrics clamps the mean at 0, the CLIPScore paper clamps each pair (with weight 2.5 there,
 100 here): both are reported, `clip_score` is torchmetrics' figure.
@@ -18,6 +22,7 @@ averaged. torchmetrics clamps the mean at 0, the CLIPScore paper clamps each pai
         [--dims 2048 192 64] [--clip openai-clip-vit-large-patch14/ --prompts prompts.txt] [--json OUT]
         [--fid-sqrtm eigh|exact]
     python eval_fid.py --runs RUN... --inception FILE [--real DIR] [--table OUT]   (see run_images)
+    python eval_fid.py --runs RUN... --reader assets/readers/phantoms.safetensors   (phantom-FID, adherence)
         [--scheduler pndm --sample-steps 50]   (the sampler of a run's test images, when they are generated here)
 
 FID depends on the sampler: each report names the one that made the images (their folder's sampling.json).
@@ -43,9 +48,11 @@ import clip_image
 import clip_text
 import heldout
 import inception
+import readback
 import run_folder
 import sampling
 import tables
+from sd15 import generate
 from weights import atomic_write
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
@@ -104,6 +111,18 @@ def inception_features(model: inception.InceptionV3, files: list[Path], dims: tu
         for d, f in model.features(x, dims).items():
             out[d].append(f.double().cpu().numpy())
     return {d: np.concatenate(v) for d, v in out.items()}
+
+
+@torch.no_grad()
+def reader_features(reader: readback.Reader, files: list[Path], batch_size: int = 50,
+                    device: str | torch.device = "cpu", desc: str = "reader") -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """({domain: (n, 64) float64 array} of a reader's penultimate features (readback.py), and the images
+    as read, for adherence."""
+    images = torch.stack([readback.to_tensor(read_image(f).resize((readback.SIZE, readback.SIZE), Image.BICUBIC))
+                          for _, chunk in batches(files, batch_size, desc) for f in chunk])
+    feats = torch.cat([reader.features(images[i:i + batch_size].to(device)).double().cpu()
+                       for i in range(0, len(images), batch_size)])
+    return {reader.domain: feats.numpy()}, images
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,19 +254,36 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
 
 def fid_kid(real: dict[int, np.ndarray], fake: dict[int, np.ndarray], kid_subsets: int = 100,
             kid_subset_size: int = 1000, seed: int = 0, sqrtm: str = "eigh") -> dict:
-    """FID for every feature width in `real` (and `fake`), KID on the widest; with small-set warnings.
+    """FID for every feature set in `real` (and `fake`; keyed by Inception width, or a reader's domain), KID on
+    the widest; with small-set warnings.
     `sqrtm`: how FID's tr sqrt(S1 S2) is computed (`frechet_distance`), recorded as "fid_sqrtm"."""
-    dims = sorted(real)
+    dims = sorted(real, key=lambda d: real[d].shape[1])
     n_real, n_fake = len(real[dims[0]]), len(fake[dims[0]])
-    notes = [f"{min(n_real, n_fake)} images for {d}-dimensional features: the covariance is singular and FID is "
-             f"strongly biased at this size; compare FIDs only at equal image counts, and prefer KID"
-             for d in dims if min(n_real, n_fake) <= d]
+    notes = [f"{min(n_real, n_fake)} images for {real[d].shape[1]}-dimensional features: the covariance is singular "
+             f"and FID is strongly biased at this size; compare FIDs only at equal image counts, and prefer KID"
+             for d in dims if min(n_real, n_fake) <= real[d].shape[1]]
     for note in notes:
         warnings.warn(note)
     fid = {str(d): frechet_distance(*statistics(real[d]), *statistics(fake[d]), sqrtm=sqrtm) for d in dims}
     return {"images": {"real": n_real, "fake": n_fake}, "fid": fid, "fid_sqrtm": sqrtm,
             "kid": {"dims": dims[-1], **kid(real[dims[-1]], fake[dims[-1]], kid_subsets, kid_subset_size, seed)},
             "warnings": notes}
+
+
+# ---------------------------------------------------------------- a model's domain scores
+
+@torch.no_grad()
+def domain_scores(sd, reader: readback.Reader, real: torch.Tensor, prompts: list[str], seed: int, size: int,
+                  steps: int = 50, scheduler: str = "pndm") -> dict:
+    """Phantom-FID, KID and caption adherence of `sd`'s images of `prompts` against `real` images (N, 3, H, W)
+    in [-1, 1], all by `reader` (readback.py): what train.py reports for the embedded default before and after
+    fine-tuning."""
+    images = generate(sd, prompts, steps, seed=seed, size=size, batch=32, progress=False, scheduler=scheduler)
+    feats = [{reader.domain: reader.features(x.to(sd.device)).double().cpu().numpy()} for x in (real, images)]
+    scores = fid_kid(*feats, kid_subsets=100, kid_subset_size=1000, seed=seed)
+    return {f"FID-{reader.domain}": scores["fid"][reader.domain], "KID": scores["kid"]["mean"],
+            "adherence": readback.adherence(reader, images.to(sd.device), prompts)["adherence"],
+            "images": len(prompts), "real_images": len(real)}
 
 
 # ---------------------------------------------------------------- CLIP score
@@ -336,9 +372,13 @@ def report_lines(report: dict) -> list[str]:
     kid_ = report["kid"]
     rows = [("images", f"real {n['real']}, fake {n['fake']}"),
             ("fake made by", sampling.describe(report["sampling"]))]
-    rows += [(f"FID ({d})", f"{v:.4f}") for d, v in report["fid"].items()]
+    rows += [(f"FID ({d})", f"{v:.4f}") for d, v in report["fid"].items()]  # d: Inception width or reader domain
     rows.append((f"KID ({kid_['dims']})", f"{kid_['mean']:.6f} ± {kid_['std']:.6f} "
                                            f"({kid_['subsets']} subsets of {kid_['subset_size']})"))
+    if "adherence" in report:
+        a = report["adherence"]
+        rows.append(("adherence", f"{a['adherence']:.4f} (" + ", ".join(f"{k} {v:.3f}" for k, v in a["per_attribute"].items())
+                     + f"; {a['images']} images)"))
     if "clip" in report:
         c = report["clip"]
         rows.append(("CLIP score", f"{c['clip_score']:.4f} (pairs clamped: {c['clip_score_pair_clamped']:.4f}; "
@@ -353,6 +393,8 @@ def flat_metrics(report: dict) -> dict[str, float]:
     out["KID"] = report["kid"]["mean"]
     if "clip" in report:
         out["CLIP score"] = report["clip"]["clip_score"]
+    if "adherence" in report:
+        out["adherence"] = report["adherence"]["adherence"]
     return out
 
 
@@ -363,12 +405,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "run's own held-out test images (RUN/real/, written with its samples)")
     p.add_argument("--fake", help="folder of generated images")
     p.add_argument("--runs", nargs="+", help="run folders: score RUN/samples/ of each (instead of --fake)")
-    p.add_argument("--inception", required=True,
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a safetensors copy")
+    p.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a safetensors copy")
+    p.add_argument("--reader", help="instead of --inception: a domain reader (readback.py, e.g. "
+                                    "assets/readers/phantoms.safetensors): FID and KID on its features "
+                                    "(phantom-FID) and, with prompts, caption adherence in place of the CLIP score")
     p.add_argument("--dims", type=int, nargs="+", default=[2048], choices=inception.DIMS,
                    help="Inception feature widths to compute FID with; KID uses the widest")
     p.add_argument("--clip", help="transformers CLIPModel folder (openai/clip-vit-large-patch14) for the CLIP score")
-    p.add_argument("--prompts", help="prompts file for --fake, one line per image in file-name order")
+    p.add_argument("--prompts", help="prompts file for --fake, one line per image in file-name order (CLIP score, or "
+                                     "adherence with --reader)")
     p.add_argument("--fid-sqrtm", default="eigh", choices=FID_SQRTM,
                    help="FID's tr sqrt(S1 S2): from eigenvalues (about 1 s at 2048 dims), or pytorch-fid's scipy "
                         "sqrtm (10 s or more); equal within 1e-6 relative")
@@ -387,9 +432,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.fake is None) == (args.runs is None):
         p.error("give exactly one of --fake and --runs")
+    if (args.inception is None) == (args.reader is None):
+        p.error("give exactly one feature extractor: --inception FILE or --reader FILE")
+    if args.reader and args.clip:
+        p.error("--clip goes with --inception; a --reader's own score is caption adherence")
     if args.fake and not args.real:
         p.error("--fake needs --real")
-    if args.prompts and not args.clip or args.clip and args.fake and not args.prompts:
+    if args.prompts and not (args.clip or args.reader) or args.clip and args.fake and not args.prompts:
         p.error("the CLIP score needs both --clip and --prompts (with --runs: --clip, prompts from each run)")
     if args.table and not args.runs:
         p.error("--table goes with --runs")
@@ -415,28 +464,39 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.fake:
         targets = [(Path(args.fake), list_images(args.fake), args.prompts and read_prompts(args.prompts))]
     else:
-        targets = [run_images(run, bool(args.clip), args.device, args.scheduler, args.sample_steps) for run in runs]
+        targets = [run_images(run, bool(args.clip or args.reader), args.device, args.scheduler, args.sample_steps)
+                   for run in runs]
         infos = [run_info(run) for run in runs]
+    reader = readback.load_reader(args.reader).to(args.device) if args.reader else None
     for folder, files, prompts in targets:
         if prompts and len(prompts) != len(files):
             raise ValueError(f"{folder}: {len(files)} images but {len(prompts)} prompts; give exactly one prompt line "
                              "per image (sorted by file name)")
-    model = inception.load_inception(args.inception).to(args.device)
+        for prompt in (prompts or []) if reader else []:
+            readback.DOMAINS[reader.domain].parse(prompt)  # a prompt the reader cannot check is refused now
+    model = inception.load_inception(args.inception).to(args.device) if args.inception else None
     clip = load_clip(args.clip, args.device) if args.clip else None
+
+    def features(files, desc):  # (features by width or domain, the images as the reader read them)
+        if reader:
+            return reader_features(reader, files, args.batch_size, args.device, desc)
+        return inception_features(model, files, dims, args.batch_size, args.device, desc), None
     real_sets = {}  # real folder -> features, computed once per folder
     reports = []
     for folder, files, prompts in targets:
         real_folder = Path(args.real) if args.real else folder / heldout.REAL  # --runs: the run's held-out images
         if real_folder not in real_sets:
-            real_sets[real_folder] = inception_features(model, real_files or list_images(real_folder), dims,
-                                                        args.batch_size, args.device, "real")
+            real_sets[real_folder] = features(real_files or list_images(real_folder), "real")[0]
         real = real_sets[real_folder]
-        fake = inception_features(model, files, dims, args.batch_size, args.device, folder.name)
+        fake, images = features(files, folder.name)
         made = sampling.read_settings(files[0].parent)  # the images' own folder (with --runs: RUN/samples)
         report = {"real": str(real_folder), "fake": str(folder), "sampling": made,
+                  "features": f"reader of {reader.domain}" if reader else "inception",
                   **fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed, args.fid_sqrtm)}
         if clip:
             report["clip"] = clip_score(*clip, files, prompts, args.batch_size, args.device)
+        if reader and prompts:
+            report["adherence"] = readback.adherence(reader, images, prompts)
         print(f"\n{folder}\n" + "\n".join(report_lines(report)))
         reports.append(report)
     result = reports[0] if args.fake else {"runs": reports}

@@ -37,7 +37,7 @@ def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8,
                                 per_subtype=options["per_subtype"], seed=options.get("data_seed", options["seed"]),
                                 check_images=False)
     examples = data.select(dataset, split["test"], run / run_folder.SPLIT)
-    sd = load_model(options["model"], options["tokenizer"], options["seed"])
+    sd = load_model(options["model"], options["tokenizer"])
     methods.load_adapter(sd, run / "best.safetensors")
     sd.to(device)
     prompts = [e.caption for e in examples]

@@ -83,13 +83,14 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     return sheet
 
 
-def write_images(images: torch.Tensor, out: Path, names: list[str] | None = None) -> list[Path]:
-    """One PNG per image in [-1, 1] (named `names[i]` or `{i:05d}.png`) and `grid.png`."""
+def write_images(images: torch.Tensor, out: Path, names: list[str] | None = None,
+                 columns: int | None = None) -> list[Path]:
+    """One PNG per image in [-1, 1] (named `names[i]` or `{i:05d}.png`) and `grid.png` (`columns` wide)."""
     pictures = [to_pil(im) for im in images]
     paths = [out / (names[i] if names else f"{i:05d}.png") for i in range(len(pictures))]
     for picture, path in zip(pictures, paths):
         save_png(picture, path)
-    save_png(grid(pictures), out / "grid.png")
+    save_png(grid(pictures, columns), out / "grid.png")
     return paths
 
 

@@ -1,8 +1,9 @@
 """Stable Diffusion 1.5 as one object: UNet, CLIP text encoder, tokenizer and VAE, and text-to-image generation.
 
 `load_sd15` reads the real weights (a diffusers folder, or the single-file checkpoint plus a tokenizer);
-`tiny_sd15` builds the same architecture, tiny and with random weights, for the embedded default run and
-the tests, where no real weights can be had.
+`load_embedded` the tiny model pretrained here on coloured shapes (assets/tiny-sd, the embedded default's);
+`tiny_sd15` builds the same architecture, tiny and with random weights, for the tests that need only the
+architecture; `save_sd15` writes the diffusers layout.
 """
 from __future__ import annotations
 
@@ -129,10 +130,8 @@ def byte_tokenizer() -> Tokenizer:
 
 
 def tiny_sd15(seed: int = 0) -> SD15:
-    """SD 1.5's architecture at toy size with random weights (same seed, same model): the embedded default.
-
-    It shows the mechanics of training and sampling on a CPU in minutes; it cannot make real images.
-    """
+    """SD 1.5's architecture at toy size with random weights (same seed, same model), for the tests of the
+    mechanics; it cannot make real images (the embedded default is `load_embedded`'s trained model)."""
     tokenizer = byte_tokenizer()
     text_config = dataclasses.replace(CLIPTextConfig.tiny(), vocab_size=len(tokenizer.encoder),
                                       eos_token_id=tokenizer.end_id)
@@ -144,9 +143,25 @@ def tiny_sd15(seed: int = 0) -> SD15:
     return SD15(unet, text_encoder, tokenizer, vae, name=f"embedded tiny random SD 1.5 (seed {seed})")
 
 
-def load_model(model: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None, seed: int = 0) -> SD15:
-    """`load_sd15(model, tokenizer)`, or the embedded tiny random model when `model` is None (as train.py's runs)."""
-    return tiny_sd15(seed) if model is None else load_sd15(model, tokenizer)
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"  # made by tools/pretrain_tiny.py
+
+
+def load_embedded() -> SD15:
+    """The embedded tiny SD 1.5 (assets/tiny-sd/): SD 1.5's architecture at toy size, pretrained here on
+    coloured shapes (tools/pretrain_tiny.py), read like any diffusers folder."""
+    if not (EMBEDDED_MODEL / "model_index.json").is_file():
+        raise FileNotFoundError(f"{EMBEDDED_MODEL}: the embedded tiny model is missing or incomplete (no "
+                                "model_index.json); it ships with the project: restore it from git (git checkout -- "
+                                "assets/tiny-sd) or make it again with tools/pretrain_tiny.py")
+    sd = load_sd15(EMBEDDED_MODEL)
+    sd.name = "embedded tiny SD 1.5 pretrained on shapes (assets/tiny-sd)"
+    return sd
+
+
+def load_model(model: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None) -> SD15:
+    """`load_sd15(model, tokenizer)`, or the embedded tiny pretrained model when `model` is None (train.py's
+    default)."""
+    return load_embedded() if model is None else load_sd15(model, tokenizer)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The paper's fine-tuning run (section 4): SD 1.5 frozen, adapters in every linear layer of the UNet and the
 text encoder, trained on image-report pairs with the diffusion loss.
 
-    python train.py                    # embedded default: a tiny random SD and generated phantoms, minutes on a CPU
+    python train.py                    # embedded default: the tiny pretrained SD and generated phantoms, minutes on a CPU
     python train.py --model SD15 --data IU_XRAY --dataset iu-xray --method selora --out runs/iu-selora
     python train.py --resume runs/iu-selora
 
@@ -39,9 +39,11 @@ import cli
 import data
 import diffusion
 import distributed
+import eval_fid
 import methods
 import phantoms
 import plots
+import readback
 import run_folder
 import sampling
 import weights
@@ -53,7 +55,8 @@ from sd15 import SD15, generate, load_model
 PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 4; other data sets default to 10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_EVERY = 40  # steps between memory readings (appendix D)
-EMBEDDED = dict(size=48, epochs=24, images=96)  # the embedded default: 240 steps, so t = 40 gives 6 tests
+EMBEDDED = dict(size=32, epochs=24, images=96)  # the embedded default: 240 steps, so t = 40 gives 6 tests
+SCORED = dict(prompts=128, real=256, seed=10_007)  # the embedded default's phantom-FID and adherence (score_phantoms)
 
 
 class TrainingError(RuntimeError):
@@ -106,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
                                                        "(from step 0 if it has none yet)")
     a("--checkpoint-every", type=cli.integer(1), default=500, help="steps between checkpoints (also at each epoch end)")
     a("--latent-cache", help="folder for cached VAE latents (default: <run folder's parent>/.latent-cache)")
-    a("--samples", type=cli.integer(0), default=4, help="preview images to generate from test prompts at the end (0: none)")
+    a("--samples", type=cli.integer(0), default=4, help="preview images to generate from test prompts at the end, by the base model and the fine-tuned one (0: "
+                                    "none, and no phantom scores)")
     a("--scheduler", default="pndm", choices=SCHEDULERS,
       help="sampler of those samples (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, MAX_STEPS), default=50, help="sampler steps for those samples (default 50)")
@@ -270,11 +274,11 @@ def start(args: argparse.Namespace) -> Training:
         run_folder.prepare(run, args.overwrite)
         run_folder.write_config(run, vars(args), False, distributed.world_size())
     if is_main and args.model is None:
-        print("Embedded default: a tiny random SD 1.5 architecture" + (" and generated phantoms" if args.data is None
-              else "") + ". This shows the mechanics of the run, not image quality. For the paper's run give "
+        print("Embedded default: a tiny SD 1.5 pretrained here on coloured shapes (assets/tiny-sd)"
+              + (", fine-tuned on generated phantoms" if args.data is None else "") + ". For the paper's run give "
               "--model SD15_FOLDER_OR_FILE --data DATA --dataset iu-xray|montgomery|folder (see README).")
     torch.manual_seed(args.seed)  # adapter initialisation, the same in every process
-    sd = load_model(args.model, args.tokenizer, args.seed).to(device)
+    sd = load_model(args.model, args.tokenizer).to(device)
     sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = args.gradient_checkpointing
     if args.size % sd.latent_factor:
         raise ValueError(f"--size {args.size}: must be a multiple of {sd.latent_factor}, this model's VAE factor")
@@ -426,23 +430,43 @@ def finish(tr: Training) -> dict:
     return summary
 
 
-def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, split: dict[str, list[str]]) -> None:
+def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, split: dict[str, list[str]]) -> dict:
     """Load the best adapter into a fresh model; export it in the kohya format, and generate a few images from
-    held-out prompts beside the real images (run/previews/; eval_fid.py --runs generates the whole test split)."""
-    sd = load_model(args.model, args.tokenizer, args.seed)
-    best = methods.load_adapter(sd, run / "best.safetensors")
-    export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", base_metadata(sd))
-    if not args.samples:
-        return
+    held-out prompts, by the base model and by the fine-tuned one, beside the real images (run/previews/, one row
+    each; eval_fid.py --runs generates the whole test split). On generated phantoms (no --data), returns their
+    phantom-FID, KID and adherence before and after fine-tuning (`score_phantoms`); else, or with --samples 0, {}."""
+    sd = load_model(args.model, args.tokenizer).to(args.device)
     names = (split["test"] or split["validation"] or split["train"])[:args.samples]
     examples = data.select(dataset, names, run / "split.json")
-    sd.to(args.device)
-    images = generate(sd, [e.caption for e in examples], args.sample_steps, seed=args.seed, size=args.size,
-                      batch=args.batch, scheduler=args.scheduler)
-    real = torch.stack([data.load_image(e.path, args.size) for e in examples])
-    plots.write_images(torch.cat([real, images]), run / "previews")
-    sampling.write_settings(run / "previews", args.scheduler, args.sample_steps, 7.5, 0.0, args.seed, args.size)
-    run_folder.write_json(run / "previews" / "prompts.json", {"real": names, "prompts": [e.caption for e in examples]})
+    prompts = [e.caption for e in examples]
+    scores, rows = {}, []
+    for when in ("before", "after"):
+        if when == "after":
+            best = methods.load_adapter(sd, run / "best.safetensors")
+            export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", base_metadata(sd))
+            sd.to(args.device)
+        if args.data is None and args.samples:
+            scores[when] = score_phantoms(sd, args)
+        if args.samples:
+            rows.append(generate(sd, prompts, args.sample_steps, seed=args.seed, size=args.size, batch=args.batch,
+                                 scheduler=args.scheduler, progress=False))
+    if args.samples:
+        real = torch.stack([data.load_image(e.path, args.size) for e in examples])
+        plots.write_images(torch.cat([real, *rows]), run / "previews", columns=len(examples))
+        sampling.write_settings(run / "previews", args.scheduler, args.sample_steps, 7.5, 0.0, args.seed, args.size)
+        run_folder.write_json(run / "previews" / "prompts.json", {"real": names, "prompts": prompts,
+                                                                  "rows": ["real", "base model", "fine-tuned"]})
+    return scores
+
+
+def score_phantoms(sd: SD15, args: argparse.Namespace) -> dict:
+    """Phantom-FID, KID and caption adherence (eval_fid.domain_scores, by the phantom reader) of `sd`'s images
+    of SCORED["prompts"] freshly drawn phantom captions, against SCORED["real"] freshly drawn phantoms."""
+    real_images, _ = phantoms.drawn(SCORED["real"], args.size, SCORED["seed"])
+    _, prompts = phantoms.drawn(SCORED["prompts"], args.size, SCORED["seed"] + 1)
+    real = torch.stack([readback.to_tensor(im) for im in real_images])
+    reader = readback.load_reader(readback.ASSETS / "phantoms.safetensors").to(args.device)
+    return eval_fid.domain_scores(sd, reader, real, prompts, args.seed, args.size, args.sample_steps, args.scheduler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,7 +483,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = finish(tr)
             run, dataset, split = tr.run, tr.dataset, tr.split
             del tr  # the trained model's memory, before export_best loads a fresh one
-            export_best(args, run, dataset, split)
+            scores = export_best(args, run, dataset, split)
+            if scores:
+                run_folder.write_json(run / "summary.json", {**summary, "phantom_scores": scores})
+                for when, v in scores.items():
+                    print(f"{when} fine-tuning: phantom-FID {v['FID-phantoms']:.2f}, KID {v['KID']:.4f}, adherence "
+                          f"{v['adherence']:.3f} ({v['images']} images of drawn phantom captions)")
             print(f"done: {run} (best epoch {summary['best_epoch']}, total rank {summary['total_rank']})")
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,7 +17,7 @@ from baselines import AdaLoRALinear, DyLoRALinear, LoRALinear
 from kohya import export_kohya, load_kohya, read_kohya
 from lora2 import LoRA2Linear
 from methods import METHODS
-from sd15 import tiny_sd15
+from sd15 import load_embedded, tiny_sd15
 from selora import SeLoRALinear, expand
 from test_selora import _one_thread  # noqa: F401  (tiny tensors: one thread avoids synchronisation costs)
 
@@ -215,7 +215,7 @@ def test_bad_files_are_refused_naming_file_and_key_before_the_model_changes(tmp_
 
 
 def test_sample_takes_a_kohya_file_and_refuses_a_bad_one(tmp_path, capsys):
-    sd = tiny_sd15(0)  # the model sample.py uses without --model
+    sd = load_embedded()  # the model sample.py uses without --model
     named, _ = adapt(sd, "selora", ranks=(1, 2, 3))
     save_adapters(named, tmp_path / "ours.safetensors")
     export_kohya(named, sd.unet.config, tmp_path / "lora.kohya.safetensors")

@@ -32,7 +32,8 @@ def test_embedded_default_writes_the_whole_run_folder(tmp_path, monkeypatch, cap
     assert train.main(FAST) == 0  # no --model, no --data: the embedded default, into runs/default
     out = tmp_path / "runs" / "default"
     printed = capsys.readouterr().out
-    assert "shows the mechanics of the run, not image quality" in printed
+    assert "a tiny SD 1.5 pretrained here on coloured shapes" in printed
+    assert "before fine-tuning: phantom-FID" in printed and "after fine-tuning: phantom-FID" in printed
     for name in ("config.json", "split.json", "log.jsonl", "summary.json", "best.safetensors", "last.safetensors",
                  "best.kohya.safetensors", "loss.png", "rank_growth.png", "memory.png", "rank_unet.png",
                  "rank_text_encoder.png", "checkpoint/adapters.safetensors", "checkpoint/state.safetensors",
@@ -55,11 +56,13 @@ def test_embedded_default_writes_the_whole_run_folder(tmp_path, monkeypatch, cap
     # the saved adapters carry those ranks and the run's settings
     meta = weights.load_metadata(out / "last.safetensors")
     assert json.loads(meta["ranks"]) == summary["final_ranks"] and meta["lambda"] == "1.1" and meta["t"] == "4"
-    # figures are real PNGs; the samples are real images (2) beside generated ones (2), 48 px each
+    # figures are real PNGs; the samples are rows of real images (2), the base model's and the fine-tuned one's, 32 px
     assert Image.open(out / "rank_unet.png").size[0] > 200
-    assert Image.open(out / "previews" / "grid.png").size == (96, 96)
+    assert Image.open(out / "previews" / "grid.png").size == (64, 96)
     assert json.loads((out / "previews" / "sampling.json").read_text()) == {
-        "scheduler": "pndm", "steps": 3, "guidance": 7.5, "eta": 0.0, "seed": 0, "size": 48}
+        "scheduler": "pndm", "steps": 3, "guidance": 7.5, "eta": 0.0, "seed": 0, "size": 32}
+    assert set(summary["phantom_scores"]) == {"before", "after"}
+    assert summary["phantom_scores"]["before"]["images"] == train.SCORED["prompts"]
 
 
 def test_resume_continues_exactly(tmp_path):
