@@ -254,6 +254,11 @@ def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:
     score where weights were given; kept in RUN/scores.json and redone only when their settings change
     (the sampler's included: other images, other scores)."""
     run_dir = folder(args, run)
+    with run_folder.lock(run_dir, "reproduce.py"):  # it writes samples/, real/ and scores.json
+        return _evaluate(args, run_dir, scorer)
+
+
+def _evaluate(args: argparse.Namespace, run_dir: Path, scorer: Scorer) -> dict:
     path = run_dir / SCORES
     cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     kept = dict(cache)
