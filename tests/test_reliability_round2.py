@@ -39,6 +39,12 @@ def tensors_of(path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in weights.load_file(path).items()}
 
 
+def error_line(err: str) -> str:
+    """The command's one error line (tqdm's progress bars share stderr)."""
+    assert err.count("error: ") == 1 and "Traceback" not in err, err
+    return "error: " + err.split("error: ", 1)[1].splitlines()[0]
+
+
 def all_finite(path) -> bool:
     return all(v.isfinite().all() for v in tensors_of(path).values() if v.is_floating_point())
 
@@ -230,15 +236,15 @@ def test_a_run_killed_while_its_old_checkpoint_is_removed_resumes(tmp_path, monk
 def test_a_diverging_run_writes_only_finite_files_and_its_resume_says_the_same(tmp_path, capsys):
     data_dir, out, argv = small_run(tmp_path, "--lr", "1e30")
     assert train.main(argv) == 1  # B grows to 1e30 at step 1 (finite), so step 2's loss overflows
-    err = capsys.readouterr().err
+    err = error_line(capsys.readouterr().err)
     assert err.startswith("error: step 2: ") and f"The last checkpoint, of step 1, is finite: {out / 'checkpoint'}" in err
     assert all_finite(out / "checkpoint" / "adapters.safetensors") and all_finite(out / "checkpoint" / "state.safetensors")
     assert train.main(["--resume", str(out)]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == err.splitlines()[-1]  # the same step, the same message
+    assert error_line(capsys.readouterr().err) == err  # the same step, the same message
 
     data_dir, out, argv = small_run(tmp_path / "b", "--lr", "1e39")  # float32 Adam: an infinite update at step 1
     assert train.main(argv) == 1
-    err = capsys.readouterr().err
+    err = error_line(capsys.readouterr().err)
     assert "step 1: the update made" in err and "non-finite" in err and "No checkpoint was written yet" in err
     assert run_folder.last_checkpoint(out) is None and not (out / "best.safetensors").exists()
 
@@ -340,9 +346,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_folder_and_the_r
         raise OSError(27, "File too large")
     monkeypatch.setattr(checkpoint, "save_checkpoint", too_large)
     assert train.main([*argv, "--stop-after", "1"]) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith(f"error: step 1: writing the checkpoint into {out / 'checkpoint.tmp'} "
-                                                     "failed (File too large)")
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith(f"error: step 1: writing the checkpoint into {out / 'checkpoint.tmp'} failed (File too large)")
     assert f"resume with --resume {out}" in err
 
 
