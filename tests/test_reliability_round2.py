@@ -223,12 +223,12 @@ def test_a_run_killed_while_its_old_checkpoint_is_removed_resumes(tmp_path, monk
         train.main(["--resume", str(out)])
     monkeypatch.undo()
     assert (out / run_folder.CHECKPOINT_OLD).is_dir()  # what the kill left
-    assert train.main(["--resume", str(out)]) == 0
+    assert train.main(["--resume", str(out), "--epochs", "2"]) == 0  # extended: it writes checkpoints again
     assert not (out / run_folder.CHECKPOINT_OLD).exists()
     last, ckpt = tensors_of(out / "last.safetensors"), tensors_of(out / "checkpoint" / "adapters.safetensors")
     assert last.keys() == ckpt.keys() and all(torch.equal(last[k], ckpt[k]) for k in last)
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 2]
+    assert steps == [1, 2, 2, 3, 4, 4]
 
 
 # ---------------------------------------------------------------- 3. only finite states are written
@@ -242,11 +242,35 @@ def test_a_diverging_run_writes_only_finite_files_and_its_resume_says_the_same(t
     assert train.main(["--resume", str(out)]) == 1
     assert error_line(capsys.readouterr().err) == err  # the same step, the same message
 
-    data_dir, out, argv = small_run(tmp_path / "b", "--lr", "1e39")  # float32 Adam: an infinite update at step 1
+
+
+def test_a_finite_loss_with_an_infinite_gradient_stops_before_the_update(tmp_path, capsys, monkeypatch):
+    data_dir, out, argv = small_run(tmp_path)
+    real_step = train.diffusion.train_step
+
+    def overflowing(sd, batch, step, controller, *args):
+        loss = real_step(sd, batch, step, controller, *args)
+        if step == 2:  # the loss is finite, one gradient overflowed: Adam would write NaN into the adapter
+            next(iter(controller.adapters.values())).B.grad.view(-1)[0] = float("inf")
+        return loss
+    monkeypatch.setattr(train.diffusion, "train_step", overflowing)
     assert train.main(argv) == 1
     err = error_line(capsys.readouterr().err)
-    assert "step 1: the update made" in err and "non-finite" in err and "No checkpoint was written yet" in err
-    assert run_folder.last_checkpoint(out) is None and not (out / "best.safetensors").exists()
+    assert err.startswith("error: step 2: the gradient of ") and ".B is not finite; stopping." in err
+    assert f"The last checkpoint, of step 1, is finite: {out / 'checkpoint'}" in err
+    assert all_finite(out / "checkpoint" / "adapters.safetensors") and all_finite(out / "checkpoint" / "state.safetensors")
+    assert not (out / "best.safetensors").exists()
+
+
+def test_non_finite_names_the_first_parameter_or_gradient_that_is_not_finite():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    named = adapters.inject(model, methods.build("lora", r=1).make_adapter)
+    assert checkpoint.non_finite(named, "the update made") is None
+    with torch.no_grad():
+        named["1"].A[0, 0] = float("nan")
+    assert checkpoint.non_finite(named, "the update made") == "the update made 1.A non-finite"
+    model(torch.ones(1, 3)).sum().backward()
+    assert checkpoint.non_finite(named, "the gradient of", grad=True).startswith("the gradient of 0.")
 
 
 # ---------------------------------------------------------------- 4. data changed under a resumed run
@@ -254,7 +278,7 @@ def test_a_diverging_run_writes_only_finite_files_and_its_resume_says_the_same(t
 def test_resume_refuses_changed_data_unless_allowed_and_records_it(tmp_path, capsys):
     data_dir, out, argv = small_run(tmp_path)
     assert train.main([*argv, "--stop-after", "1"]) == 0
-    assert "no expansion test comes, so this run trains a fixed rank-1 LoRA" in capsys.readouterr().out  # --t 4
+    printed = capsys.readouterr().out
     lines = (data_dir / "metadata.jsonl").read_text().splitlines()
     first, second = json.loads(lines[0]), json.loads(lines[1])
     lines[0] = json.dumps({**first, "text": first["text"] + " changed"})
@@ -273,6 +297,7 @@ def test_resume_refuses_changed_data_unless_allowed_and_records_it(tmp_path, cap
     assert len(recorded["data_changes"]) == 1 and len(recorded["data_changes"][0]["changes"]) == 3
     assert recorded["fingerprints"] == data.fingerprints(data.load_dataset("folder", data_dir).examples)
     assert run_folder.read_config(out)["options"]["allow_data_change"] is False  # one invocation's, not the run's
+    assert "no expansion test comes, so this run trains a fixed rank-1 LoRA" in printed  # said at the start (--t 4)
 
 
 # ---------------------------------------------------------------- 5. test images know what made them; a run is
@@ -282,8 +307,7 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_samples_are_made_again_when_best_changes_and_a_run_stopped_in_its_previews_is_unfinished(
-        tmp_path, capsys, monkeypatch):
+def test_a_run_stopped_while_drawing_its_previews_is_unfinished(tmp_path, monkeypatch):
     data_dir, out, argv = small_run(tmp_path, "--split", "50,0,50", "--samples", "1", "--sample-steps", "1")
 
     def interrupted(*args, **kwargs):
@@ -296,6 +320,10 @@ def test_samples_are_made_again_when_best_changes_and_a_run_stopped_in_its_previ
     assert train.main(["--resume", str(out)]) == 0
     assert (out / "summary.json").is_file() and (out / "previews" / "prompts.json").is_file()
 
+
+def test_test_images_are_made_again_when_best_changes_and_a_one_image_set_is_refused(tmp_path, capsys):
+    data_dir, out, argv = small_run(tmp_path, "--split", "50,0,50")
+    assert train.main(argv) == 0
     assert heldout.ensure_test_split(out, steps=1)
     image = out / heldout.SAMPLES / "00000.png"
     before = md5(image)
