@@ -102,6 +102,19 @@ def non_finite(named: dict[str, adapters.Adapter], what: str, grad: bool = False
     return f"{what} {first} non-finite" if what.endswith("made") else f"{what} {first} is not finite"
 
 
+def stopped_at(run: Path, step: int, what: str) -> str:
+    """The message of a run stopped at a step that is not finite (`non_finite`), before anything of that step was
+    written: it names the last checkpoint, which holds only finite values, and what resuming from it does."""
+    last = run_folder.last_checkpoint(run)
+    if last is None:
+        after = "No checkpoint was written yet: start again with a lower --lr (or --precision fp32)"
+    else:
+        at = weights.load_metadata(last / "adapters.safetensors").get("step", "?")
+        after = (f"The last checkpoint, of step {at}, is finite: {last}. --resume {run} reaches this step again "
+                 "(same seed, same data), so start a new run with a lower --lr (or --precision fp32)")
+    return f"step {step}: {what}; stopping. {after}"
+
+
 def save_training_state(run: Path, model: torch.nn.Module, named: dict[str, adapters.Adapter],
                         optimizer: torch.optim.Optimizer, controller: adapters.Controller, gen: torch.Generator,
                         counters: dict, metadata: dict[str, str]) -> None:

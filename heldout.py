@@ -42,7 +42,7 @@ def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8,
                                 check_images=False)
     examples = data.select(dataset, split["test"], run / run_folder.SPLIT)
     (run / SAMPLES / ADAPTER).unlink(missing_ok=True)  # until the new images are all written
-    made_by = adapter_fingerprint(run)
+    adapter = adapter_fingerprint(run)
     sd = load_model(options["model"], options["tokenizer"], options["seed"])
     methods.load_adapter(sd, run / "best.safetensors")
     sd.to(device)
@@ -54,7 +54,7 @@ def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8,
     with atomic_write(run / SAMPLES / PROMPTS, "w") as f:
         f.write("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
     with atomic_write(run / SAMPLES / ADAPTER, "w") as f:
-        json.dump(made_by, f)
+        json.dump(adapter, f)
     return run / SAMPLES, run / REAL
 
 

@@ -363,12 +363,12 @@ def fit(tr: Training) -> bool:
                 bad = None if math.isfinite(loss) else f"the loss is {loss}"
                 bad = bad or checkpoint.non_finite(tr.named, "the gradient of", grad=True)
                 if bad:
-                    raise diverged(tr, step, bad)
+                    raise TrainingError(checkpoint.stopped_at(tr.run, step, bad))
                 tr.optimizer.step()
                 events = tr.controller.step()
                 bad = checkpoint.non_finite(tr.named, "the update made")
                 if bad:
-                    raise diverged(tr, step, bad)
+                    raise TrainingError(checkpoint.stopped_at(tr.run, step, bad))
                 log_step(tr, logfile, bar, step, epoch, loss, events, tic)
                 last_of_epoch = i == tr.steps_per_epoch - 1
                 if last_of_epoch:
@@ -399,19 +399,6 @@ def log_step(tr: Training, logfile, bar: tqdm, step: int, epoch: int, loss: floa
     tr.counters["step"] = step
     bar.set_postfix(loss=f"{loss:.4f}", rank=line["total_rank"])
     bar.update()
-
-
-def diverged(tr: Training, step: int, what: str) -> TrainingError:
-    """The error that stops a run whose step is not finite, before anything of it is written: it names the last
-    checkpoint, which holds only finite values, and what resuming from it does."""
-    last = run_folder.last_checkpoint(tr.run)
-    if last is None:
-        after = "No checkpoint was written yet: start again with a lower --lr (or --precision fp32)"
-    else:
-        at = weights.load_metadata(last / "adapters.safetensors").get("step", "?")
-        after = (f"The last checkpoint, of step {at}, is finite: {last}. --resume {tr.run} reaches this step again "
-                 "(same seed, same data), so start a new run with a lower --lr (or --precision fp32)")
-    return TrainingError(f"step {step}: {what}; stopping. {after}")
 
 
 def save_checkpoint(tr: Training, step: int) -> None:
