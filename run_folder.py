@@ -307,38 +307,51 @@ def lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
     that machine stopped, remove RUN/lock by hand, as the refusal says."""
     run = Path(out)
     _check_may_write(run)
+    made = [folder for folder in (run, *run.parents) if not folder.exists()]  # removed again if left empty
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "token": secrets.token_hex(8)}
     mine = run / f".{LOCK}.{me['token']}"
     mine.write_text(json.dumps(me), encoding="utf-8")
     try:
-        while True:
-            try:
-                os.link(mine, path)
-                break
-            except FileExistsError:
-                pass
-            except OSError:
-                if mine.stat().st_nlink == 2:
+        try:
+            while True:
+                try:
+                    os.link(mine, path)
                     break
-                raise
-            holder = _holder(path)
-            if holder is None:
-                continue
-            if not _gone(holder):
-                raise RunFolderError(f"{run}: in use by {holder.get('command', 'another command')} (pid "
-                                     f"{holder['pid']} on {holder['host']}), which holds {path}; wait for it to end. "
-                                     f"If that process has stopped, remove {path}")
-            _take_over(path, holder)
-    finally:
-        mine.unlink()
+                except FileExistsError:
+                    pass
+                except OSError:
+                    if mine.stat().st_nlink == 2:
+                        break
+                    raise
+                holder = _holder(path)
+                if holder is None:
+                    continue
+                if not _gone(holder):
+                    raise RunFolderError(f"{run}: in use by {holder.get('command', 'another command')} (pid "
+                                         f"{holder['pid']} on {holder['host']}), which holds {path}; wait for it to "
+                                         f"end. If that process has stopped, remove {path}")
+                _take_over(path, holder)
+        finally:
+            mine.unlink()
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         yield run
     finally:
         with contextlib.suppress(RunFolderError):
             if _holder(path) == me:
                 path.unlink()
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a command made (innermost first) that it left empty: a refused command leaves nothing."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def last_checkpoint(run: Path) -> Path | None:
