@@ -89,15 +89,42 @@ def load_checkpoint(path: str | os.PathLike, optimizer: torch.optim.Optimizer, n
     return json.loads(meta["counters"]), extra
 
 
+def non_finite(named: dict[str, adapters.Adapter], what: str, grad: bool = False) -> str | None:
+    """None when every adapter parameter (or its gradient) is finite; else `what` and the first one that is not.
+    A run checks this before a step's update is taken and after it, so no checkpoint or adapter file of it ever
+    holds a NaN or an infinity. One synchronisation in the common, finite case."""
+    tensors = {f"{name}.{key}": p.grad if grad else p for name, a in named.items()
+               for key, p in a.named_parameters() if p.requires_grad}
+    tensors = {k: t for k, t in tensors.items() if t is not None}
+    if not tensors or torch.stack([t.detach().isfinite().all() for t in tensors.values()]).all():
+        return None
+    first = next(k for k, t in tensors.items() if not t.detach().isfinite().all())
+    return f"{what} {first} non-finite" if what.endswith("made") else f"{what} {first} is not finite"
+
+
+def stopped_at(run: Path, step: int, what: str) -> str:
+    """The message of a run stopped at a step that is not finite (`non_finite`), before anything of that step was
+    written: it names the last checkpoint, which holds only finite values, and what resuming from it does."""
+    last = run_folder.last_checkpoint(run)
+    if last is None:
+        after = "No checkpoint was written yet: start again with a lower --lr (or --precision fp32)"
+    else:
+        at = weights.load_metadata(last / "adapters.safetensors").get("step", "?")
+        after = (f"The last checkpoint, of step {at}, is finite: {last}. --resume {run} reaches this step again "
+                 "(same seed, same data), so start a new run with a lower --lr (or --precision fp32)")
+    return f"step {step}: {what}; stopping. {after}"
+
+
 def save_training_state(run: Path, model: torch.nn.Module, named: dict[str, adapters.Adapter],
                         optimizer: torch.optim.Optimizer, controller: adapters.Controller, gen: torch.Generator,
                         counters: dict, metadata: dict[str, str]) -> None:
     """RUN/checkpoint/{adapters,state}.safetensors, replaced as a pair: written to checkpoint.tmp/ first, so an
-    interruption leaves the previous checkpoint whole (run_folder.last_checkpoint finds it). `model` holds the
-    adapters (SD15.adaptable()); its parameter names key the optimizer state."""
+    interruption leaves the previous checkpoint whole (run_folder.last_checkpoint finds it, and
+    run_folder.recover_checkpoint, called first here and when a run resumes, cleans what the interruption left).
+    `model` holds the adapters (SD15.adaptable()); its parameter names key the optimizer state."""
     tmp, final, old = (run / name for name in (run_folder.CHECKPOINT_TMP, run_folder.CHECKPOINT,
                                                run_folder.CHECKPOINT_OLD))
-    shutil.rmtree(tmp, ignore_errors=True)
+    run_folder.recover_checkpoint(run)
     tmp.mkdir()
     adapters.save_adapters(named, tmp / "adapters.safetensors", metadata)
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}

@@ -18,6 +18,7 @@ per split: evaluation reloads exactly the held-out images.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -404,6 +405,30 @@ def write_split(path: str | os.PathLike, split: dict[str, list[str]], info: dict
     payload = {**(info or {}), "splits": {name: list(split.get(name, [])) for name in SPLIT_NAMES}}
     with atomic_write(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def fingerprints(examples: list[Example]) -> dict[str, list]:
+    """{name: [image size in bytes, modification time in ns, the caption's sha256 (16 hex digits)]}: what split.json
+    records of the data, so that a resumed run finds images and captions changed since it started (`changes`).
+    Size and modification time are what the latent cache keys an image by, too: a replaced file changes them."""
+    out = {}
+    for e in examples:
+        stat = e.path.stat()
+        out[e.name] = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(e.caption.encode("utf-8")).hexdigest()[:16]]
+    return out
+
+
+def changes(recorded: dict[str, list], now: dict[str, list]) -> list[str]:
+    """What differs between two `fingerprints`, one item per image: 'image changed: NAME' (size or modification
+    time), 'caption changed: NAME', 'added: NAME', 'removed: NAME'."""
+    out = [f"removed: {n}" for n in recorded if n not in now] + [f"added: {n}" for n in now if n not in recorded]
+    for name in recorded.keys() & now.keys():
+        was, new = recorded[name], now[name]
+        if list(was[:2]) != list(new[:2]):
+            out.append(f"image changed: {name}")
+        if was[2:] != new[2:]:
+            out.append(f"caption changed: {name}")
+    return sorted(out, key=lambda item: item.split(": ", 1)[1])
 
 
 def read_split(path: str | os.PathLike) -> dict[str, list[str]]:

@@ -74,6 +74,14 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def enough(files: list[Path], what: str) -> list[Path]:
+    """`files`, refused when fewer than the 2 images a covariance (FID) and KID's subsets need; `what` names the
+    option and folder."""
+    if len(files) < 2:
+        raise ValueError(f"{what}: {len(files)} image in {files[0].parent}; FID and KID need at least 2 images per set")
+    return files
+
+
 def read_image(path: str | os.PathLike) -> Image.Image:
     """An image file as 8-bit RGB (grey and 16-bit scans converted as PIL does, like pytorch-fid)."""
     try:
@@ -357,7 +365,12 @@ def run_images(run: Path, with_prompts: bool, device: str = "cpu", scheduler: st
     are not there yet, or were made by another sampler, gets them now (heldout.ensure_test_split)."""
     folder = run / heldout.SAMPLES
     if run_folder.is_run_folder(run) and (run / "best.safetensors").is_file():
-        heldout.ensure_test_split(run, steps, device=device, scheduler=scheduler)
+        test = run_folder.read_split(run)[1]["test"]
+        if len(test) < 2:  # before generating anything
+            raise ValueError(f"--runs {run}: its test split ({run / run_folder.SPLIT}) has {len(test)} image(s); FID "
+                             "and KID need at least 2 per set")
+        with run_folder.lock(run, "eval_fid.py --runs"):
+            heldout.ensure_test_split(run, steps, device=device, scheduler=scheduler)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; generate the run's test-split images with sample.py first "
                                 "(done here for a finished train.py run, which has config.json and best.safetensors)")
@@ -461,14 +474,20 @@ def evaluate(args: argparse.Namespace) -> dict:
     real_files = list_images(args.real) if args.real else None
     runs = [Path(r) for r in args.runs or []]
     # every input is checked before the first image goes through a network
+    if real_files is not None:
+        enough(real_files, f"--real {args.real}")
     if args.fake:
-        targets = [(Path(args.fake), list_images(args.fake), args.prompts and read_prompts(args.prompts))]
+        targets = [(Path(args.fake), enough(list_images(args.fake), f"--fake {args.fake}"),
+                    args.prompts and read_prompts(args.prompts))]
     else:
         targets = [run_images(run, bool(args.clip or args.reader), args.device, args.scheduler, args.sample_steps)
                    for run in runs]
         infos = [run_info(run) for run in runs]
     reader = readback.load_reader(args.reader).to(args.device) if args.reader else None
     for folder, files, prompts in targets:
+        enough(files, f"--runs {folder}" if args.runs else str(folder))
+        if args.runs and not args.real:
+            enough(list_images(folder / heldout.REAL), f"--runs {folder}")
         if prompts and len(prompts) != len(files):
             raise ValueError(f"{folder}: {len(files)} images but {len(prompts)} prompts; give exactly one prompt line "
                              "per image (sorted by file name)")

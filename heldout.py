@@ -2,11 +2,14 @@
 
 One image per test prompt is generated with the run's best adapter on its own base model, as the paper's
 were made (sampling.py's default: SD 1.5's PNDM, 50 steps, guidance 7.5), into RUN/samples/ with its
-prompts.txt and sampling.json; the real test images, preprocessed as in training, go to RUN/real/.
-eval_fid.py --runs and reproduce.py both generate through `ensure_test_split`.
+prompts.txt and sampling.json, and adapter.json last: the sha256 of the best.safetensors that made them (a run
+extended by --resume gets another, and its images are made again). The real test images, preprocessed as in
+training, go to RUN/real/. eval_fid.py --runs and reproduce.py both generate through `ensure_test_split`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from sd15 import generate, load_model
 from weights import atomic_write
 
 SAMPLES, REAL, PROMPTS = "samples", "real", "prompts.txt"  # RUN/samples/prompts.txt: one line per image, in order
+ADAPTER = "adapter.json"  # RUN/samples/adapter.json: {"file": "best.safetensors", "sha256": ...}, written last
 GUIDANCE = 7.5  # StableDiffusionPipeline's default, with which the paper's images were made
 
 
@@ -37,6 +41,8 @@ def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8,
                                 per_subtype=options["per_subtype"], seed=options.get("data_seed", options["seed"]),
                                 check_images=False)
     examples = data.select(dataset, split["test"], run / run_folder.SPLIT)
+    (run / SAMPLES / ADAPTER).unlink(missing_ok=True)  # until the new images are all written
+    adapter = adapter_fingerprint(run)
     sd = load_model(options["model"], options["tokenizer"])
     methods.load_adapter(sd, run / "best.safetensors")
     sd.to(device)
@@ -47,7 +53,26 @@ def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8,
     plots.write_images(torch.stack([data.load_image(e.path, options["size"]) for e in examples]), run / REAL)
     with atomic_write(run / SAMPLES / PROMPTS, "w") as f:
         f.write("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
+    with atomic_write(run / SAMPLES / ADAPTER, "w") as f:
+        json.dump(adapter, f)
     return run / SAMPLES, run / REAL
+
+
+def adapter_fingerprint(run: Path) -> dict:
+    """What RUN/samples/adapter.json records: the best adapter's file name and the sha256 of its bytes."""
+    digest = hashlib.sha256()
+    with open(run / "best.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": "best.safetensors", "sha256": digest.hexdigest()}
+
+
+def made_by(folder: Path) -> dict | None:
+    """RUN/samples/adapter.json, or None where it is missing or unreadable (the images are then made again)."""
+    try:
+        return json.loads((folder / ADAPTER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def settings(scheduler: str, steps: int) -> dict:
@@ -58,12 +83,13 @@ def settings(scheduler: str, steps: int) -> dict:
 def ensure_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8, device: str | torch.device = "cpu",
                       scheduler: str = "pndm") -> bool:
     """Generate the run's test split (`generate_test_split`) unless RUN/samples/ holds it already, made with this
-    sampler, steps and guidance (its sampling.json; images from before sampling.json existed are kept as they
-    are). True when it generated."""
+    sampler, steps and guidance (its sampling.json) by the run's best.safetensors as it is now (adapter.json;
+    images from before sampling.json existed are kept as they are). True when it generated."""
     folder = Path(run) / SAMPLES
     made = sampling.read_settings(folder)
     wanted = settings(scheduler, steps)
-    if (folder / PROMPTS).is_file() and (made is None or {k: made[k] for k in wanted} == wanted):
+    if (folder / PROMPTS).is_file() and (made is None or ({k: made[k] for k in wanted} == wanted
+                                                          and made_by(folder) == adapter_fingerprint(Path(run)))):
         return False
     generate_test_split(run, steps, batch, device, scheduler)
     return True

@@ -28,6 +28,7 @@ the convs' weights.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -91,10 +92,24 @@ def is_kohya_file(path: str | os.PathLike) -> bool:
     return "ss_network_module" in metadata or any(k.startswith(("lora_unet_", "lora_te_")) for k in entries)
 
 
+def check_values(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter file's tensors that would make every image black or change nothing, naming the key:
+    a NaN or an infinity anywhere, or an alpha (kohya) or scale (ours) that is not above 0."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not value.isfinite().all():
+            raise ValueError(f"{path}: key '{key}' holds NaN or infinite values; applied, they would make every "
+                             "image black")
+        if key.rsplit(".", 1)[-1] in ("alpha", "scale") and not (value > 0).all():
+            raise ValueError(f"{path}: key '{key}' is {value.flatten()[0].item()}: expected an alpha (scale) above 0 "
+                             "(0 adapts nothing, a negative one reverses the update)")
+
+
 def read_kohya(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """kohya module name -> (down [r, d_in], up [d_out, r], alpha) of a plain LoRA file, checked."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights.load_file(path).items():
+    tensors = weights.load_file(path)
+    check_values(path, tensors)
+    for key, value in tensors.items():
         module, _, part = key.partition(".")
         if part not in PARTS:
             raise ValueError(f"{path}: key '{key}': expected <module>.lora_down.weight, .lora_up.weight or .alpha "
@@ -124,6 +139,19 @@ def read_kohya(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.T
     return read
 
 
+def check_update(path: str | os.PathLike, key: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
+    """Refuse a module whose rank is above min(d_in, d_out) (no low-rank update has more), or whose update
+    (alpha / r) up @ down has entries beyond float16's range (65504), where no trained LoRA's are (theirs are
+    about 1e-2) and which overflow the weights of a model run in fp16: an alpha such as 1e30 blackens every image."""
+    r, bound = down.shape[0], min(up.shape[0], down.shape[1])
+    if r > bound:
+        raise ValueError(f"{path}: key '{key}': rank {r} is above min(d_in, d_out) = {bound} of the layer it adapts")
+    largest = (alpha / r * (up.double() @ down.double())).abs().max().item() if math.isfinite(alpha / r) else math.inf
+    if not largest <= torch.finfo(torch.float16).max:
+        raise ValueError(f"{path}: key '{key}': the update (alpha / r) lora_up @ lora_down reaches {largest:.3g}, "
+                         f"beyond float16's range (alpha {alpha:g}, rank {r}): not a trained LoRA")
+
+
 def load_kohya(model: nn.Module, path: str | os.PathLike) -> tuple[dict[str, Adapter], list[str]]:
     """Load a kohya-format LoRA file into `model` (`SD15.adaptable()`: `unet`, `text_encoder`).
 
@@ -136,7 +164,7 @@ def load_kohya(model: nn.Module, path: str | os.PathLike) -> tuple[dict[str, Ada
     ours = {kohya_module_name(name, unet_names): name for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d))}
     modules = read_kohya(path)
-    for module, (down, up, _) in modules.items():
+    for module, (down, up, alpha) in modules.items():
         key = f"{module}.lora_down.weight"
         if module not in ours:
             raise ValueError(f"{path}: key '{key}': no SD 1.5 module '{module}' (expected lora_unet_<diffusers "
@@ -148,6 +176,7 @@ def load_kohya(model: nn.Module, path: str | os.PathLike) -> tuple[dict[str, Ada
         if (up.shape[0], down.shape[1]) != tuple(target.weight.shape[:2]):
             raise ValueError(f"{path}: key '{key}': lora_up @ lora_down is {up.shape[0]} x {down.shape[1]}, "
                              f"but '{ours[module]}' has a {target.weight.shape[0]} x {target.weight.shape[1]} weight")
+        check_update(path, key, down, up, alpha)
     built, merged = {}, []
     with torch.no_grad():
         for module, (down, up, alpha) in modules.items():

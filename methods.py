@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 import cli
@@ -58,6 +59,16 @@ def _plain_params(adapters: dict[str, Adapter], lr: float, options: argparse.Nam
     return [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
 
 
+def _selora_notes(options: argparse.Namespace, total_steps: int) -> list[str]:
+    if options.max_rank == 1:
+        return ["--max-rank 1: SeLoRA's layers start at rank 1, their maximum, so none can grow: this run trains a "
+                "fixed rank-1 LoRA"]
+    if options.t > total_steps:
+        return [f"--t {options.t} is more than the run's {total_steps} steps: no expansion test comes, so this run "
+                "trains a fixed rank-1 LoRA"]
+    return []
+
+
 def _check_adalora(options: dict) -> None:
     if options["target_r"] > options["init_r"]:
         raise ValueError(f"--target-r {options['target_r']} is above --init-r {options['init_r']}: AdaLoRA only "
@@ -82,12 +93,15 @@ class Entry:
     over_total_steps: bool = False  # the controller lays its schedule out over the run's total steps
     compiled_max_rank: int | None = None  # max_rank of a compiled run that sets none (its factors' capacity)
     param_options: tuple[str, ...] = ()  # OPTIONS that param_groups reads (LoRA^2's --rate-lr)
+    # what a run is told at its start about option values that make the method something else (SeLoRA's --t)
+    notes: Callable[[argparse.Namespace, int], list[str]] = lambda options, total_steps: []
 
 
 TABLE: dict[str, Entry] = {
     "lora": Entry(LoRALinear, Controller, {"r": "rank"}),
     "selora": Entry(SeLoRALinear, SeLoRA, {"lam": "lam", "t": "t", "fisher": "fisher", "seed": "seed",
-                                           "max_rank": "max_rank"}, adaptive=True, compiled_max_rank=16),
+                                           "max_rank": "max_rank"}, adaptive=True, compiled_max_rank=16,
+                    notes=_selora_notes),
     "dylora": Entry(DyLoRALinear, DyLoRA, {"r": "rank", "mode": "dylora_mode", "seed": "seed"}),
     "adalora": Entry(AdaLoRALinear, AdaLoRA, {"init_r": "init_r", "target_r": "target_r"}, check=_check_adalora,
                      adaptive=True, over_total_steps=True),
@@ -158,6 +172,11 @@ def not_taken(name: str, dests) -> list[str]:
     return [dest for dest in dests if dest in OPTIONS and dest not in taken(name)]
 
 
+def notes(name: str, args: argparse.Namespace, total_steps: int) -> list[str]:
+    """Lines a run of method `name` prints at its start: option values that silently make it another method."""
+    return TABLE[name].notes(args, total_steps)
+
+
 def param_groups(name: str, adapters: dict[str, Adapter], lr: float, args: argparse.Namespace) -> list:
     """What the optimizer is built with: the adapters' parameters, in the method's param groups."""
     return TABLE[name].param_groups(adapters, lr, args)
@@ -170,9 +189,49 @@ def adapter_for_file(path: str | os.PathLike) -> Callable[[nn.Linear], Adapter]:
     the class's defaults are enough: `load_adapters(model, path, adapter_for_file(path))`.
     """
     method = weights.load_metadata(path).get("method")
+    if method is None:
+        raise ValueError(f"{path}: not an adapter file of train.py nor a kohya-format LoRA: {looks_like(path)}")
     if method not in TABLE:
         raise ValueError(f"{path}: metadata 'method' is {method!r}, expected one of {', '.join(METHODS)}")
     return TABLE[method].adapter
+
+
+def looks_like(path: str | os.PathLike) -> str:
+    """What a readable safetensors file that is no adapter looks like, for the message that refuses it."""
+    entries, metadata, _ = weights.read_header(path)
+    keys = list(entries)
+    if "counters" in metadata or any(k.startswith(("optim.", "rng.")) for k in keys):
+        return ("it is a training state file (a checkpoint's state.safetensors: optimizer moments, generator states); "
+                "give a run's best.safetensors or last.safetensors")
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return ("it looks like a peft / diffusers LoRA (lora_A / lora_B keys), which is not read here; give a "
+                "kohya-format LoRA (lora_down / lora_up keys) or a train.py adapter")
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+        return "it is a Stable Diffusion checkpoint (give it as --model)"
+    return (f"it has no 'method' metadata and no lora_unet_ / lora_te_ keys (first keys: "
+            f"{', '.join(keys[:3]) or 'none'})")
+
+
+def check_adapter_file(path: str | os.PathLike) -> None:
+    """Refuse, naming the key, a file that is not an adapter (saying what it is instead), and values that would
+    make every image black or change nothing: NaN or infinite tensors, an alpha or scale not above 0, a rank
+    above min(d_in, d_out) (kohya.check_values, kohya.check_update)."""
+    try:
+        weights.read_header(path)
+    except ValueError as err:
+        what = "it is empty (0 bytes)" if Path(path).stat().st_size == 0 else \
+            f"it is truncated or not a safetensors file ({str(err).removeprefix(f'{path}: ')})"
+        raise ValueError(f"{path}: not an adapter file: {what}") from None
+    if kohya.is_kohya_file(path):
+        return  # read_kohya and load_kohya check every module
+    adapter_for_file(path)
+    tensors, ranks = weights.load_file(path), json.loads(weights.load_metadata(path).get("ranks", "{}"))
+    kohya.check_values(path, tensors)
+    for layer, r in ranks.items():
+        A, B = tensors.get(f"{layer}.A"), tensors.get(f"{layer}.B")
+        if A is not None and B is not None and A.dim() == B.dim() == 2:
+            scale = tensors.get(f"{layer}.scale", torch.tensor(1.0))
+            kohya.check_update(path, f"{layer}.A", A.T, B.T, float(scale.flatten()[0]) * r)
 
 
 def check_base_model(sd, path: str | os.PathLike) -> None:
@@ -195,6 +254,7 @@ def check_base_model(sd, path: str | os.PathLike) -> None:
 def load_adapter(sd, path: str | Path, force: bool = False) -> dict[str, Adapter]:
     """Put a trained adapter file (any method) or a kohya-format LoRA file into `sd`'s UNet and text encoder
     (an sd15.SD15); refuse one trained on another base model unless `force`."""
+    check_adapter_file(path)
     if not force:
         check_base_model(sd, path)
     if kohya.is_kohya_file(path):

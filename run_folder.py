@@ -4,7 +4,8 @@
     RUN/split.json          the names of the train, validation and test images (data.write_split)
     RUN/log.jsonl           one JSON line per step and per validation
     RUN/checkpoint/         adapters.safetensors + state.safetensors, replaced as a pair (checkpoint.tmp/,
-                            checkpoint.old/ exist only for a moment)
+                            checkpoint.old/ exist only for a moment; one a kill left is cleaned before use)
+    RUN/lock                the process writing into the folder (pid, host), while it runs (`lock`)
     RUN/best.safetensors, last.safetensors, best.kohya.safetensors, summary.json, figures (*.png),
     RUN/previews/, phantoms/ (the embedded default's data), and, once evaluated, samples/, real/, scores.json
 
@@ -15,14 +16,21 @@ The rules (README, "Reliability"):
 - A run counts as started once its start-up (model, data, latents, adapters) has succeeded. A folder whose
   start-up never finished is replaced by the next run without --overwrite, and cannot be resumed.
 - A resumed run keeps its options; only those in RESUMABLE may change (`resume_options`).
+- One command at a time writes into a run folder: train.py, --resume, eval_fid.py --runs and reproduce.py hold
+  RUN/lock while they do (`lock`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -35,6 +43,7 @@ CONFIG = "config.json"
 SPLIT = "split.json"
 LOG = "log.jsonl"
 CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
+LOCK = "lock"
 FIGURES = ("loss.png", "rank_growth.png", "memory.png", "rank_unet.png", "rank_text_encoder.png")
 MADE = (CONFIG, SPLIT, LOG, CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD, "summary.json", "best.safetensors",
         "last.safetensors", "best.kohya.safetensors", *FIGURES, "previews", "phantoms", "samples", "real",
@@ -43,8 +52,9 @@ MADE = (CONFIG, SPLIT, LOG, CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD, "summary
 
 # options a resumed run may change; every other option given with --resume must equal the run's own
 RESUMABLE = ("epochs", "device", "checkpoint_every", "timeout", "stop_after", "samples", "scheduler", "sample_steps",
-             "latent_cache", "gradient_checkpointing", "compile")
-INVOCATION = ("timeout", "stop_after")  # options of one invocation: a resumed run takes today's, not the saved ones
+             "latent_cache", "gradient_checkpointing", "compile", "allow_data_change")
+# options of one invocation: a resumed run takes today's, not the saved ones
+INVOCATION = ("timeout", "stop_after", "allow_data_change")
 PATHS = ("model", "tokenizer", "data", "latent_cache", "out")  # compared as resolved paths on resume
 
 
@@ -78,6 +88,29 @@ def read_split(run: str | os.PathLike) -> tuple[Path, dict[str, list[str]]]:
     return Path(json.loads(path.read_text(encoding="utf-8"))["data"]), split
 
 
+def check_data(run: Path, dataset: data.DataSet, split: dict[str, list[str]], allow: bool) -> None:
+    """Refuse to resume on data changed since the run started (data.changes against split.json's fingerprints),
+    listing the changes; with `allow` (--allow-data-change) take them, recorded in split.json with the new
+    fingerprints. Splits written before fingerprints existed are not checked."""
+    path = run / SPLIT
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(payload.get("fingerprints"), dict):
+        return
+    now = data.fingerprints(dataset.examples)
+    found = data.changes(payload["fingerprints"], now)
+    if not found:
+        return
+    listed = "; ".join(found[:20]) + (f"; and {len(found) - 20} more" if len(found) > 20 else "")
+    if not allow:
+        raise RunFolderError(f"--resume {run}: the data changed since the run started ({len(found)} change(s) against "
+                             f"{path}): {listed}. Put the data back as it was, or give --allow-data-change to train on "
+                             "it as it is now (added images stay out of the split)")
+    print(f"{run}: training on changed data (--allow-data-change), recorded in {path}: {listed}")
+    payload["data_changes"] = [*payload.get("data_changes", []), {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                                  "changes": found}]
+    write_json(path, {**payload, "fingerprints": now})
+
+
 def write_json(path: Path, payload: dict) -> None:
     with atomic_write(path, "w") as f:
         json.dump(payload, f, indent=1)
@@ -96,7 +129,7 @@ def code_version() -> str:
 def write_config(run: Path, options: dict, started: bool, world_size: int) -> None:
     """RUN/config.json: the run's options (those of one invocation, like --stop-after, left out), whether its
     start-up has succeeded, and versions. A resumed run with unchanged options leaves the file as it is."""
-    options = {**options, "resume": None, "overwrite": False, "stop_after": None}
+    options = {**options, "resume": None, "overwrite": False, "stop_after": None, "allow_data_change": False}
     config = {"options": options, "started": started, "world_size": world_size, "seed": options["seed"]}
     if (run / CONFIG).is_file():
         old = read_config(run)
@@ -178,9 +211,11 @@ def check_out(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None
 
 def clear(run: Path) -> list[str]:
     """Remove what train.py and the evaluation write into a run folder; return the names of the other
-    entries, which are kept."""
+    entries, which are kept. The lock (held by the caller) stays."""
     kept = []
     for entry in sorted(run.iterdir()):
+        if entry.name == LOCK:
+            continue
         if entry.name not in MADE:
             kept.append(entry.name)
         elif entry.is_dir() and not entry.is_symlink():
@@ -190,16 +225,21 @@ def clear(run: Path) -> list[str]:
     return kept
 
 
-def prepare(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Make the folder for a new run: new or empty, a run whose start-up never finished, or with --overwrite
-    a run folder. Anything else is refused with the reason."""
-    run = Path(out)
+def _check_may_write(run: Path) -> None:
+    """Refuse a --out that is a file, or a non-empty folder train.py did not make."""
     if run.exists() and not run.is_dir():
         raise RunFolderError(f"--out {run}: is a file, not a folder")
-    if run.is_dir() and any(run.iterdir()):
-        if not is_run_folder(run):
-            raise RunFolderError(f"--out {run}: the folder exists and is not a run folder (no {CONFIG} written by "
-                                 "train.py); --overwrite replaces only run folders: choose another --out")
+    if run.is_dir() and any(e.name != LOCK for e in run.iterdir()) and not is_run_folder(run):
+        raise RunFolderError(f"--out {run}: the folder exists and is not a run folder (no {CONFIG} written by "
+                             "train.py); --overwrite replaces only run folders: choose another --out")
+
+
+def prepare(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Make the folder for a new run (its `lock` held): new or empty, a run whose start-up never finished, or with
+    --overwrite a run folder. Anything else is refused with the reason."""
+    run = Path(out)
+    _check_may_write(run)
+    if run.is_dir() and any(e.name != LOCK for e in run.iterdir()):
         fresh = not started(read_config(run))
         if not (fresh or overwrite):
             raise RunFolderError(f"--out {run}: run folder exists; give --overwrite to replace it or "
@@ -211,12 +251,128 @@ def prepare(out: str | os.PathLike, overwrite: bool) -> Path:
     return run
 
 
+# ------------------------------------------------------------------------------------------ the lock
+
+def _holder(path: Path) -> dict | None:
+    """The lock's {pid, host, command, token}, or None where it is gone (released meanwhile)."""
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        holder = None
+    if not (isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)):
+        raise RunFolderError(f"{path}: a lock file that is not one this project wrote; if no command is using "
+                             f"{path.parent}, remove {path}")
+    return holder
+
+
+def _gone(holder: dict) -> bool:
+    """Whether the lock's process has ended: only knowable for a process on this machine."""
+    if holder["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: it runs
+        return False
+    return False
+
+
+def _take_over(path: Path, holder: dict) -> None:
+    """Remove the lock of a process that has ended, unless another command took it over first."""
+    aside = path.with_name(f".{LOCK}.{secrets.token_hex(6)}.stale")
+    try:
+        os.rename(path, aside)  # one of several commands taking over the same lock gets it
+    except FileNotFoundError:
+        return
+    if _holder(aside) == holder:
+        print(f"{path.parent}: taking over the lock of process {holder['pid']} on {holder['host']} "
+              f"({holder.get('command', '?')}), which no longer runs")
+    else:  # the lock a quicker command had just made: put it back
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    os.unlink(aside)
+
+
+@contextlib.contextmanager
+def lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold RUN/lock while `command` writes into the run folder (made if missing). A second writer is refused
+    naming the holder's pid and host; a lock whose process has ended on this machine is taken over, with a line.
+
+    The lock file is written whole beside RUN/lock and hard-linked to that name: link() fails when the name
+    exists, atomically, on local file systems and on NFS (the usual NFS-safe lock file; a link whose reply was
+    lost is confirmed by the link count). The process of a lock held on another machine cannot be checked: if
+    that machine stopped, remove RUN/lock by hand, as the refusal says."""
+    run = Path(out)
+    _check_may_write(run)
+    made = [folder for folder in (run, *run.parents) if not folder.exists()]  # removed again if left empty
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "token": secrets.token_hex(8)}
+    mine = run / f".{LOCK}.{me['token']}"
+    mine.write_text(json.dumps(me), encoding="utf-8")
+    try:
+        try:
+            while True:
+                try:
+                    os.link(mine, path)
+                    break
+                except FileExistsError:
+                    pass
+                except OSError:
+                    if mine.stat().st_nlink == 2:
+                        break
+                    raise
+                holder = _holder(path)
+                if holder is None:
+                    continue
+                if not _gone(holder):
+                    raise RunFolderError(f"{run}: in use by {holder.get('command', 'another command')} (pid "
+                                         f"{holder['pid']} on {holder['host']}), which holds {path}; wait for it to "
+                                         f"end. If that process has stopped, remove {path}")
+                _take_over(path, holder)
+        finally:
+            mine.unlink()
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        yield run
+    finally:
+        with contextlib.suppress(RunFolderError):
+            if _holder(path) == me:
+                path.unlink()
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a command made (innermost first) that it left empty: a refused command leaves nothing."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def last_checkpoint(run: Path) -> Path | None:
     """The folder of the run's last complete checkpoint, or None before the first one."""
     for folder in (run / CHECKPOINT, run / CHECKPOINT_OLD):  # .old: interrupted between the two renames
         if (folder / "state.safetensors").is_file():
             return folder
     return None
+
+
+def recover_checkpoint(run: Path) -> None:
+    """Leave RUN/checkpoint/ as the one checkpoint, whatever instruction of checkpoint.save_training_state a kill
+    interrupted: a leftover checkpoint.tmp/ (incomplete or not yet renamed) is removed, and checkpoint.old/ is
+    removed where checkpoint/ is complete, or renamed back to checkpoint/ where the kill came between the two
+    renames."""
+    final, old = run / CHECKPOINT, run / CHECKPOINT_OLD
+    shutil.rmtree(run / CHECKPOINT_TMP, ignore_errors=True)
+    if not (final / "state.safetensors").is_file() and (old / "state.safetensors").is_file():
+        shutil.rmtree(final, ignore_errors=True)
+        old.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_log(run: Path, upto: float) -> list[dict]:

@@ -21,6 +21,7 @@ process's batch (distributed.py):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -107,6 +108,9 @@ def parser() -> argparse.ArgumentParser:
                        help="replace an existing run folder (only a folder train.py made; see README, Reliability)")
     again.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint "
                                                        "(from step 0 if it has none yet)")
+    a("--allow-data-change", action="store_true",
+      help="with --resume: train on data (images, captions) that changed since the run started, instead of refusing; "
+           "the changes are recorded in split.json")
     a("--checkpoint-every", type=cli.integer(1), default=500, help="steps between checkpoints (also at each epoch end)")
     a("--latent-cache", help="folder for cached VAE latents (default: <run folder's parent>/.latent-cache)")
     a("--samples", type=cli.integer(0), default=4, help="preview images to generate from test prompts at the end, by the base model and the fine-tuned one (0: "
@@ -134,6 +138,8 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume:
         return resumed(p, argv, Path(args.resume))
+    if args.allow_data_change:
+        raise ValueError("--allow-data-change goes with --resume: a new run takes its data as it is")
     foreign = methods.not_taken(args.method, given_options(p, argv))
     if foreign:
         own = ", ".join(map(cli.flag, methods.taken(args.method))) or "none"
@@ -190,24 +196,30 @@ def load_data(args: argparse.Namespace, run: Path, sd: SD15) -> tuple[data.DataS
         if not (run / run_folder.CONFIG).is_file():
             raise ValueError(f"process {distributed.rank()}: {run / run_folder.CONFIG} is not there: every machine "
                              "of a multi-machine run must see the run folder (--out on a shared file system)")
-        if args.data:
-            root = Path(args.data)
-        elif distributed.is_main():
-            root = phantoms.make_phantom_folder(run / "phantoms", EMBEDDED["images"], args.size, args.data_seed)
-        else:
-            root = run / "phantoms"
+        root = Path(args.data) if args.data else run / "phantoms"
+        if not args.data and distributed.is_main() and not (args.resume and (root / "metadata.jsonl").is_file()):
+            phantoms.make_phantom_folder(root, EMBEDDED["images"], args.size, args.data_seed)  # a resumed run's are kept
         dataset = data.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
                                     per_subtype=args.per_subtype, seed=args.data_seed)
         if (run / run_folder.SPLIT).is_file():
             split = data.read_split(run / run_folder.SPLIT)
+            if distributed.is_main():
+                run_folder.check_data(run, dataset, split, args.allow_data_change)
         else:
             fractions = data.parse_split(args.split) if args.split else data.PAPER_SPLITS[args.dataset]
             split = data.make_split(dataset.examples, fractions, args.data_seed)
             data.write_split(run / run_folder.SPLIT, split, {"data": str(root), "dataset": args.dataset,
-                                                             "seed": args.data_seed, "fractions": list(fractions)})
+                                                             "seed": args.data_seed, "fractions": list(fractions),
+                                                             "fingerprints": data.fingerprints(dataset.examples)})
         cache = Path(args.latent_cache) if args.latent_cache else run.parent / ".latent-cache"
-        parts = [diffusion.Examples(sd, data.select(dataset, split[part], run / run_folder.SPLIT), args.size, cache)
-                 for part in ("train", "validation")]
+        try:
+            parts = [diffusion.Examples(sd, data.select(dataset, split[part], run / run_folder.SPLIT), args.size,
+                                        cache) for part in ("train", "validation")]
+        except OSError as err:
+            if err.filename is None or Path(err.filename).parent != cache:
+                raise
+            raise ValueError(f"--latent-cache {cache}: cannot write the cached latents there ({err.strerror}: "
+                             f"{err.filename}); give --latent-cache a folder you can write to") from None
     if not len(parts[0]):
         raise ValueError(f"{run / run_folder.SPLIT}: the training part is empty")
     return dataset, split, *parts
@@ -273,6 +285,8 @@ def start(args: argparse.Namespace) -> Training:
     if is_main and not args.resume:
         run_folder.prepare(run, args.overwrite)
         run_folder.write_config(run, vars(args), False, distributed.world_size())
+    if is_main and args.resume:
+        run_folder.recover_checkpoint(run)  # what a kill in the middle of a checkpoint left
     if is_main and args.model is None:
         print("Embedded default: a tiny SD 1.5 pretrained here on coloured shapes (assets/tiny-sd)"
               + (", fine-tuned on generated phantoms" if args.data is None else "") + ". For the paper's run give "
@@ -320,7 +334,10 @@ def start(args: argparse.Namespace) -> Training:
         log = run_folder.read_log(run, counters["step"])
         with weights.atomic_write(run / run_folder.LOG, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in log)
+        (run / "summary.json").unlink(missing_ok=True)  # the run is unfinished until it writes it again
         run_folder.write_config(run, vars(args), True, distributed.world_size())
+        for note in methods.notes(args.method, args, total_steps):
+            print(f"note: {note}")
         print(f"{args.method}: {len(named)} adapted layers; trainable {fractions['unet']:.3f}% of the UNet, "
               f"{fractions['text_encoder']:.3f}% of the text encoder; {len(train_ex)} training images, "
               f"{len(val_ex)} validation; {train_ex.truncated + val_ex.truncated} captions truncated to 77 tokens"
@@ -347,11 +364,15 @@ def fit(tr: Training) -> bool:
                 batch = diffusion.noisy_batch(tr.train_ex, index, tr.gen)  # the global batch, in every process
                 loss = diffusion.train_step(tr.sd, batch, step, tr.controller, tr.optimizer, tr.params, tr.autocast,
                                             tr.compiled)
-                if not math.isfinite(loss):
-                    raise TrainingError(f"step {step}: the loss is {loss}; stopping. The last good checkpoint is in "
-                                        f"{tr.run / run_folder.CHECKPOINT} (try a lower --lr or --precision fp32)")
+                bad = None if math.isfinite(loss) else f"the loss is {loss}"
+                bad = bad or checkpoint.non_finite(tr.named, "the gradient of", grad=True)
+                if bad:
+                    raise TrainingError(checkpoint.stopped_at(tr.run, step, bad))
                 tr.optimizer.step()
                 events = tr.controller.step()
+                bad = checkpoint.non_finite(tr.named, "the update made")
+                if bad:
+                    raise TrainingError(checkpoint.stopped_at(tr.run, step, bad))
                 log_step(tr, logfile, bar, step, epoch, loss, events, tic)
                 last_of_epoch = i == tr.steps_per_epoch - 1
                 if last_of_epoch:
@@ -387,8 +408,13 @@ def log_step(tr: Training, logfile, bar: tqdm, step: int, epoch: int, loss: floa
 def save_checkpoint(tr: Training, step: int) -> None:
     """RUN/checkpoint/: the adapters, the optimizer, the generator and the counters, for --resume."""
     tr.counters["elapsed"] = time.time() - tr.started
-    checkpoint.save_training_state(tr.run, tr.sd.adaptable(), tr.named, tr.optimizer, tr.controller, tr.gen,
-                                   tr.counters, adapter_metadata(tr.sd, tr.controller, step))
+    try:
+        checkpoint.save_training_state(tr.run, tr.sd.adaptable(), tr.named, tr.optimizer, tr.controller, tr.gen,
+                                       tr.counters, adapter_metadata(tr.sd, tr.controller, step))
+    except OSError as err:  # a full disk, a file-size limit: the previous checkpoint is whole
+        raise TrainingError(f"step {step}: writing the checkpoint into {tr.run / run_folder.CHECKPOINT_TMP} failed "
+                            f"({err.strerror or err}); the previous checkpoint, if any, is kept. Make room, then "
+                            f"resume with --resume {tr.run}") from None
 
 
 def write_line(logfile, line: dict) -> None:
@@ -409,7 +435,8 @@ def end_of_epoch(tr: Training, logfile, step: int, epoch: int) -> None:
 
 
 def finish(tr: Training) -> dict:
-    """The last adapter, figures and summary.json (main process only); returns the summary."""
+    """The last adapter and figures (main process only); returns the summary, which main writes to summary.json
+    last, once everything else is written: a run with summary.json is finished."""
     args, run, counters = tr.args, tr.run, tr.counters
     adapters.save_adapters(tr.named, run / "last.safetensors", adapter_metadata(tr.sd, tr.controller, counters["step"]))
     log = run_folder.read_log(run, counters["step"])
@@ -426,7 +453,6 @@ def finish(tr: Training) -> dict:
         "skipped_data": tr.dataset.skipped_counts(), "final_ranks": ranks, "figures": figures,
         "expansions": sum(len([e for e in line.get("events", []) if e.get("expanded")]) for line in log),
     }
-    run_folder.write_json(run / "summary.json", summary)
     return summary
 
 
@@ -471,25 +497,28 @@ def score_phantoms(sd: SD15, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run train.py; 2 for input a user must fix (said in one line, before any training), 1 for a run that
-    stopped (a non-finite loss, another process's failure), 0 when done."""
+    stopped (a non-finite step, a failed write, another process's failure), 0 when done. The main process holds
+    the run folder's lock (run_folder.lock) throughout."""
     try:
-        try:
-            args = resolve(argv)
-            tr = start(args)
-        except (ValueError, OSError) as err:  # bad options, files, folders: the message names them
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if fit(tr) and tr.is_main:
-            summary = finish(tr)
-            run, dataset, split = tr.run, tr.dataset, tr.split
-            del tr  # the trained model's memory, before export_best loads a fresh one
-            scores = export_best(args, run, dataset, split)
-            if scores:
-                run_folder.write_json(run / "summary.json", {**summary, "phantom_scores": scores})
+        with contextlib.ExitStack() as held:
+            try:
+                args = resolve(argv)
+                if distributed.is_main():
+                    held.enter_context(run_folder.lock(args.out, "train.py" + (" --resume" if args.resume else "")))
+                tr = start(args)
+            except (ValueError, OSError) as err:  # bad options, files, folders: the message names them
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            if fit(tr) and tr.is_main:
+                summary = finish(tr)
+                run, dataset, split = tr.run, tr.dataset, tr.split
+                del tr  # the trained model's memory, before export_best loads a fresh one
+                scores = export_best(args, run, dataset, split)
+                run_folder.write_json(run / "summary.json", {**summary, "phantom_scores": scores} if scores else summary)
                 for when, v in scores.items():
                     print(f"{when} fine-tuning: phantom-FID {v['FID-phantoms']:.2f}, KID {v['KID']:.4f}, adherence "
                           f"{v['adherence']:.3f} ({v['images']} images of drawn phantom captions)")
-            print(f"done: {run} (best epoch {summary['best_epoch']}, total rank {summary['total_rank']})")
+                print(f"done: {run} (best epoch {summary['best_epoch']}, total rank {summary['total_rank']})")
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
