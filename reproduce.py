@@ -220,7 +220,7 @@ def trainable_at_end(run_dir: Path) -> dict:
     """Trainable % of the UNet and the text encoder with the run's last adapter (its final ranks), as train.py
     counts them at the start (adapters.trainable_fraction), and the UNet's layers per block for the heatmaps."""
     options = run_folder.read_options(run_dir)
-    sd = load_model(options["model"], options["tokenizer"], options["seed"])
+    sd = load_model(options["model"], options["tokenizer"])
     methods.load_adapter(sd, run_dir / "last.safetensors")
     percent = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
     return {"trainable_end": percent, "layers_per_block": sd.unet.config.num_res_blocks}
