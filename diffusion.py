@@ -140,6 +140,18 @@ def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[t
     return distributed.average_gradients(params, loss, len(part[0]), len(batch[0]))
 
 
+def second_pass(sd: SD15, batch, step: int, controller, params: list[torch.nn.Parameter], autocast) -> None:
+    """The same batch forward and backward again, after optimizer.step(), inside the controller's capture: SeLoRA's
+    script rule reads its gradients at the new weights (selora_script.py; the script's lines 634-647). Uncompiled,
+    since the capture hooks the adapters; the gradients are dropped after, as the script's next zero_grad does."""
+    part = distributed.shard(batch)
+    with controller.capture(step, len(part[0])):
+        if len(part[0]):
+            denoising_loss(sd, part, autocast).backward()
+    for p in params:
+        p.grad = None
+
+
 @torch.no_grad()
 def validation_loss(sd: SD15, ex: Examples, batch: int, seed: int, autocast) -> float:
     """Loss on the validation part with the same t and noise at every epoch (a fixed generator), so epochs

@@ -3,8 +3,9 @@ Model for Medical Image Synthesis", section 3).
 
 Every adapted layer starts at rank 1. Every t training steps each layer is tested: would appending one
 rank, A <- [A K], B <- [B; 0] (eq. 2), raise the empirical Fisher information of its weights (eq. 3-4)
-by more than a factor lambda (the FI-ratio, eq. 5)? If so, the layer grows by that rank. Appending a
-zero row to B leaves the output unchanged, and the random column K lets gradient reach the new row.
+by more than a factor lambda (the FI-ratio, expanded over original: eq. 5 prints its inverse)? If so, the
+layer grows by that rank. Appending a zero row to B leaves the output unchanged, and the random column K lets
+gradient reach the new row.
 
 Read top to bottom:
 - `SeLoRALinear`: x W0 + b0 + s x A B (eq. 1-2) on a frozen nn.Linear.
@@ -13,12 +14,18 @@ Read top to bottom:
   gradient g, which the training step's own backward produces (as sums over tokens of outer products,
   `gradient_factors`); `gram_squared_norms`: the sum of their squares (eq. 3) from the tokens' Gram
   matrices, without forming them, for layers where that is cheaper (`gram_is_cheaper`).
-- `fisher_score` (eq. 3-4, as the paper writes them), `fi_ratio` (eq. 5); `fisher_sums` and
+- `fisher_score` (eq. 3-4, as the paper writes them), `fi_ratio` (eq. 5, printed upside down in the paper:
+  see its docstring); `fisher_sums` and
   `score_from_sums`: the same score from sums that the processes of a data-parallel run can add.
 - `literal_fisher_scores`, `literal_fi_ratios`: the same numbers by definition, one backward per sample
   on an expanded copy of the model (for readers, and the tests' oracle).
 - `SeLoRA`: the schedule (test every t steps, expand above lambda, log; optionally up to a maximum rank) as a
   training loop calls it.
+
+This is the paper's rule (`expansion_test="paper"`, train.py's default). The authors' script tests differently
+(a second forward and backward one optimizer step later, a zero candidate until a layer first grows, `>=` 1.3):
+that rule, `--expansion-test script`, is `selora_script.py`, a subclass of `SeLoRA` that replaces the four
+pieces where the rules differ (`candidate`, `measure`, `passes`, `grow`).
 
 Per-sample gradient convention. The training loss is the batch mean of per-sample losses,
 L = (1/b) sum_i l_i, with l_i the MSE of sample i (mean over its elements). Eq. 3 uses the gradient of
@@ -55,8 +62,9 @@ class SeLoRALinear(Adapter):
     would change the output whenever r grows, which eq. 2 forbids. The default s = 8 is the value the
     authors' script uses in effect (lora_alpha = 8 divided by the initial r = 1, computed once and never
     updated when the rank grows); the paper's eq. 1 writes no scale (s = 1). With Adam, s multiplies the
-    step size of the update x A B, so s = 8 with the paper's learning rate 1e-4 reproduces the authors'
-    runs. s is a buffer, so saved adapters carry it.
+    step size of the update x A B, so s = 8 at lr 1e-4 (the script's learning rate, script:96) moves the update
+    as the authors' runs did: the scale is theirs, not their expansion rule (that is `selora_script.py`).
+    s is a buffer, so saved adapters carry it.
     """
     method = "selora"
 
@@ -258,7 +266,8 @@ def literal_fi_ratios(model: nn.Module, adapters: dict[str, SeLoRALinear],
 @dataclass(frozen=True)
 class RankTest:
     """One expansion test: at `step`, `layer` had FI-score `score` (eq. 4, original layer) and FI-ratio
-    `ratio` (eq. 5), and has `rank` after the decision."""
+    `ratio` (expanded over original: the inverse of eq. 5 as printed, see `fi_ratio`), and has `rank` after the
+    decision."""
     step: int
     layer: str
     score: float
@@ -289,15 +298,23 @@ class SeLoRA(Controller):
     at the weights after it: a one-step lag the authors' script also has.) A layer expands when its
     ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
 
+    A test step is four pieces, in the paper's order: `candidate` (K, eq. 2), `measure` (eq. 3-4's scores of
+    the original and the expanded layer, eq. 5's ratio), `passes` (ratio > lambda) and `grow` (eq. 2).
+    `selora_script.ScriptSeLoRA` replaces them with the authors' script's rule.
+
     max_rank: none by default, as in the paper; a layer that reaches it stops growing and is no longer
     tested (logged once, as an event with "reached_max_rank"). A fixed capacity (train.py --compile) needs one.
     """
+    expansion_test = "paper"  # which rule decides growth (selora_script.ScriptSeLoRA: "script")
 
     def __init__(self, adapters: dict[str, SeLoRALinear], optimizer: torch.optim.Optimizer | None = None,
                  total_steps: int | None = None, reduce=None, lam: float = 1.1, t: int = 40, fisher: str = "sample",
-                 seed: int = 0, insist: bool = False, max_rank: int | None = None):
+                 seed: int = 0, insist: bool = False, max_rank: int | None = None, expansion_test: str = "paper"):
         if not adapters or not all(isinstance(a, SeLoRALinear) for a in adapters.values()):
             raise ValueError("adapters must be a non-empty dict of SeLoRALinear layers (from adapters.inject)")
+        if expansion_test != self.expansion_test:
+            raise ValueError(f"{type(self).__name__} runs expansion_test={self.expansion_test!r}, got "
+                             f"{expansion_test!r} (the script's rule is selora_script.ScriptSeLoRA)")
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ValueError(f"t must be an integer >= 1 (test for expansion every t steps), got {t!r}")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
@@ -335,6 +352,11 @@ class SeLoRA(Controller):
     def capacity(self, name: str) -> int | None:
         return self.max_rank
 
+    def candidate(self, name: str, step: int) -> torch.Tensor:
+        """K for layer `name` at test step `step` (eq. 2): Kaiming-uniform, from a generator seeded by (seed, step,
+        layer), so resumed and data-parallel runs draw the same K (adapters.draw_candidate)."""
+        return draw_candidate(self.adapters[name].base.in_features, self.seed, step, name)
+
     @contextmanager
     def capture(self, step: int, batch_size: int) -> Iterator[None]:
         """Around the forward and backward of training step `step` (counted from 1): on test steps, hook
@@ -344,9 +366,16 @@ class SeLoRA(Controller):
         if not self.is_test_step(step):
             yield
             return
-        self._tested_step, self._gram, self._grads, self._factors = step, {}, {}, {}
-        self._candidates = {name: draw_candidate(a.base.in_features, self.seed, step, name)
-                            for name, a in self.adapters.items() if self.max_rank is None or a.rank < self.max_rank}
+        self._tested_step = step
+        self._candidates = {name: self.candidate(name, step) for name, a in self.adapters.items()
+                            if self.max_rank is None or a.rank < self.max_rank}
+        with self._hooked(batch_size):
+            yield
+
+    @contextmanager
+    def _hooked(self, batch_size: int) -> Iterator[None]:
+        """Every layer in `_candidates` hooked (`_hook`) for one forward and backward, into fresh stores."""
+        self._gram, self._grads, self._factors = {}, {}, {}
         handles = [self.adapters[name].register_forward_hook(self._hook(name, batch_size)) for name in self._candidates]
         try:
             yield
@@ -395,6 +424,25 @@ class SeLoRA(Controller):
         count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
         return [count, *fisher_sums(grads[:2], self.fisher), *fisher_sums(grads[2:], self.fisher)]
 
+    def measure(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
+        """(FI-score of the original layer, FI-ratio) from one layer's `_fisher_sums` over all processes, or None
+        when no sample reached the layer. FI-score(expanded) = FI-score(original) + the candidate row's Fisher,
+        since K's own gradient is zero (eq. 3-4); the ratio is expanded over original (`fi_ratio`)."""
+        count, sum_A, sum_B, sum_new = sums
+        n = int(count)
+        if n == 0:
+            return None
+        original = score_from_sums([sum_A, sum_B], n, self.fisher)
+        return original, fi_ratio(original, original + score_from_sums([sum_new], n, self.fisher))
+
+    def passes(self, ratio: float) -> bool:
+        """The paper's threshold: expand when the FI-ratio exceeds lambda (section 3.2)."""
+        return ratio > self.lam
+
+    def grow(self, name: str, step: int) -> None:
+        """Append the tested candidate K (eq. 2), the optimizer's moments kept for the old entries (`expand`)."""
+        expand(self.adapters[name], self._candidates[name], self.optimizer)
+
     def step(self) -> list[dict]:
         """After optimizer.step(): on a test step, compute each tested layer's FI-ratio (eq. 5), expand those
         above lambda (eq. 2, resizing the optimizer's state), log the tests in `log` and return them as dicts
@@ -408,19 +456,17 @@ class SeLoRA(Controller):
         if self._tested_step is None:
             return []
         names = list(self._candidates)  # the same order on every process
-        sums = iter(self.reduce([s for name in names for s in self._fisher_sums(name)]))
+        local = [self._fisher_sums(name) for name in names]
+        sums = iter(self.reduce([s for parts in local for s in parts]))
         tests, events = [], []
-        for name in names:
-            count, sum_A, sum_B, sum_new = (next(sums) for _ in range(4))
-            n = int(count)
-            if n == 0:
+        for name, parts in zip(names, local):
+            measured = self.measure([next(sums) for _ in parts])
+            if measured is None:
                 continue
-            layer = self.adapters[name]
-            original = score_from_sums([sum_A, sum_B], n, self.fisher)
-            ratio = fi_ratio(original, original + score_from_sums([sum_new], n, self.fisher))
-            grow = ratio > self.lam
+            original, ratio = measured
+            layer, grow = self.adapters[name], self.passes(ratio)
             if grow:
-                expand(layer, self._candidates[name], self.optimizer)
+                self.grow(name, self._tested_step)
             tests.append(RankTest(self._tested_step, name, original, ratio, layer.rank, grow))
             if grow and layer.rank == self.max_rank:
                 events.append({"step": self._tested_step, "layer": name, "rank": layer.rank, "reached_max_rank": True})
@@ -431,4 +477,5 @@ class SeLoRA(Controller):
     def metadata(self) -> dict[str, str]:
         """The schedule's settings and the last step, for adapters.save_adapters (add the base model's name)."""
         return {"lambda": repr(self.lam), "t": str(self.t), "fisher": self.fisher, "seed": str(self.seed),
-                "step": str(self.last_step), **({} if self.max_rank is None else {"max_rank": str(self.max_rank)})}
+                "step": str(self.last_step), "expansion_test": self.expansion_test,
+                **({} if self.max_rank is None else {"max_rank": str(self.max_rank)})}

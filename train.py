@@ -88,8 +88,10 @@ def parser() -> argparse.ArgumentParser:
            "keeping them: less memory, more time, the same results")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="train through a torch.compile'd UNet and text encoder (inductor; on a CPU it needs g++), the adapters "
-           "stored at a fixed capacity (--max-rank) so that changing ranks never recompile: the same results; it "
-           "pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
+           "stored at a fixed capacity (--max-rank) so that changing ranks never recompile: the same results at the "
+           "same --max-rank. SeLoRA has no maximum rank unless given, so --compile sets --max-rank 16, which "
+           "changes growth for any layer that would pass 16 (said when the run starts; give --max-rank to choose). "
+           "It pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
            "docs/performance.md). SeLoRA's test steps run uncompiled. --no-compile resumes a compiled run without")
     a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
@@ -143,8 +145,15 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or ("runs/default" if embedded and args.data is None
                             else f"runs/{args.method}-{args.dataset}-seed{args.seed}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for key, value in methods.rule_defaults(args.expansion_test).items():  # SeLoRA's, recorded in config.json
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.compile and args.max_rank is None:  # a fixed capacity needs a maximum rank (SeLoRA: none by default)
         args.max_rank = methods.TABLE[args.method].compiled_max_rank
+        if args.method == "selora" and distributed.is_main():
+            print(f"--compile: SeLoRA's layers stop growing at --max-rank {args.max_rank} (a fixed capacity needs a "
+                  "limit; the paper sets none), so a layer that would pass it grows otherwise than without "
+                  "--compile; give --max-rank to choose another", file=sys.stderr)
     run_folder.check_out(args.out, inputs(args))
     return args
 
@@ -347,6 +356,8 @@ def fit(tr: Training) -> bool:
                     raise TrainingError(f"step {step}: the loss is {loss}; stopping. The last good checkpoint is in "
                                         f"{tr.run / run_folder.CHECKPOINT} (try a lower --lr or --precision fp32)")
                 tr.optimizer.step()
+                if tr.controller.second_pass(step):  # SeLoRA --expansion-test script
+                    diffusion.second_pass(tr.sd, batch, step, tr.controller, tr.params, tr.autocast)
                 events = tr.controller.step()
                 log_step(tr, logfile, bar, step, epoch, loss, events, tic)
                 last_of_epoch = i == tr.steps_per_epoch - 1
