@@ -62,6 +62,25 @@ def rank_figures(args: argparse.Namespace, main: list[dict]) -> list[str]:
     return out
 
 
+RULES = {"paper": "the paper's (`--expansion-test paper`: eq. 3-4's per-sample Fisher of the original and the expanded "
+                  "layer at the same weights; a layer grows when their ratio exceeds lambda)",
+         "script": "the authors' script's (`--expansion-test script`, selora_script.py: the squared batch gradient "
+                   "after one optimizer step over the one before, with a candidate that is zero until a layer first "
+                   "grows; a layer grows when the ratio is >= lambda, and its Adam state restarts)"}
+
+
+def selora_rule(args: argparse.Namespace, runs: list) -> str:
+    """Which rule grew every SeLoRA run of the study, and which runs it capped (reproduce.capped)."""
+    capped = [r.name for r in runs if "max_rank" in dict(r.options)]
+    text = (f"SeLoRA's growth rule: {RULES[args.expansion_test]}, lambda {args.lam:g} in the main runs. Every SeLoRA "
+            "number in this report was made by it (docs/paper-vs-code.md compares the rules' ranks).")
+    if capped:
+        text += (f" **Capped:** {', '.join(capped)} stop growing at rank {args.cap_rank} (`--max-rank`, `--cap-rank`): "
+                 "under the paper's rule the FI-ratio is never below 1, so at lambda = 1 every layer grows at every "
+                 "test.")
+    return text + "\n"
+
+
 def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[str, str], rows: list[dict]) -> Path:
     """OUT/report.md and OUT/figures/ from the runs' rows (reproduce.run_row); `main_runs` are the runs of the
     quality, parameter and time tables, the others the ablations'."""
@@ -79,6 +98,8 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
               + (", ".join(f"{len(v)} {k}" for k, v in first.items()) if first else "no finished run") + "): "
               + ("the same in all runs, checked." if len(splits) <= 1 else "**the runs' splits differ**.")
               + f" Device {args.device}. Extra train.py options: {' '.join(args.train_options) or 'none'}.\n")
+    if any(r.method == "selora" for r in runs):
+        md.append(selora_rule(args, runs))
     failed = [name for name, s in status.items() if s == "failed"]
     if failed:
         md.append(f"**Failed runs** (left out below; see their folders): {', '.join(failed)}.\n")
@@ -158,7 +179,8 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
 
     for title, runs_of, label, first_col in (
             ("## Threshold ablation (table 3)\n", lambda r: r.t == args.t and r.lam in args.lambdas,
-             lambda r: f"{r.lam:g}", "lambda"),
+             lambda r: f"{r.lam:g}" + (f" (max rank {dict(r.options)['max_rank']})" if "max_rank" in dict(r.options)
+                                       else ""), "lambda"),
             ("## Sweep of t\n", lambda r: r.lam == args.lam and r.t in args.ts, lambda r: str(r.t), "t")):
         md.append(title)
         group = [by_run[r] for r in runs if r in by_run and r.method == "selora" and runs_of(r)
@@ -169,7 +191,8 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
         group.sort(key=lambda r: (r["run"].lam, r["run"].t))
         measured = first_col == "t" and all("measured factor" in r for r in group)
         extra = ["measured factor", "bound 1 + 1/t"] if measured else []
-        md.append(f"SeLoRA, seeds {', '.join(map(str, args.ablation_seeds))}; mean ± std over seeds; test images by "
+        md.append(f"SeLoRA under the {args.expansion_test} rule, seeds {', '.join(map(str, args.ablation_seeds))}; "
+                  f"mean ± std over seeds; test images by "
                   f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps))}.\n")
         md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
                                                   "text encoder % end", "time (s)", *extra], tuple(quality)))
