@@ -1,4 +1,4 @@
-"""The diffusion objective of the fine-tuning run (the SeLoRA paper's section 3.4, as in latent diffusion): each
+"""The diffusion objective of the fine-tuning run (the SeLoRA paper's section 3.5, as in latent diffusion): each
 image's VAE posterior, cached; a noisy latent at a random timestep; the MSE between the UNet's predicted and the
 true noise; and one training step around it, inside the method's controller (adapters.Controller).
 
@@ -96,7 +96,7 @@ def noisy_batch(ex: Examples, index: torch.Tensor, gen: torch.Generator):
 
 
 def denoising_loss(sd: SD15, batch, autocast) -> torch.Tensor:
-    """The MSE between predicted and true noise, averaged over the batch (section 3.4)."""
+    """The MSE between predicted and true noise, averaged over the batch (section 3.5, paper:148)."""
     noisy, t, noise, ids = (x.to(sd.device) for x in batch)
     with autocast:
         pred = sd.unet(noisy, t, sd.text_encoder(ids))
