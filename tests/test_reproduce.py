@@ -97,7 +97,7 @@ def test_report_has_every_section_with_finite_numbers_from_the_runs(study):
     assert report.count("test images by pndm, 4 steps, guidance 7.5.") == 2  # the two ablation tables
 
     # every run of both ablations, one split for all, figures written
-    assert list(table_rows(report, "## Threshold ablation")) == ["1", "1.1", "1.3"]
+    assert list(table_rows(report, "## Threshold ablation")) == ["1 (max rank 16)", "1.1", "1.3"]
     assert list(table_rows(report, "## Sweep of t")) == ["2", "4", "8"]
     splits = {(folder / "runs" / r / "split.json").read_text() for r in RUNS}
     assert len(splits) == 1 and "8 test" in report
