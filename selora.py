@@ -12,8 +12,7 @@ Read top to bottom:
 - `expand`: eq. 2, with the optimizer's state resized (adapters.resize_parameter).
 - `per_sample_grads`: each sample's gradients of A, B and of K's row, from a layer's input x and output
   gradient g, which the training step's own backward produces (as sums over tokens of outer products,
-  `gradient_factors`); `gram_squared_norms`: the sum of their squares (eq. 3) from the tokens' Gram
-  matrices, without forming them, for layers where that is cheaper (`gram_is_cheaper`).
+  `gradient_factors`).
 - `fisher_score` (eq. 3-4, as the paper writes them), `fi_ratio` (eq. 5, printed upside down in the paper:
   see its docstring); `fisher_sums` and
   `score_from_sums`: the same score from sums that the processes of a data-parallel run can add.
@@ -25,7 +24,7 @@ Read top to bottom:
 This is the paper's rule (`expansion_test="paper"`, train.py's default). The authors' script tests differently
 (a second forward and backward one optimizer step later, a zero candidate until a layer first grows, `>=` 1.3):
 that rule, `--expansion-test script`, is `selora_script.py`, a subclass of `SeLoRA` that replaces the four
-pieces where the rules differ (`candidate`, `measure`, `passes`, `grow`).
+pieces where the rules differ (`candidate`, `scores`, `passes`, `grow`).
 
 Per-sample gradient convention. The training loss is the batch mean of per-sample losses,
 L = (1/b) sum_i l_i, with l_i the MSE of sample i (mean over its elements). Eq. 3 uses the gradient of
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distributed
 from adapters import Adapter, Controller, draw_candidate, lora_factors
 
 BLOCK = 8  # ranks per matmul block in SeLoRALinear's forward; see `low_rank`
@@ -74,14 +74,14 @@ class SeLoRALinear(Adapter):
         self.register_buffer("scale", self.A.new_tensor(float(scale)))
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """x A B (eq. 1), summed over blocks of BLOCK ranks, A and B zero-padded to whole blocks.
+        """x A B (eq. 1): in real arithmetic exactly the plain `(x @ A) @ B`, computed here as a sum over blocks of
+        BLOCK = 8 ranks with A and B zero-padded to whole blocks, so that growth leaves the output bit for bit.
 
-        A plain (x @ A) @ B would be exact in real arithmetic after an expansion, but not in floating
-        point: the matmul kernels pick their summation order from the shapes, so going from r to r + 1
-        changes the rounding of the ranks that were already there. With fixed-width blocks, appending a
-        rank either fills a zero padding column (the block's shapes do not change) or opens a new block
-        whose product is exactly zero, so the output stays the same bit for bit. At a fixed capacity the ranks
-        not in use are zero columns of A and zero rows of B, which contribute exact zeros in the same way.
+        Why: the matmul kernels pick their summation order from the shapes, so going from r to r + 1 in a plain
+        (x @ A) @ B changes the rounding of the ranks that were already there. With fixed-width blocks, appending
+        a rank either fills a zero padding column (the block's shapes do not change) or opens a new block whose
+        product is exactly zero. The cost: rank 1 does rank 8's multiply-adds (a layer below rank 8 pays for 8).
+        At a fixed capacity the ranks not in use are zero columns of A and zero rows of B, exact zeros likewise.
         """
         pad = -self.A.shape[1] % BLOCK  # A's columns: with a fixed capacity (adapters.fix_capacity), all of them
         A, B = F.pad(self.A, (0, pad)), F.pad(self.B, (0, 0, 0, pad))
@@ -152,29 +152,6 @@ def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: t
     """
     grad_A, grad_B, grad_new = (torch.einsum("bnd,bne->bde", u, v) for u, v in gradient_factors(layer, x, g, K, times))
     return grad_A, grad_B, grad_new[:, 0]
-
-
-def gram_is_cheaper(layer: SeLoRALinear, tokens: int) -> bool:
-    """Whether `gram_squared_norms` costs fewer multiply-adds than forming the per-sample gradients
-    (`per_sample_grads`) for a call of `layer` on `tokens` tokens per sample (per sample: n d_in r for A and
-    n (r + 1) d_out for B and b_new, against n^2 (d_in + r) and n^2 (d_out + r + 1) for the Gram matrices):
-    for layers with fewer tokens than about their rank, such as SD's time-embedding layers (one token)."""
-    d_in, d_out, r = layer.base.in_features, layer.base.out_features, layer.rank
-    return tokens * (d_in + d_out + 2 * r + 1) < d_in * r + (r + 1) * d_out
-
-
-@torch.no_grad()
-def gram_squared_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sum_i ||sum_n u_in^T v_in||_F^2 in float64, without forming the per-sample gradients sum_n u_n^T v_n:
-    eq. 3's squares summed over samples and entries (eq. 4's sum, before its mean over samples).
-
-    For one sample (i dropped), the gradient's entry (j, k) is sum_n u_nj v_nk, so
-        ||sum_n u_n^T v_n||_F^2 = sum_jk (sum_n u_nj v_nk)^2 = sum_jk sum_nm u_nj v_nk u_mj v_mk
-                                = sum_nm (sum_j u_nj u_mj)(sum_k v_nk v_mk) = sum_nm (U U^T)_nm (V V^T)_nm:
-    the entrywise product of the samples' token Gram matrices U U^T and V V^T [n, n], summed.
-    """
-    u, v = u.double(), v.double()
-    return ((u @ u.mT) * (v @ v.mT)).sum()
 
 
 def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> float:
@@ -298,8 +275,8 @@ class SeLoRA(Controller):
     at the weights after it: a one-step lag the authors' script also has.) A layer expands when its
     ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
 
-    A test step is four pieces, in the paper's order: `candidate` (K, eq. 2), `measure` (eq. 3-4's scores of
-    the original and the expanded layer, eq. 5's ratio), `passes` (ratio > lambda) and `grow` (eq. 2).
+    A test step is, in the paper's order: `candidate` (K, eq. 2), `scores` (eq. 3-4: the FI-scores of the original
+    and the expanded layer), `fi_ratio` (eq. 5), `passes` (ratio > lambda) and `grow` (eq. 2).
     `selora_script.ScriptSeLoRA` replaces them with the authors' script's rule.
 
     max_rank: none by default, as in the paper; a layer that reaches it stops growing and is no longer
@@ -339,9 +316,7 @@ class SeLoRA(Controller):
         self.log: list[RankTest] = []
         self._tested_step = None
         self._candidates: dict[str, torch.Tensor] = {}  # the layers tested this step, with their K
-        self._gram: dict[str, bool] = {}  # per layer: whether its squared gradients are summed from Gram matrices
-        self._grads: dict[str, list[torch.Tensor]] = {}  # if not: per-sample grads of A, B, K's row, summed over calls
-        self._factors: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # if so: each call's factors
+        self._grads: dict[str, list[torch.Tensor]] = {}  # per-sample grads of A, B, K's row, summed over calls
 
     def is_test_step(self, step: int) -> bool:
         return step % self.t == 0
@@ -375,7 +350,7 @@ class SeLoRA(Controller):
     @contextmanager
     def _hooked(self, batch_size: int) -> Iterator[None]:
         """Every layer in `_candidates` hooked (`_hook`) for one forward and backward, into fresh stores."""
-        self._gram, self._grads, self._factors = {}, {}, {}
+        self._grads = {}
         handles = [self.adapters[name].register_forward_hook(self._hook(name, batch_size)) for name in self._candidates]
         try:
             yield
@@ -391,18 +366,10 @@ class SeLoRA(Controller):
                                  f"{batch_size} first; the per-sample Fisher needs samples along dimension 0")
             if not output.requires_grad:
                 return
-            # The layer's first call this step chooses how its squared gradients are summed: from the Gram
-            # matrices where cheaper (only the squares are needed, fisher="sample"), else from the gradients.
-            gram = self._gram.setdefault(name, self.fisher == "sample" and
-                                         gram_is_cheaper(layer, x[0].numel() // layer.base.in_features))
             # Under gradient checkpointing this hook runs again when backward recomputes the layer; that grad_hook
             # sits on the recomputed output, which backward never passes through, so each call counts once.
 
             def grad_hook(g):  # g: dL/dy of the batch-mean loss; batch_size g is each sample's own (module doc)
-                if gram:
-                    self._factors.setdefault(name, []).append(gradient_factors(layer, x, g, self._candidates[name],
-                                                                               batch_size))
-                    return
                 grads = per_sample_grads(layer, x, g, self._candidates[name], batch_size)
                 held = self._grads.get(name)  # a layer called twice in one forward sums both calls
                 self._grads[name] = list(grads) if held is None else [h + n for h, n in zip(held, grads)]
@@ -413,10 +380,6 @@ class SeLoRA(Controller):
         """[number of samples, fisher_sums of (A, B), fisher_sums of the candidate row] of this process's
         batch for layer `name`; zero samples and zero sums when the layer received no gradient."""
         layer = self.adapters[name]
-        if name in self._factors:  # one sum over the tokens of all the layer's calls: their factors side by side
-            pairs = [[torch.cat(parts, dim=1) for parts in zip(*calls)] for calls in zip(*self._factors[name])]
-            count = torch.tensor([float(len(pairs[0][0]))], dtype=torch.float64, device=layer.A.device)
-            return [count, *(gram_squared_norms(u, v) for u, v in pairs)]
         grads = self._grads.get(name)
         if grads is None:
             A, B = layer.used("A"), layer.used("B")
@@ -424,16 +387,16 @@ class SeLoRA(Controller):
         count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
         return [count, *fisher_sums(grads[:2], self.fisher), *fisher_sums(grads[2:], self.fisher)]
 
-    def measure(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
-        """(FI-score of the original layer, FI-ratio) from one layer's `_fisher_sums` over all processes, or None
-        when no sample reached the layer. FI-score(expanded) = FI-score(original) + the candidate row's Fisher,
-        since K's own gradient is zero (eq. 3-4); the ratio is expanded over original (`fi_ratio`)."""
+    def scores(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
+        """The FI-scores (eq. 3-4) of the original and of the expanded layer from one layer's `_fisher_sums` over
+        all processes, or None when no sample reached the layer. FI-score(expanded) = FI-score(original) + the
+        candidate row's Fisher, since K's own gradient is zero (its row of B is zero)."""
         count, sum_A, sum_B, sum_new = sums
         n = int(count)
         if n == 0:
             return None
         original = score_from_sums([sum_A, sum_B], n, self.fisher)
-        return original, fi_ratio(original, original + score_from_sums([sum_new], n, self.fisher))
+        return original, original + score_from_sums([sum_new], n, self.fisher)
 
     def passes(self, ratio: float) -> bool:
         """The paper's threshold: expand when the FI-ratio exceeds lambda (section 3.2)."""
@@ -455,23 +418,23 @@ class SeLoRA(Controller):
         which is right: each process's loss is the mean over its own samples.)"""
         if self._tested_step is None:
             return []
-        names = list(self._candidates)  # the same order on every process
-        local = [self._fisher_sums(name) for name in names]
-        sums = iter(self.reduce([s for parts in local for s in parts]))
+        sums = distributed.sum_over_processes({name: self._fisher_sums(name) for name in self._candidates},
+                                              self.reduce)  # each layer's count and Fisher sums, global batch
         tests, events = [], []
-        for name, parts in zip(names, local):
-            measured = self.measure([next(sums) for _ in parts])
-            if measured is None:
+        for name, layer_sums in sums.items():
+            scores = self.scores(layer_sums)  # eq. 3-4, original and expanded layer
+            if scores is None:
                 continue
-            original, ratio = measured
+            original, expanded = scores
+            ratio = fi_ratio(original, expanded)  # eq. 5
             layer, grow = self.adapters[name], self.passes(ratio)
             if grow:
-                self.grow(name, self._tested_step)
+                self.grow(name, self._tested_step)  # eq. 2
             tests.append(RankTest(self._tested_step, name, original, ratio, layer.rank, grow))
             if grow and layer.rank == self.max_rank:
                 events.append({"step": self._tested_step, "layer": name, "rank": layer.rank, "reached_max_rank": True})
         self.log += tests
-        self._tested_step, self._candidates, self._gram, self._grads, self._factors = None, {}, {}, {}, {}
+        self._tested_step, self._candidates, self._grads = None, {}, {}
         return [dataclasses.asdict(test) for test in tests] + events
 
     def metadata(self) -> dict[str, str]:

@@ -41,7 +41,7 @@ from typing import Iterator
 import torch
 
 from adapters import draw_candidate
-from selora import SeLoRA, expand, fi_ratio, fisher_sums, score_from_sums
+from selora import SeLoRA, expand, fisher_sums, score_from_sums
 
 
 class ScriptSeLoRA(SeLoRA):
@@ -100,7 +100,7 @@ class ScriptSeLoRA(SeLoRA):
         """Before the step: [samples, sums of A, B]; after it: [samples, sums of A, B, the candidate row]."""
         return self._batch_sums(name, self._before.get(name), 2) + self._batch_sums(name, self._grads.get(name), 3)
 
-    def measure(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
+    def scores(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
         n_before, A, B, n_after, A_temp, B_temp, b_new = sums
         if int(n_before) == 0 or int(n_after) == 0:
             return None
@@ -108,7 +108,7 @@ class ScriptSeLoRA(SeLoRA):
         # script:274: lora_A_temp.grad (A's rows, and the candidate's, zero: its column of B is zero) and
         # lora_B_temp.grad (B's columns and the new one, fed by the candidate)
         temp = score_from_sums([A_temp, B_temp, b_new], int(n_after), "batch")
-        return recorded, fi_ratio(recorded, temp)  # script:295: temp / recorded
+        return recorded, temp  # SeLoRA.step's fi_ratio: temp / recorded, as get_ratio (script:295)
 
     def passes(self, ratio: float) -> bool:
         return ratio >= self.lam  # script:494
