@@ -107,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     a("--out", help="run folder (default: runs/default, or runs/<method>-<dataset>-seed<seed>)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true",
-                       help="replace an existing run folder (only a folder train.py made; see README, Reliability)")
+                       help="replace an existing run folder (only a folder train.py made; see docs/reliability.md)")
     again.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint "
                                                        "(from step 0 if it has none yet)")
     a("--checkpoint-every", type=cli.integer(1), default=500, help="steps between checkpoints (also at each epoch end)")
