@@ -156,6 +156,8 @@ class Controller:
     state() / load_state(tensors): what an exact resume needs besides adapters and optimizer (none here).
     ranks(): every layer's current rank, the same format for every method (for rank heatmaps).
     capacity(name), hooks_forward(step): what a compiled run needs to know (train.py --compile).
+    second_pass(step): whether the loop runs the same batch forward and backward again after optimizer.step(),
+    inside capture(step), before step() (SeLoRA's script rule, selora_script.py); False here.
     reduce(tensors): the tensors summed over the processes of a data-parallel run (`distributed.all_reduce_sums`,
     which the training loop passes); the identity by default. A controller that decides from statistics of
     its process's part of the batch (SeLoRA's Fisher) sums them with it, so every process decides alike.
@@ -196,6 +198,9 @@ class Controller:
         """The most ranks layer `name` can have under this method (None: no limit), at which `fix_capacity`
         stores its factors; a method whose ranks never grow: the rank it has."""
         return self.adapters[name].rank
+
+    def second_pass(self, step: int) -> bool:
+        return False
 
     def hooks_forward(self, step: int) -> bool:
         """Whether capture(step) hooks Python code into the adapters' forward (SeLoRA's test steps). A compiled

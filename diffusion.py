@@ -1,4 +1,4 @@
-"""The diffusion objective of the fine-tuning run (the SeLoRA paper's section 3.4, as in latent diffusion): each
+"""The diffusion objective of the fine-tuning run (the SeLoRA paper's section 3.5, as in latent diffusion): each
 image's VAE posterior, cached; a noisy latent at a random timestep; the MSE between the UNet's predicted and the
 true noise; and one training step around it, inside the method's controller (adapters.Controller).
 
@@ -96,7 +96,7 @@ def noisy_batch(ex: Examples, index: torch.Tensor, gen: torch.Generator):
 
 
 def denoising_loss(sd: SD15, batch, autocast) -> torch.Tensor:
-    """The MSE between predicted and true noise, averaged over the batch (section 3.4)."""
+    """The MSE between predicted and true noise, averaged over the batch (section 3.5, paper:148)."""
     noisy, t, noise, ids = (x.to(sd.device) for x in batch)
     with autocast:
         pred = sd.unet(noisy, t, sd.text_encoder(ids))
@@ -138,6 +138,18 @@ def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[t
             loss = denoising_loss(sd, part, autocast)
             (loss + controller.penalty()).backward()
     return distributed.average_gradients(params, loss, len(part[0]), len(batch[0]))
+
+
+def second_pass(sd: SD15, batch, step: int, controller, params: list[torch.nn.Parameter], autocast) -> None:
+    """The same batch forward and backward again, after optimizer.step(), inside the controller's capture: SeLoRA's
+    script rule reads its gradients at the new weights (selora_script.py; the script's lines 634-647). Uncompiled,
+    since the capture hooks the adapters; the gradients are dropped after, as the script's next zero_grad does."""
+    part = distributed.shard(batch)
+    with controller.capture(step, len(part[0])):
+        if len(part[0]):
+            denoising_loss(sd, part, autocast).backward()
+    for p in params:
+        p.grad = None
 
 
 @torch.no_grad()

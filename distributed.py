@@ -138,6 +138,16 @@ def all_reduce_sums(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
+def sum_over_processes(parts: dict[str, list[torch.Tensor]], reduce=all_reduce_sums) -> dict[str, list[torch.Tensor]]:
+    """Every tensor of `parts` ({key: tensors}, the same keys in the same order on every process) summed over the
+    processes with one collective (`reduce`, `all_reduce_sums`), in the same layout; `parts` itself in one process."""
+    flat = reduce([t for tensors in parts.values() for t in tensors])
+    out, i = {}, 0
+    for key, tensors in parts.items():
+        out[key], i = flat[i:i + len(tensors)], i + len(tensors)
+    return out
+
+
 def shard(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's rows of a global batch: contiguous slices whose sizes differ by at most one, in rank order.
 

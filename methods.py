@@ -11,7 +11,7 @@ them and a new method is one adapter class, one controller class and one table e
 Each entry names its adapter and controller classes, the command-line options it owns (`OPTIONS`, added to
 train.py's parser) under the keyword its adapter or controller takes, its optimizer param groups, and two
 facts a run needs. Defaults are the SeLoRA paper's comparison settings: LoRA r = 4; DyLoRA r = 4; AdaLoRA
-init_r = 6 -> target_r = 4; SeLoRA lambda = 1.1, t = 40.
+init_r = 6 -> target_r = 4; SeLoRA lambda = 1.1, t = 40 (under --expansion-test script: the script's 1.3, 40).
 """
 from __future__ import annotations
 
@@ -35,14 +35,23 @@ from adapters import Adapter, Controller, load_adapters
 from baselines import DYLORA_MODES, AdaLoRA, AdaLoRALinear, DyLoRA, DyLoRALinear, LoRALinear
 from lora2 import LoRA2, LoRA2Linear
 from selora import FISHER_MODES, SeLoRA, SeLoRALinear
+from selora_script import ScriptSeLoRA
+
+EXPANSION_TESTS = ("paper", "script")  # SeLoRA's growth rules: selora.SeLoRA, selora_script.ScriptSeLoRA
 
 # the command-line options methods own: argparse dest -> add_argument keywords (the flag is --dest with dashes)
 OPTIONS = {
-    "lam": dict(type=cli.number(1.0), default=1.1, help="SeLoRA threshold lambda on the FI-ratio, >= 1 (paper: 1.1; "
-                                                          "the ratio is never below 1, so 1 accepts any improvement)"),
-    "t": dict(type=cli.integer(1), default=40, help="SeLoRA: test for expansion every t steps (paper: 40)"),
-    "fisher": dict(default="sample", choices=FISHER_MODES, help="SeLoRA Fisher estimator: per-sample (eq. 3, default) "
-                                                                "or squared batch gradient (authors' script)"),
+    "lam": dict(type=cli.number(1.0), help="SeLoRA threshold lambda, >= 1. Default: the rule's own, 1.1 for "
+                                           "--expansion-test paper (the FI-ratio is never below 1, so 1 accepts any "
+                                           "improvement), 1.3 for script (the script's call; expand when >=)"),
+    "t": dict(type=cli.integer(1), default=40, help="SeLoRA: test for expansion every t steps (paper and script: 40)"),
+    "fisher": dict(choices=FISHER_MODES, help="SeLoRA Fisher estimator: per-sample (eq. 3; the paper rule's default) "
+                                              "or squared batch gradient (the script's, and its rule's only one)"),
+    "expansion_test": dict(default="paper", choices=EXPANSION_TESTS,
+                           help="SeLoRA's growth rule: the paper's (eq. 3-5 at the same weights, > lambda; default), "
+                                "or the authors' script's (a second forward and backward one optimizer step later, a "
+                                "zero candidate until a layer first grows, >= lambda, Adam state reset at growth; "
+                                "selora_script.py)"),
     "rank": dict(type=cli.integer(1), default=4, help="LoRA / DyLoRA / LoRA^2 (starting) rank (paper: 4)"),
     "dylora_mode": dict(default="full", choices=DYLORA_MODES, help="DyLoRA: train ranks 1..b, or rank b only"),
     "init_r": dict(type=cli.integer(1), default=6, help="AdaLoRA initial rank (paper: 6)"),
@@ -100,8 +109,8 @@ class Entry:
 TABLE: dict[str, Entry] = {
     "lora": Entry(LoRALinear, Controller, {"r": "rank"}),
     "selora": Entry(SeLoRALinear, SeLoRA, {"lam": "lam", "t": "t", "fisher": "fisher", "seed": "seed",
-                                           "max_rank": "max_rank"}, adaptive=True, compiled_max_rank=16,
-                    notes=_selora_notes),
+                                           "max_rank": "max_rank", "expansion_test": "expansion_test"},
+                    adaptive=True, compiled_max_rank=16, notes=_selora_notes),
     "dylora": Entry(DyLoRALinear, DyLoRA, {"r": "rank", "mode": "dylora_mode", "seed": "seed"}),
     "adalora": Entry(AdaLoRALinear, AdaLoRA, {"init_r": "init_r", "target_r": "target_r"}, check=_check_adalora,
                      adaptive=True, over_total_steps=True),
@@ -144,7 +153,15 @@ def build(name: str, **options) -> Method:
         entry.check({**for_adapter, **for_controller, **options})
     adapter_options = {k: v for k, v in options.items() if k in for_adapter}
     controller_options = {k: v for k, v in options.items() if k in for_controller}
-    return Method(name, partial(entry.adapter, **adapter_options), partial(entry.controller, **controller_options))
+    controller = ScriptSeLoRA if options.get("expansion_test") == "script" else entry.controller
+    return Method(name, partial(entry.adapter, **adapter_options), partial(controller, **controller_options))
+
+
+def rule_defaults(expansion_test: str) -> dict:
+    """SeLoRA's lambda and Fisher estimator by default under each growth rule (the classes' own defaults):
+    paper 1.1 and "sample", script 1.3 and "batch"."""
+    defaults = _keywords((ScriptSeLoRA if expansion_test == "script" else SeLoRA).__init__, 5)
+    return {"lam": defaults["lam"], "fisher": defaults["fisher"]}
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

@@ -62,12 +62,27 @@ def rank_figures(args: argparse.Namespace, main: list[dict]) -> list[str]:
     return out
 
 
-def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[str, str], rows: list[dict]) -> Path:
-    """OUT/report.md and OUT/figures/ from the runs' rows (reproduce.run_row); `main_runs` are the runs of the
-    quality, parameter and time tables, the others the ablations'."""
-    by_run = {r["run"]: r for r in rows}
-    main = [by_run[r] for r in main_runs if r in by_run]
-    quality = quality_metrics(args)
+RULES = {"paper": "the paper's (`--expansion-test paper`: eq. 3-4's per-sample Fisher of the original and the expanded "
+                  "layer at the same weights; a layer grows when their ratio exceeds lambda)",
+         "script": "the authors' script's (`--expansion-test script`, selora_script.py: the squared batch gradient "
+                   "after one optimizer step over the one before, with a candidate that is zero until a layer first "
+                   "grows; a layer grows when the ratio is >= lambda, and its Adam state restarts)"}
+
+
+def selora_rule(args: argparse.Namespace, runs: list) -> str:
+    """Which rule grew every SeLoRA run of the study, and which runs it capped (reproduce.capped)."""
+    capped = [r.name for r in runs if "max_rank" in dict(r.options)]
+    text = (f"SeLoRA's growth rule: {RULES[args.expansion_test]}, lambda {args.lam:g} in the main runs. Every SeLoRA "
+            "number in this report was made by it (docs/paper-vs-code.md compares the rules' ranks).")
+    if capped:
+        text += (f" **Capped:** {', '.join(capped)} stop growing at rank {args.cap_rank} (`--max-rank`, `--cap-rank`): "
+                 "under the paper's rule the FI-ratio is never below 1, so at lambda = 1 every layer grows at every "
+                 "test.")
+    return text + "\n"
+
+
+def intro(args: argparse.Namespace, runs: list, status: dict[str, str], rows: list[dict]) -> list[str]:
+    """The title, the model, methods, seeds and split, SeLoRA's growth rule, and the failed runs."""
     md = [f"# SeLoRA study: {args.dataset} data in `{args.data}`\n"]
     if args.smoke:
         md.append("**Smoke study**: the embedded tiny random SD 1.5 and generated phantoms. It shows that the "
@@ -79,10 +94,17 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
               + (", ".join(f"{len(v)} {k}" for k, v in first.items()) if first else "no finished run") + "): "
               + ("the same in all runs, checked." if len(splits) <= 1 else "**the runs' splits differ**.")
               + f" Device {args.device}. Extra train.py options: {' '.join(args.train_options) or 'none'}.\n")
+    if any(r.method == "selora" for r in runs):
+        md.append(selora_rule(args, runs))
     failed = [name for name, s in status.items() if s == "failed"]
     if failed:
         md.append(f"**Failed runs** (left out below; see their folders): {', '.join(failed)}.\n")
+    return md
 
+
+def quality_section(args: argparse.Namespace, main: list[dict]) -> list[str]:
+    """Tables 1 and 2: FID, KID and CLIP score of each method, and which sampler made the test images."""
+    quality, md = quality_metrics(args), []
     md.append("## Image quality (tables 1 and 2)\n")
     md.append("Mean ± std over seeds of each method's test images against the held-out test images; best in bold "
               "(FID, KID: lowest; CLIP score: highest).\n")
@@ -104,13 +126,23 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
         if args.inception and n <= max(args.dims):
             md.append(f"{n} test images per run: FID is biased at this size and its covariance is singular for "
                       "feature widths at or above it; compare FIDs only at equal counts, and prefer KID.\n")
+    return md
 
+
+def parameters_section(main: list[dict]) -> list[str]:
+    """Trainable % of the UNet and the text encoder at the start and with the final ranks."""
+    md = []
     md.append("## Trainable parameters\n")
     md.append("Percent of the UNet and of the text encoder (adapters included in the total, as train.py counts), "
               f"at the start of training and with the final ranks of the last adapter; {PAPER_PERCENT}.\n")
     md.append(table(main, lambda r: r.method, "method", ["UNet % start", "UNet % end", "text encoder % start",
                                                           "text encoder % end", "total rank"]))
+    return md
 
+
+def time_section(args: argparse.Namespace, main: list[dict]) -> list[str]:
+    """Tables 7 and 8, figures 11 and 12: training time and memory."""
+    md = []
     kind = main[0]["memory_kind"] if main else ""
     md.append("## Training time and memory (tables 7 and 8, figures 11 and 12)\n")
     md.append(f"Wall time of the training loop, mean step time, and the memory readings train.py logs at step 1 and "
@@ -123,7 +155,12 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
     if series:
         md.append(figure(args, plots.line_plot(series, f"Memory during training (seed {args.seeds[0]})", "step",
                                                f"{kind} (MiB)"), "memory.png", "memory during training"))
+    return md
 
+
+def cost_section(args: argparse.Namespace, rows: list[dict], main: list[dict]) -> list[str]:
+    """Eq. 6 measured: what SeLoRA's expansion tests cost."""
+    md = []
     md.append("## Cost of SeLoRA's expansion tests (eq. 6)\n")
     md.append("Eq. 6 bounds SeLoRA's time by (1 + 1/t) x LoRA's, as if every test cost one extra step. Measured "
               "from each run's log.jsonl: the mean time of test steps (those with expansion events) and of the "
@@ -141,10 +178,12 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
                       "while LoRA here has rank 4).\n")
     else:
         md.append("No SeLoRA run with both test steps and other steps.\n")
+    return md
 
-    md.append("## Final ranks (figures 3 and 4)\n")
-    md += rank_figures(args, main)
 
+def images_section(args: argparse.Namespace, main: list[dict]) -> list[str]:
+    """Figures 2 and 7: real and generated images per test prompt."""
+    md, first_seed = [], [r for r in main if r["run"].seed == args.seeds[0]]
     md.append("## Real and generated images (figures 2 and 7)\n")
     if first_seed:
         r0 = first_seed[0]["folder"]
@@ -155,10 +194,16 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
         md.append(figure(args, sheet, "samples.png", "real and generated images per prompt"))
         prompts = eval_fid.read_prompts(r0 / heldout.SAMPLES / heldout.PROMPTS)[:n]
         md += [f"{i}. {p}" for i, p in enumerate(prompts, 1)] + [""]
+    return md
 
+
+def ablation_sections(args: argparse.Namespace, runs: list, by_run: dict) -> list[str]:
+    """Table 3 (the threshold lambda) and the sweep of t."""
+    quality, md = quality_metrics(args), []
     for title, runs_of, label, first_col in (
             ("## Threshold ablation (table 3)\n", lambda r: r.t == args.t and r.lam in args.lambdas,
-             lambda r: f"{r.lam:g}", "lambda"),
+             lambda r: f"{r.lam:g}" + (f" (max rank {dict(r.options)['max_rank']})" if "max_rank" in dict(r.options)
+                                       else ""), "lambda"),
             ("## Sweep of t\n", lambda r: r.lam == args.lam and r.t in args.ts, lambda r: str(r.t), "t")):
         md.append(title)
         group = [by_run[r] for r in runs if r in by_run and r.method == "selora" and runs_of(r)
@@ -169,11 +214,23 @@ def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[st
         group.sort(key=lambda r: (r["run"].lam, r["run"].t))
         measured = first_col == "t" and all("measured factor" in r for r in group)
         extra = ["measured factor", "bound 1 + 1/t"] if measured else []
-        md.append(f"SeLoRA, seeds {', '.join(map(str, args.ablation_seeds))}; mean ± std over seeds; test images by "
+        md.append(f"SeLoRA under the {args.expansion_test} rule, seeds {', '.join(map(str, args.ablation_seeds))}; "
+                  f"mean ± std over seeds; test images by "
                   f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps))}.\n")
         md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
                                                   "text encoder % end", "time (s)", *extra], tuple(quality)))
+    return md
 
+
+def write(args: argparse.Namespace, runs: list, main_runs: list, status: dict[str, str], rows: list[dict]) -> Path:
+    """OUT/report.md and OUT/figures/ from the runs' rows (reproduce.run_row); `main_runs` are the runs of the
+    quality, parameter and time tables, the others the ablations'."""
+    by_run = {r["run"]: r for r in rows}
+    main = [by_run[r] for r in main_runs if r in by_run]
+    md = (intro(args, runs, status, rows) + quality_section(args, main) + parameters_section(main)
+          + time_section(args, main) + cost_section(args, rows, main)
+          + ["## Final ranks (figures 3 and 4)\n", *rank_figures(args, main)] + images_section(args, main)
+          + ablation_sections(args, runs, by_run))
     md.append("## Runs\n")
     md.append("| run | this invocation |\n|---|---|\n" + "".join(
         f"| [{name}](runs/{name}/) | {s} |\n" for name, s in status.items()))

@@ -6,7 +6,10 @@ images generated and scored, and OUT/report.md with the paper's tables and the a
     python reproduce.py --smoke --out smoke/ [--inception FILE]   # tiny random model, generated data, CPU minutes
 
 Runs: each method x seed, then SeLoRA's threshold ablation (table 3: lambda 1, 1.1, 1.3 at t = --t) and a sweep
-of t (20, 40, 80 at lambda = --lam), over --ablation-seeds; a run both need is trained once. Every run is a
+of t (20, 40, 80 at lambda = --lam), over --ablation-seeds; a run both need is trained once. SeLoRA grows by
+one rule, --expansion-test: the paper's (default) or the authors' script's (selora_script.py), each with its
+own lambda and ablation grid (LAMBDAS). Under the paper's rule lambda = 1 grows every layer at every test, so
+those runs stop at --cap-rank (16), and the report says so. Every run is a
 train.py run folder, OUT/runs/NAME/, trained in its own process (so its memory readings are its own) with the
 same --data-seed, so all runs share one split. Options reproduce.py does not know are passed to every train.py
 run (e.g. --precision bf16, --split 70,10,20, --empty-findings impression).
@@ -50,9 +53,13 @@ from sd15 import load_model
 ROOT = Path(__file__).resolve().parent
 METHODS = ("lora", "dylora", "adalora", "selora", "lora2")  # the paper's tables' order
 SWEPT = {"selora": ("lam", "t")}  # method options the study sets on every run of the method (table 3, the t sweep)
+# the threshold ablation's lambdas under each SeLoRA rule: the paper's table 3; the script's own 1.3 (its call),
+# its class default 2, and 1, where a layer grows whenever its gradient did not shrink over the step
+LAMBDAS = {"paper": (1.0, 1.1, 1.3), "script": (1.0, 1.3, 2.0)}
 SCORES = "scores.json"  # RUN/scores.json: what was measured on the run's test images, with what
 # train.py options reproduce.py sets itself; passing them through would break the study's layout
 OWN = ("--method", "--seed", "--data-seed", "--out", "--resume", "--overwrite", "--lam", "--t", "--samples",
+       "--expansion-test",
        "--model", "--tokenizer", "--data", "--dataset", "--epochs", "--size", "--batch", "--device")
 NOT_COMPARED = ("out", "overwrite", "resume", "stop_after", "device",  # may change when a study continues
                 "gradient_checkpointing", "compile",  # change no result
@@ -65,11 +72,12 @@ SMOKE = dict(methods=["lora", "selora"], seeds=[0, 1], ablation_seeds=[0], t=2, 
 class Run:
     method: str
     seed: int
-    options: tuple[tuple[str, float], ...] = ()  # (train.py option, value) of the method's SWEPT options
+    options: tuple[tuple[str, float], ...] = ()  # (train.py dest, value): SWEPT options, and a cap (max_rank)
 
     @property
     def name(self) -> str:
-        return self.method + "".join(f"-{key}{value:g}" for key, value in self.options) + f"-seed{self.seed}"
+        return (self.method + "".join(f"-{key.replace('_', '')}{value:g}" for key, value in self.options)
+                + f"-seed{self.seed}")
 
     @property
     def lam(self) -> float | None:
@@ -94,9 +102,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
     a("--seeds", nargs="+", type=int, help="training seeds (default: 0 1 2)")
     a("--data-seed", type=int, default=0, help="seed of the one split every run uses (default 0)")
-    a("--lam", type=float, default=1.1, help="SeLoRA lambda of the main runs and the t sweep (paper: 1.1)")
+    a("--expansion-test", default="paper", choices=methods.EXPANSION_TESTS,
+      help="SeLoRA's growth rule for every SeLoRA run: the paper's (default) or the authors' script's (train.py "
+           "--expansion-test); the report names it")
+    a("--lam", type=float, help="SeLoRA lambda of the main runs and the t sweep (default: the rule's, paper 1.1, "
+                                "script 1.3)")
     a("--t", type=int, help="SeLoRA t of the main runs and the lambda ablation (paper: 40)")
-    a("--lambdas", nargs="*", type=float, default=[1.0, 1.1, 1.3], help="threshold ablation (table 3); none: skip")
+    a("--lambdas", nargs="*", type=float, help="threshold ablation (table 3; default: the rule's grid, paper 1 1.1 "
+                                                "1.3, script 1 1.3 2); none: skip")
+    a("--cap-rank", type=cli.integer(1), default=16,
+      help="under the paper's rule, runs at lambda <= 1 (every layer grows at every test: about 80 ranks per layer "
+           "over IU X-Ray's 3,300 steps) stop growing at this rank (train.py --max-rank), said in the report "
+           "(default 16); a --max-rank passed to train.py caps every run instead")
     a("--ts", nargs="*", type=int, help="sweep of t (default: 20 40 80); none: skip")
     a("--ablation-seeds", nargs="*", type=int, help="seeds of the ablation runs (default: --seeds)")
     a("--epochs", type=int, help="default: train.py's (the paper's for the data set)")
@@ -133,6 +150,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.ablation_seeds is None:
         args.ablation_seeds = args.seeds
+    args.lam = methods.rule_defaults(args.expansion_test)["lam"] if args.lam is None else args.lam
+    args.lambdas = list(LAMBDAS[args.expansion_test]) if args.lambdas is None else args.lambdas
     args.out = Path(args.out).resolve()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dims = sorted(set(args.dims), reverse=True)
@@ -140,8 +159,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def study_run(args: argparse.Namespace, method: str, seed: int, **values) -> Run:
-    """The run of `method` and `seed`; its SWEPT options take `values`, else the study's (--lam, --t)."""
-    return Run(method, seed, tuple((key, values.get(key, getattr(args, key))) for key in SWEPT.get(method, ())))
+    """The run of `method` and `seed`; its SWEPT options take `values`, else the study's (--lam, --t). A SeLoRA run
+    at lambda <= 1 under the paper's rule gets --max-rank --cap-rank (`capped`)."""
+    options = tuple((key, values.get(key, getattr(args, key))) for key in SWEPT.get(method, ()))
+    if capped(args, method, dict(options).get("lam")):
+        options += (("max_rank", args.cap_rank),)
+    return Run(method, seed, options)
+
+
+def capped(args: argparse.Namespace, method: str, lam: float | None) -> bool:
+    """Whether a run needs the study's cap on ranks: SeLoRA under the paper's rule at lambda <= 1, whose FI-ratio
+    is never below 1, so that every layer would grow at every test, unless train.py's --max-rank caps all runs."""
+    given = any(o.split("=")[0] == "--max-rank" for o in args.train_options)
+    return method == "selora" and args.expansion_test == "paper" and lam is not None and lam <= 1 and not given
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
@@ -168,7 +198,9 @@ def train_argv(args: argparse.Namespace, run: Run) -> list[str]:
         if value is not None:
             argv += [flag, str(value)]
     for key, value in run.options:
-        argv += ["--" + key, str(value)]
+        argv += [cli.flag(key), str(value)]
+    if run.method == "selora":
+        argv += ["--expansion-test", args.expansion_test]
     return argv + args.train_options
 
 
@@ -177,7 +209,7 @@ def train_argv(args: argparse.Namespace, run: Run) -> list[str]:
 def check_same(run_dir: Path, argv: list[str]) -> None:
     """A run folder from an earlier invocation must have been made with the options this study gives it."""
     planned = vars(train.resolve(argv))
-    saved = run_folder.read_options(run_dir)
+    saved = {**vars(train.parser().parse_args([])), **run_folder.read_options(run_dir)}  # options added since: default
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in planned.items()
               if k not in NOT_COMPARED and saved.get(k) != v]
     if differ:

@@ -9,7 +9,7 @@
     RUN/best.safetensors, last.safetensors, best.kohya.safetensors, summary.json, figures (*.png),
     RUN/previews/, phantoms/ (the embedded default's data), and, once evaluated, samples/, real/, scores.json
 
-The rules (README, "Reliability"):
+The rules (docs/reliability.md):
 - A folder counts as a run folder when its config.json is one that train.py wrote. --overwrite replaces only
   such a folder, and removes only the entries above: anything else in it is left alone.
 - --out may not be, contain or lie inside --data, --model, --tokenizer or --latent-cache.

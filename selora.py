@@ -3,22 +3,28 @@ Model for Medical Image Synthesis", section 3).
 
 Every adapted layer starts at rank 1. Every t training steps each layer is tested: would appending one
 rank, A <- [A K], B <- [B; 0] (eq. 2), raise the empirical Fisher information of its weights (eq. 3-4)
-by more than a factor lambda (the FI-ratio, eq. 5)? If so, the layer grows by that rank. Appending a
-zero row to B leaves the output unchanged, and the random column K lets gradient reach the new row.
+by more than a factor lambda (the FI-ratio, expanded over original: eq. 5 prints its inverse)? If so, the
+layer grows by that rank. Appending a zero row to B leaves the output unchanged, and the random column K lets
+gradient reach the new row.
 
 Read top to bottom:
 - `SeLoRALinear`: x W0 + b0 + s x A B (eq. 1-2) on a frozen nn.Linear.
 - `expand`: eq. 2, with the optimizer's state resized (adapters.resize_parameter).
 - `per_sample_grads`: each sample's gradients of A, B and of K's row, from a layer's input x and output
   gradient g, which the training step's own backward produces (as sums over tokens of outer products,
-  `gradient_factors`); `gram_squared_norms`: the sum of their squares (eq. 3) from the tokens' Gram
-  matrices, without forming them, for layers where that is cheaper (`gram_is_cheaper`).
-- `fisher_score` (eq. 3-4, as the paper writes them), `fi_ratio` (eq. 5); `fisher_sums` and
+  `gradient_factors`).
+- `fisher_score` (eq. 3-4, as the paper writes them), `fi_ratio` (eq. 5, printed upside down in the paper:
+  see its docstring); `fisher_sums` and
   `score_from_sums`: the same score from sums that the processes of a data-parallel run can add.
 - `literal_fisher_scores`, `literal_fi_ratios`: the same numbers by definition, one backward per sample
   on an expanded copy of the model (for readers, and the tests' oracle).
 - `SeLoRA`: the schedule (test every t steps, expand above lambda, log; optionally up to a maximum rank) as a
   training loop calls it.
+
+This is the paper's rule (`expansion_test="paper"`, train.py's default). The authors' script tests differently
+(a second forward and backward one optimizer step later, a zero candidate until a layer first grows, `>=` 1.3):
+that rule, `--expansion-test script`, is `selora_script.py`, a subclass of `SeLoRA` that replaces the four
+pieces where the rules differ (`candidate`, `scores`, `passes`, `grow`).
 
 Per-sample gradient convention. The training loss is the batch mean of per-sample losses,
 L = (1/b) sum_i l_i, with l_i the MSE of sample i (mean over its elements). Eq. 3 uses the gradient of
@@ -41,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distributed
 from adapters import Adapter, Controller, draw_candidate, lora_factors
 
 BLOCK = 8  # ranks per matmul block in SeLoRALinear's forward; see `low_rank`
@@ -55,8 +62,9 @@ class SeLoRALinear(Adapter):
     would change the output whenever r grows, which eq. 2 forbids. The default s = 8 is the value the
     authors' script uses in effect (lora_alpha = 8 divided by the initial r = 1, computed once and never
     updated when the rank grows); the paper's eq. 1 writes no scale (s = 1). With Adam, s multiplies the
-    step size of the update x A B, so s = 8 with the paper's learning rate 1e-4 reproduces the authors'
-    runs. s is a buffer, so saved adapters carry it.
+    step size of the update x A B, so s = 8 at lr 1e-4 (the script's learning rate, script:96) moves the update
+    as the authors' runs did: the scale is theirs, not their expansion rule (that is `selora_script.py`).
+    s is a buffer, so saved adapters carry it.
     """
     method = "selora"
 
@@ -66,14 +74,14 @@ class SeLoRALinear(Adapter):
         self.register_buffer("scale", self.A.new_tensor(float(scale)))
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """x A B (eq. 1), summed over blocks of BLOCK ranks, A and B zero-padded to whole blocks.
+        """x A B (eq. 1): in real arithmetic exactly the plain `(x @ A) @ B`, computed here as a sum over blocks of
+        BLOCK = 8 ranks with A and B zero-padded to whole blocks, so that growth leaves the output bit for bit.
 
-        A plain (x @ A) @ B would be exact in real arithmetic after an expansion, but not in floating
-        point: the matmul kernels pick their summation order from the shapes, so going from r to r + 1
-        changes the rounding of the ranks that were already there. With fixed-width blocks, appending a
-        rank either fills a zero padding column (the block's shapes do not change) or opens a new block
-        whose product is exactly zero, so the output stays the same bit for bit. At a fixed capacity the ranks
-        not in use are zero columns of A and zero rows of B, which contribute exact zeros in the same way.
+        Why: the matmul kernels pick their summation order from the shapes, so going from r to r + 1 in a plain
+        (x @ A) @ B changes the rounding of the ranks that were already there. With fixed-width blocks, appending
+        a rank either fills a zero padding column (the block's shapes do not change) or opens a new block whose
+        product is exactly zero. The cost: rank 1 does rank 8's multiply-adds (a layer below rank 8 pays for 8).
+        At a fixed capacity the ranks not in use are zero columns of A and zero rows of B, exact zeros likewise.
         """
         pad = -self.A.shape[1] % BLOCK  # A's columns: with a fixed capacity (adapters.fix_capacity), all of them
         A, B = F.pad(self.A, (0, pad)), F.pad(self.B, (0, 0, 0, pad))
@@ -144,29 +152,6 @@ def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: t
     """
     grad_A, grad_B, grad_new = (torch.einsum("bnd,bne->bde", u, v) for u, v in gradient_factors(layer, x, g, K, times))
     return grad_A, grad_B, grad_new[:, 0]
-
-
-def gram_is_cheaper(layer: SeLoRALinear, tokens: int) -> bool:
-    """Whether `gram_squared_norms` costs fewer multiply-adds than forming the per-sample gradients
-    (`per_sample_grads`) for a call of `layer` on `tokens` tokens per sample (per sample: n d_in r for A and
-    n (r + 1) d_out for B and b_new, against n^2 (d_in + r) and n^2 (d_out + r + 1) for the Gram matrices):
-    for layers with fewer tokens than about their rank, such as SD's time-embedding layers (one token)."""
-    d_in, d_out, r = layer.base.in_features, layer.base.out_features, layer.rank
-    return tokens * (d_in + d_out + 2 * r + 1) < d_in * r + (r + 1) * d_out
-
-
-@torch.no_grad()
-def gram_squared_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sum_i ||sum_n u_in^T v_in||_F^2 in float64, without forming the per-sample gradients sum_n u_n^T v_n:
-    eq. 3's squares summed over samples and entries (eq. 4's sum, before its mean over samples).
-
-    For one sample (i dropped), the gradient's entry (j, k) is sum_n u_nj v_nk, so
-        ||sum_n u_n^T v_n||_F^2 = sum_jk (sum_n u_nj v_nk)^2 = sum_jk sum_nm u_nj v_nk u_mj v_mk
-                                = sum_nm (sum_j u_nj u_mj)(sum_k v_nk v_mk) = sum_nm (U U^T)_nm (V V^T)_nm:
-    the entrywise product of the samples' token Gram matrices U U^T and V V^T [n, n], summed.
-    """
-    u, v = u.double(), v.double()
-    return ((u @ u.mT) * (v @ v.mT)).sum()
 
 
 def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> float:
@@ -258,7 +243,8 @@ def literal_fi_ratios(model: nn.Module, adapters: dict[str, SeLoRALinear],
 @dataclass(frozen=True)
 class RankTest:
     """One expansion test: at `step`, `layer` had FI-score `score` (eq. 4, original layer) and FI-ratio
-    `ratio` (eq. 5), and has `rank` after the decision."""
+    `ratio` (expanded over original: the inverse of eq. 5 as printed, see `fi_ratio`), and has `rank` after the
+    decision."""
     step: int
     layer: str
     score: float
@@ -289,15 +275,23 @@ class SeLoRA(Controller):
     at the weights after it: a one-step lag the authors' script also has.) A layer expands when its
     ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
 
+    A test step is, in the paper's order: `candidate` (K, eq. 2), `scores` (eq. 3-4: the FI-scores of the original
+    and the expanded layer), `fi_ratio` (eq. 5), `passes` (ratio > lambda) and `grow` (eq. 2).
+    `selora_script.ScriptSeLoRA` replaces them with the authors' script's rule.
+
     max_rank: none by default, as in the paper; a layer that reaches it stops growing and is no longer
     tested (logged once, as an event with "reached_max_rank"). A fixed capacity (train.py --compile) needs one.
     """
+    expansion_test = "paper"  # which rule decides growth (selora_script.ScriptSeLoRA: "script")
 
     def __init__(self, adapters: dict[str, SeLoRALinear], optimizer: torch.optim.Optimizer | None = None,
                  total_steps: int | None = None, reduce=None, lam: float = 1.1, t: int = 40, fisher: str = "sample",
-                 seed: int = 0, insist: bool = False, max_rank: int | None = None):
+                 seed: int = 0, insist: bool = False, max_rank: int | None = None, expansion_test: str = "paper"):
         if not adapters or not all(isinstance(a, SeLoRALinear) for a in adapters.values()):
             raise ValueError("adapters must be a non-empty dict of SeLoRALinear layers (from adapters.inject)")
+        if expansion_test != self.expansion_test:
+            raise ValueError(f"{type(self).__name__} runs expansion_test={self.expansion_test!r}, got "
+                             f"{expansion_test!r} (the script's rule is selora_script.ScriptSeLoRA)")
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ValueError(f"t must be an integer >= 1 (test for expansion every t steps), got {t!r}")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
@@ -322,9 +316,7 @@ class SeLoRA(Controller):
         self.log: list[RankTest] = []
         self._tested_step = None
         self._candidates: dict[str, torch.Tensor] = {}  # the layers tested this step, with their K
-        self._gram: dict[str, bool] = {}  # per layer: whether its squared gradients are summed from Gram matrices
-        self._grads: dict[str, list[torch.Tensor]] = {}  # if not: per-sample grads of A, B, K's row, summed over calls
-        self._factors: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # if so: each call's factors
+        self._grads: dict[str, list[torch.Tensor]] = {}  # per-sample grads of A, B, K's row, summed over calls
 
     def is_test_step(self, step: int) -> bool:
         return step % self.t == 0
@@ -335,6 +327,11 @@ class SeLoRA(Controller):
     def capacity(self, name: str) -> int | None:
         return self.max_rank
 
+    def candidate(self, name: str, step: int) -> torch.Tensor:
+        """K for layer `name` at test step `step` (eq. 2): Kaiming-uniform, from a generator seeded by (seed, step,
+        layer), so resumed and data-parallel runs draw the same K (adapters.draw_candidate)."""
+        return draw_candidate(self.adapters[name].base.in_features, self.seed, step, name)
+
     @contextmanager
     def capture(self, step: int, batch_size: int) -> Iterator[None]:
         """Around the forward and backward of training step `step` (counted from 1): on test steps, hook
@@ -344,9 +341,16 @@ class SeLoRA(Controller):
         if not self.is_test_step(step):
             yield
             return
-        self._tested_step, self._gram, self._grads, self._factors = step, {}, {}, {}
-        self._candidates = {name: draw_candidate(a.base.in_features, self.seed, step, name)
-                            for name, a in self.adapters.items() if self.max_rank is None or a.rank < self.max_rank}
+        self._tested_step = step
+        self._candidates = {name: self.candidate(name, step) for name, a in self.adapters.items()
+                            if self.max_rank is None or a.rank < self.max_rank}
+        with self._hooked(batch_size):
+            yield
+
+    @contextmanager
+    def _hooked(self, batch_size: int) -> Iterator[None]:
+        """Every layer in `_candidates` hooked (`_hook`) for one forward and backward, into fresh stores."""
+        self._grads = {}
         handles = [self.adapters[name].register_forward_hook(self._hook(name, batch_size)) for name in self._candidates]
         try:
             yield
@@ -362,18 +366,10 @@ class SeLoRA(Controller):
                                  f"{batch_size} first; the per-sample Fisher needs samples along dimension 0")
             if not output.requires_grad:
                 return
-            # The layer's first call this step chooses how its squared gradients are summed: from the Gram
-            # matrices where cheaper (only the squares are needed, fisher="sample"), else from the gradients.
-            gram = self._gram.setdefault(name, self.fisher == "sample" and
-                                         gram_is_cheaper(layer, x[0].numel() // layer.base.in_features))
             # Under gradient checkpointing this hook runs again when backward recomputes the layer; that grad_hook
             # sits on the recomputed output, which backward never passes through, so each call counts once.
 
             def grad_hook(g):  # g: dL/dy of the batch-mean loss; batch_size g is each sample's own (module doc)
-                if gram:
-                    self._factors.setdefault(name, []).append(gradient_factors(layer, x, g, self._candidates[name],
-                                                                               batch_size))
-                    return
                 grads = per_sample_grads(layer, x, g, self._candidates[name], batch_size)
                 held = self._grads.get(name)  # a layer called twice in one forward sums both calls
                 self._grads[name] = list(grads) if held is None else [h + n for h, n in zip(held, grads)]
@@ -384,16 +380,31 @@ class SeLoRA(Controller):
         """[number of samples, fisher_sums of (A, B), fisher_sums of the candidate row] of this process's
         batch for layer `name`; zero samples and zero sums when the layer received no gradient."""
         layer = self.adapters[name]
-        if name in self._factors:  # one sum over the tokens of all the layer's calls: their factors side by side
-            pairs = [[torch.cat(parts, dim=1) for parts in zip(*calls)] for calls in zip(*self._factors[name])]
-            count = torch.tensor([float(len(pairs[0][0]))], dtype=torch.float64, device=layer.A.device)
-            return [count, *(gram_squared_norms(u, v) for u, v in pairs)]
         grads = self._grads.get(name)
         if grads is None:
             A, B = layer.used("A"), layer.used("B")
             grads = [A.new_zeros(0, *A.shape), B.new_zeros(0, *B.shape), B.new_zeros(0, B.shape[1])]
         count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
         return [count, *fisher_sums(grads[:2], self.fisher), *fisher_sums(grads[2:], self.fisher)]
+
+    def scores(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
+        """The FI-scores (eq. 3-4) of the original and of the expanded layer from one layer's `_fisher_sums` over
+        all processes, or None when no sample reached the layer. FI-score(expanded) = FI-score(original) + the
+        candidate row's Fisher, since K's own gradient is zero (its row of B is zero)."""
+        count, sum_A, sum_B, sum_new = sums
+        n = int(count)
+        if n == 0:
+            return None
+        original = score_from_sums([sum_A, sum_B], n, self.fisher)
+        return original, original + score_from_sums([sum_new], n, self.fisher)
+
+    def passes(self, ratio: float) -> bool:
+        """The paper's threshold: expand when the FI-ratio exceeds lambda (section 3.2)."""
+        return ratio > self.lam
+
+    def grow(self, name: str, step: int) -> None:
+        """Append the tested candidate K (eq. 2), the optimizer's moments kept for the old entries (`expand`)."""
+        expand(self.adapters[name], self._candidates[name], self.optimizer)
 
     def step(self) -> list[dict]:
         """After optimizer.step(): on a test step, compute each tested layer's FI-ratio (eq. 5), expand those
@@ -407,28 +418,27 @@ class SeLoRA(Controller):
         which is right: each process's loss is the mean over its own samples.)"""
         if self._tested_step is None:
             return []
-        names = list(self._candidates)  # the same order on every process
-        sums = iter(self.reduce([s for name in names for s in self._fisher_sums(name)]))
+        sums = distributed.sum_over_processes({name: self._fisher_sums(name) for name in self._candidates},
+                                              self.reduce)  # each layer's count and Fisher sums, global batch
         tests, events = [], []
-        for name in names:
-            count, sum_A, sum_B, sum_new = (next(sums) for _ in range(4))
-            n = int(count)
-            if n == 0:
+        for name, layer_sums in sums.items():
+            scores = self.scores(layer_sums)  # eq. 3-4, original and expanded layer
+            if scores is None:
                 continue
-            layer = self.adapters[name]
-            original = score_from_sums([sum_A, sum_B], n, self.fisher)
-            ratio = fi_ratio(original, original + score_from_sums([sum_new], n, self.fisher))
-            grow = ratio > self.lam
+            original, expanded = scores
+            ratio = fi_ratio(original, expanded)  # eq. 5
+            layer, grow = self.adapters[name], self.passes(ratio)
             if grow:
-                expand(layer, self._candidates[name], self.optimizer)
+                self.grow(name, self._tested_step)  # eq. 2
             tests.append(RankTest(self._tested_step, name, original, ratio, layer.rank, grow))
             if grow and layer.rank == self.max_rank:
                 events.append({"step": self._tested_step, "layer": name, "rank": layer.rank, "reached_max_rank": True})
         self.log += tests
-        self._tested_step, self._candidates, self._gram, self._grads, self._factors = None, {}, {}, {}, {}
+        self._tested_step, self._candidates, self._grads = None, {}, {}
         return [dataclasses.asdict(test) for test in tests] + events
 
     def metadata(self) -> dict[str, str]:
         """The schedule's settings and the last step, for adapters.save_adapters (add the base model's name)."""
         return {"lambda": repr(self.lam), "t": str(self.t), "fisher": self.fisher, "seed": str(self.seed),
-                "step": str(self.last_step), **({} if self.max_rank is None else {"max_rank": str(self.max_rank)})}
+                "step": str(self.last_step), "expansion_test": self.expansion_test,
+                **({} if self.max_rank is None else {"max_rank": str(self.max_rank)})}

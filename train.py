@@ -1,4 +1,4 @@
-"""The paper's fine-tuning run (section 4): SD 1.5 frozen, adapters in every linear layer of the UNet and the
+"""The paper's fine-tuning run (section 3.5): SD 1.5 frozen, adapters in every linear layer of the UNet and the
 text encoder, trained on image-report pairs with the diffusion loss.
 
     python train.py                    # embedded default: the tiny pretrained SD and generated phantoms, minutes on a CPU
@@ -53,7 +53,7 @@ from kohya import export_kohya
 from sampling import MAX_STEPS, SCHEDULERS
 from sd15 import SD15, generate, load_model
 
-PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 4; other data sets default to 10
+PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 3.5 (paper:148); other data sets default to 10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_EVERY = 40  # steps between memory readings (appendix D)
 EMBEDDED = dict(size=32, epochs=24, images=96)  # the embedded default: 240 steps, so t = 40 gives 6 tests
@@ -80,10 +80,14 @@ def parser() -> argparse.ArgumentParser:
     a("--size", type=cli.image_size, help="image size in pixels, a multiple of 8 (paper: 224, 384 as an option; embedded "
                                 f"default: {EMBEDDED['size']})")
     a("--epochs", type=cli.integer(1), help="epochs (paper: 10 for IU X-Ray, 100 for Montgomery)")
-    a("--batch", type=cli.integer(1), default=8, help="batch size per process (paper: 8; under torchrun the global batch "
-                                                  "is this times the number of processes)")
-    a("--lr", type=cli.number(0.0, inclusive=False), default=1e-4, help="learning rate (paper: 1e-4)")
-    a("--optimizer", default="adam", choices=("adam", "adamw"), help="paper: Adam")
+    a("--batch", type=cli.integer(1), default=8,
+      help="batch size per process (8: the authors' script's, its line 95; the paper's table 4 was lost in "
+           "extraction, and its appendix C uses 6 at 384 px; under torchrun the global batch is this times the "
+           "number of processes)")
+    a("--lr", type=cli.number(0.0, inclusive=False), default=1e-4,
+      help="learning rate (1e-4: the authors' script's, its line 96)")
+    a("--optimizer", default="adam", choices=("adam", "adamw"),
+      help="Adam: the authors' script's (its line 450; the paper's table 4 was lost)")
     a("--weight-decay", type=cli.number(0.0), default=0.0)
     a("--precision", default="fp32", choices=sorted(PRECISIONS),
       help="frozen weights' precision; adapters and optimizer stay fp32 (default fp32)")
@@ -92,8 +96,10 @@ def parser() -> argparse.ArgumentParser:
            "keeping them: less memory, more time, the same results")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="train through a torch.compile'd UNet and text encoder (inductor; on a CPU it needs g++), the adapters "
-           "stored at a fixed capacity (--max-rank) so that changing ranks never recompile: the same results; it "
-           "pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
+           "stored at a fixed capacity (--max-rank) so that changing ranks never recompile: the same results at the "
+           "same --max-rank. SeLoRA has no maximum rank unless given, so --compile sets --max-rank 16, which "
+           "changes growth for any layer that would pass 16 (said when the run starts; give --max-rank to choose). "
+           "It pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
            "docs/performance.md). SeLoRA's test steps run uncompiled. --no-compile resumes a compiled run without")
     a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
@@ -105,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     a("--out", help="run folder (default: runs/default, or runs/<method>-<dataset>-seed<seed>)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true",
-                       help="replace an existing run folder (only a folder train.py made; see README, Reliability)")
+                       help="replace an existing run folder (only a folder train.py made; see docs/reliability.md)")
     again.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint "
                                                        "(from step 0 if it has none yet)")
     a("--allow-data-change", action="store_true",
@@ -153,8 +159,15 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or ("runs/default" if embedded and args.data is None
                             else f"runs/{args.method}-{args.dataset}-seed{args.seed}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for key, value in methods.rule_defaults(args.expansion_test).items():  # SeLoRA's, recorded in config.json
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.compile and args.max_rank is None:  # a fixed capacity needs a maximum rank (SeLoRA: none by default)
         args.max_rank = methods.TABLE[args.method].compiled_max_rank
+        if args.method == "selora" and distributed.is_main():
+            print(f"--compile: SeLoRA's layers stop growing at --max-rank {args.max_rank} (a fixed capacity needs a "
+                  "limit; the paper sets none), so a layer that would pass it grows otherwise than without "
+                  "--compile; give --max-rank to choose another", file=sys.stderr)
     run_folder.check_out(args.out, inputs(args))
     return args
 
@@ -369,6 +382,8 @@ def fit(tr: Training) -> bool:
                 if bad:
                     raise TrainingError(checkpoint.stopped_at(tr.run, step, bad))
                 tr.optimizer.step()
+                if tr.controller.second_pass(step):  # SeLoRA --expansion-test script
+                    diffusion.second_pass(tr.sd, batch, step, tr.controller, tr.params, tr.autocast)
                 events = tr.controller.step()
                 bad = checkpoint.non_finite(tr.named, "the update made")
                 if bad:

@@ -19,8 +19,8 @@ SECTIONS = ("## Image quality (tables 1 and 2)", "## Trainable parameters", "## 
             "## Cost of SeLoRA's expansion tests (eq. 6)", "## Final ranks (figures 3 and 4)",
             "## Real and generated images (figures 2 and 7)", "## Threshold ablation (table 3)", "## Sweep of t",
             "## Runs")
-RUNS = ["lora-seed0", "lora-seed1", "selora-lam1.1-t2-seed0", "selora-lam1.1-t2-seed1", "selora-lam1-t2-seed0",
-        "selora-lam1.3-t2-seed0", "selora-lam1.1-t4-seed0", "selora-lam1.1-t8-seed0"]
+RUNS = ["lora-seed0", "lora-seed1", "selora-lam1.1-t2-seed0", "selora-lam1.1-t2-seed1",
+        "selora-lam1-t2-maxrank16-seed0", "selora-lam1.3-t2-seed0", "selora-lam1.1-t4-seed0", "selora-lam1.1-t8-seed0"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,11 @@ def test_report_has_every_section_with_finite_numbers_from_the_runs(study):
     assert "not computed" not in report  # Inception and CLIP were given
     assert sorted(run_table(report)) == sorted(RUNS) and set(run_table(report).values()) == {"trained"}
     assert not re.search(r"\b(nan|inf|infinity)\b", report, re.I)
+    assert "SeLoRA's growth rule: the paper's (`--expansion-test paper`" in report
+    assert "**Capped:** selora-lam1-t2-maxrank16-seed0 stop growing at rank 16" in report
+    assert "| 1 (max rank 16) |" in report
+    capped = json.loads((out(study) / "runs" / "selora-lam1-t2-maxrank16-seed0" / "config.json").read_text())
+    assert capped["options"]["max_rank"] == 16 and capped["options"]["expansion_test"] == "paper"
 
     # Table 1/2: mean over the seeds of each run's cached scores, the best in bold
     quality = table_rows(report, "## Image quality")
@@ -92,7 +97,7 @@ def test_report_has_every_section_with_finite_numbers_from_the_runs(study):
     assert report.count("test images by pndm, 4 steps, guidance 7.5.") == 2  # the two ablation tables
 
     # every run of both ablations, one split for all, figures written
-    assert list(table_rows(report, "## Threshold ablation")) == ["1", "1.1", "1.3"]
+    assert list(table_rows(report, "## Threshold ablation")) == ["1 (max rank 16)", "1.1", "1.3"]
     assert list(table_rows(report, "## Sweep of t")) == ["2", "4", "8"]
     splits = {(folder / "runs" / r / "split.json").read_text() for r in RUNS}
     assert len(splits) == 1 and "8 test" in report
@@ -223,3 +228,26 @@ def test_gradient_checkpointing_or_compile_does_not_make_a_finished_run_another(
         reproduce.check_same(run_dir, reproduce.train_argv(reproduce.parse_args(study), run))
     finally:
         config.write_text(saved)
+
+
+def test_each_rule_has_its_own_lambda_grid_and_only_the_paper_rules_lambda_1_is_capped(tmp_path):
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "s"), "--methods", "lora", "selora", "--seeds", "0",
+            "--ts"]
+    paper = reproduce.parse_args(base)
+    assert (paper.lam, paper.lambdas) == (1.1, [1.0, 1.1, 1.3])
+    names = [r.name for r in reproduce.plan(paper)]
+    assert names == ["lora-seed0", "selora-lam1.1-t40-seed0", "selora-lam1-t40-maxrank16-seed0",
+                     "selora-lam1.3-t40-seed0"]
+    capped = reproduce.train_argv(paper, reproduce.plan(paper)[2])
+    assert capped[capped.index("--max-rank") + 1] == "16"
+    assert capped[capped.index("--expansion-test") + 1] == "paper"
+    assert "--expansion-test" not in reproduce.train_argv(paper, reproduce.plan(paper)[0])  # not LoRA's option
+    script = reproduce.parse_args([*base, "--expansion-test", "script"])
+    assert (script.lam, script.lambdas) == (1.3, [1.0, 1.3, 2.0])
+    runs = reproduce.plan(script)
+    assert [r.name for r in runs] == ["lora-seed0", "selora-lam1.3-t40-seed0", "selora-lam1-t40-seed0",
+                                      "selora-lam2-t40-seed0"]
+    assert all("--max-rank" not in reproduce.train_argv(script, r) for r in runs)
+    assert reproduce.train_argv(script, runs[2])[-2:] == ["--expansion-test", "script"]
+    everyone = reproduce.parse_args([*base, "--max-rank", "8"])  # train.py's own cap: no second one
+    assert all(reproduce.train_argv(everyone, r).count("--max-rank") <= 1 for r in reproduce.plan(everyone))

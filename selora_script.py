@@ -1,0 +1,139 @@
+"""SeLoRA's expansion test as the authors' script runs it: train.py --expansion-test script.
+
+`selora.py` is the paper's rule: one backward, a fresh Kaiming K per test, eq. 3's per-sample Fisher of the
+original and the expanded layer at the same weights, expansion when the ratio exceeds lambda = 1.1. The
+script (`selora_for_open_source.py` in github.com/Yuchen20/SeLoRA, commit cc0fc44; "script:N" is its line)
+decides differently, and this module repeats its decision exactly, every line citing the script's:
+
+- recorded: the sum of squared .grad of A and B from the training step's backward of the batch-mean loss,
+  at the weights before optimizer.step() (script:270-278, 616-627);
+- after optimizer.step(), on every 40th step (script:629, 634, 713), a second forward and backward of the same
+  batch (same noisy latents, t and noise) through the "temp" weights: A and B after the step, plus a candidate
+  row of A and a zero column of B (script:258-261, 639-647); train.py calls it through `second_pass`;
+- the candidate row is zero until the layer first grows (script:197, 216-222: `lora_A_temp` is made by
+  new_zeros and `reset_parameters` never initialises it), so at a layer's first test the ratio is the squared
+  gradient norm after one Adam step over the one before; after an expansion it is a Kaiming draw, fixed until
+  the next expansion (script:318-319);
+- the ratio is temp over recorded (script:292-295), and a layer grows when it is >= lambda, 1.3 in the
+  script's call (script:494, 710; the Trainer's own default is 2, script:461);
+- growth appends a fresh Kaiming row to A, not the tested candidate, and a zero column to B (script:301-312),
+  and puts A and B into new param groups, so their Adam moments and step count start from zero (script:302,
+  309, 323-324).
+
+Our layout is the paper's (A is d_in x r, B is r x d_out; the script stores the transposes), so the script's
+rows of `lora_A` are columns of our A. The temp weights are not materialised: their forward equals the model's
+(B's new row is zero) and their gradients are those of A and B plus the candidate row of B, which the hooks of
+`SeLoRA` compute from each layer's input and output gradient (`per_sample_grads`, summed over the samples:
+`fisher="batch"`). Draws are seeded by (seed, step, layer) as in `SeLoRA`, so resumed and data-parallel runs
+grow alike; the script's draws come from the global torch generator and cannot be repeated.
+
+What does not carry over from the paper's rule: the two scores are one optimizer step apart, so the ratio is
+not the FI-ratio of eq. 4-5 and can be below 1; lambda means something else (a gradient that grows by 30 %
+in one step); and the reset of Adam's moments makes the next update of a grown layer about lr x sign(g) in
+every entry, so the run does not continue as if the layer had always had the larger shape. The output is
+still unchanged by the expansion itself, bit for bit (`SeLoRALinear.low_rank`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from adapters import draw_candidate
+from selora import SeLoRA, expand, fisher_sums, score_from_sums
+
+
+class ScriptSeLoRA(SeLoRA):
+    """`SeLoRA` with the authors' script's expansion test (module docstring); driven by the training loop as
+    `SeLoRA` is, plus a second forward and backward of the same batch after optimizer.step() on test steps:
+
+        with rule.capture(step, b): loss.backward()     # the step's own backward: recorded_grad
+        optimizer.step()
+        if rule.second_pass(step):
+            with rule.capture(step, b): loss_again.backward()   # same batch, weights after the step
+        rule.step()
+    """
+    expansion_test = "script"
+
+    def __init__(self, adapters, optimizer=None, total_steps=None, reduce=None, lam: float = 1.3, t: int = 40,
+                 fisher: str = "batch", seed: int = 0, insist: bool = False, max_rank: int | None = None,
+                 expansion_test: str = "script"):
+        if fisher != "batch":
+            raise ValueError(f"fisher={fisher!r}: the script's rule squares .grad of the batch-mean loss "
+                             "(script:266-274), fisher='batch'; the per-sample Fisher is the paper rule's")
+        super().__init__(adapters, optimizer, total_steps, reduce, lam, t, fisher, seed, insist, max_rank,
+                         expansion_test)
+        self._expanded_at: dict[str, int] = {}  # layer -> step of its last expansion, which drew its candidate
+        self._before: dict[str, list[torch.Tensor]] = {}  # the first pass's per-sample gradients of A, B
+
+    def second_pass(self, step: int) -> bool:
+        return self.is_test_step(step)  # script:634
+
+    def candidate(self, name: str, step: int) -> torch.Tensor:
+        d_in = self.adapters[name].base.in_features
+        if name not in self._expanded_at:  # script:197, 216-222: lora_A_temp's last row is never initialised
+            return torch.zeros(d_in, 1)
+        # script:318-319: redrawn Kaiming at each expansion; the forward overwrites all but it (script:258)
+        return draw_candidate(d_in, self.seed, self._expanded_at[name], name + "/candidate")
+
+    @contextmanager
+    def capture(self, step: int, batch_size: int) -> Iterator[None]:
+        if step != self._tested_step:  # the step's own backward (script:620); on a test step: recorded_grad
+            with super().capture(step, batch_size):
+                yield
+            self._before = self._grads
+            return
+        with self._hooked(batch_size):  # the second backward, at the temp weights (script:639-647)
+            yield
+
+    def _batch_sums(self, name: str, grads: list[torch.Tensor] | None, parts: int) -> list[torch.Tensor]:
+        """[samples, the first `parts` per-sample gradients (A, B, the candidate row of B) summed over samples]."""
+        layer = self.adapters[name]
+        if grads is None:
+            A, B = layer.used("A"), layer.used("B")
+            grads = [A.new_zeros(0, *A.shape), B.new_zeros(0, *B.shape), B.new_zeros(0, B.shape[1])]
+        count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
+        return [count, *fisher_sums(grads[:parts], "batch")]
+
+    def _fisher_sums(self, name: str) -> list[torch.Tensor]:
+        """Before the step: [samples, sums of A, B]; after it: [samples, sums of A, B, the candidate row]."""
+        return self._batch_sums(name, self._before.get(name), 2) + self._batch_sums(name, self._grads.get(name), 3)
+
+    def scores(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
+        n_before, A, B, n_after, A_temp, B_temp, b_new = sums
+        if int(n_before) == 0 or int(n_after) == 0:
+            return None
+        recorded = score_from_sums([A, B], int(n_before), "batch")  # script:278, sum_square of .grad (script:266)
+        # script:274: lora_A_temp.grad (A's rows, and the candidate's, zero: its column of B is zero) and
+        # lora_B_temp.grad (B's columns and the new one, fed by the candidate)
+        temp = score_from_sums([A_temp, B_temp, b_new], int(n_after), "batch")
+        return recorded, temp  # SeLoRA.step's fi_ratio: temp / recorded, as get_ratio (script:295)
+
+    def passes(self, ratio: float) -> bool:
+        return ratio >= self.lam  # script:494
+
+    def grow(self, name: str, step: int) -> None:
+        layer = self.adapters[name]
+        # script:303-305, 310-312: a fresh Kaiming row for A (not the candidate tested) and a zero column for B
+        expand(layer, draw_candidate(layer.base.in_features, self.seed, step, name))
+        if self.optimizer is not None:  # script:302, 309, 323-324: new param groups, Adam's state from zero
+            for factor in (layer.A, layer.B):
+                self.optimizer.state.pop(factor, None)
+        self._expanded_at[name] = step  # script:318-319: the next candidate
+
+    def step(self) -> list[dict]:
+        events = super().step()
+        self._before = {}
+        return events
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Each layer's last expansion step (0: never), which fixes its candidate: what a resumed run needs."""
+        return {"expanded_at": torch.tensor([self._expanded_at.get(name, 0) for name in self.adapters])}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        steps = tensors.get("expanded_at")
+        if set(tensors) != {"expanded_at"} or steps is None or steps.shape != (len(self.adapters),):
+            raise ValueError(f"the script rule's state must be one tensor 'expanded_at' of {len(self.adapters)} "
+                             f"steps, got {sorted(tensors)[:5]}")
+        self._expanded_at = {name: int(s) for name, s in zip(self.adapters, steps.tolist()) if s > 0}
