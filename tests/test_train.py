@@ -121,9 +121,8 @@ def test_existing_folder_is_not_overwritten(tmp_path, capsys):
 def test_adapters_of_a_run_load_for_sampling(tmp_path):
     out, code = run(tmp_path, "s", "--samples", "0")
     assert code == 0 and not (out / "previews").exists()
-    from sd15 import tiny_sd15
-    sd = tiny_sd15(0)
-    loaded = methods.load_adapter(sd, out / "best.safetensors")
+    from sd15 import load_embedded
+    loaded = methods.load_adapter(load_embedded(), out / "best.safetensors")
     ranks = json.loads(weights.load_metadata(out / "best.safetensors")["ranks"])
     assert {n: a.rank for n, a in loaded.items()} == ranks
     assert all(isinstance(a, adapters.Adapter) for a in loaded.values())
