@@ -243,6 +243,7 @@ def test_empty_missing_and_unreadable_image_folders(inception_file, tmp_path, ca
     real = write_images(tmp_path / "real", 3)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "bad" / "good.png").write_bytes((real / "0000.png").read_bytes())  # 2 images: the count passes
     with pytest.raises(SystemExit) as stop:
         eval_fid.main(["--real", str(real), "--fake", str(tmp_path / "bad"), "--inception", str(inception_file),
                        "--dims", "64"])
