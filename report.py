@@ -85,11 +85,11 @@ def intro(args: argparse.Namespace, runs: list, status: dict[str, str], rows: li
     """The title, the model, methods, seeds and split, SeLoRA's growth rule, and the failed runs."""
     md = [f"# SeLoRA study: {args.dataset} data in `{args.data}`\n"]
     if args.smoke:
-        md.append("**Smoke study**: the embedded tiny random SD 1.5 and generated phantoms. It shows that the "
+        md.append("**Smoke study**: the embedded tiny SD 1.5 (pretrained on shapes) and a few generated phantoms. It shows that the "
                   "pipeline runs end to end; its numbers say nothing about the methods.\n")
     splits = {json.dumps(data.read_split(r["folder"] / run_folder.SPLIT)) for r in rows}
     first = json.loads(next(iter(splits))) if splits else {}
-    md.append(f"Model: {args.model or 'the embedded tiny random model'}. Methods: {', '.join(args.methods)}; seeds "
+    md.append(f"Model: {args.model or 'the embedded tiny model pretrained on shapes (assets/tiny-sd)'}. Methods: {', '.join(args.methods)}; seeds "
               f"{', '.join(map(str, args.seeds))}. Every run uses the split of data seed {args.data_seed} ("
               + (", ".join(f"{len(v)} {k}" for k, v in first.items()) if first else "no finished run") + "): "
               + ("the same in all runs, checked." if len(splits) <= 1 else "**the runs' splits differ**.")

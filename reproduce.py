@@ -3,7 +3,7 @@ images generated and scored, and OUT/report.md with the paper's tables and the a
 
     python reproduce.py --model SD15 --dataset iu-xray --data IU_XRAY --out study/ \
         [--methods lora dylora adalora selora lora2] [--seeds 0 1 2] [--inception FILE] [--clip DIR]
-    python reproduce.py --smoke --out smoke/ [--inception FILE]   # tiny random model, generated data, CPU minutes
+    python reproduce.py --smoke --out smoke/ [--inception FILE]   # the embedded tiny model, a few phantoms, CPU minutes
 
 Runs: each method x seed, then SeLoRA's threshold ablation (table 3: lambda 1, 1.1, 1.3 at t = --t) and a sweep
 of t (20, 40, 80 at lambda = --lam), over --ablation-seeds; a run both need is trained once. SeLoRA grows by
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 allow_abbrev=False)
     a = p.add_argument
     a("--out", required=True, help="study folder: runs/, figures/, report.md")
-    a("--model", help="SD 1.5 (diffusers folder or single file); default: train.py's embedded tiny random model")
+    a("--model", help="SD 1.5 (diffusers folder or single file); default: train.py's embedded tiny model pretrained on shapes")
     a("--tokenizer", help="with a single-file --model: its tokenizer")
     a("--data", help="data folder (required unless --smoke)")
     a("--dataset", default="folder", choices=sorted(data.PAPER_SPLITS), help="layout of --data")

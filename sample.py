@@ -8,7 +8,7 @@ The defaults are StableDiffusionPipeline's, with which the paper's images were m
 50 steps, guidance 7.5, 224 px. --scheduler ddim or dpmpp2m (DPM-Solver++(2M), good in about 20 steps) are the
 alternatives. DIR/sampling.json records how the images were made.
 
-Without --model it uses the embedded tiny random model (`sd15.tiny_sd15`, seed 0), which shows the mechanics only.
+Without --model it uses the embedded tiny model pretrained here on coloured shapes (`sd15.load_embedded`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     """Generate; 2 for input a user must fix (a bad option, file or adapter), said in one line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="SD 1.5: a diffusers folder or a single-file .safetensors checkpoint "
-                                   "(default: the embedded tiny random model)")
+                                   "(default: the embedded tiny model pretrained on shapes, assets/tiny-sd)")
     p.add_argument("--tokenizer", help="tokenizer folder or bpe_simple_vocab_16e6.txt.gz (needed with a single file)")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eta", type=cli.number(0.0), default=0.0,
                    help="DDIM eta (default 0: deterministic); --scheduler ddim only")
     p.add_argument("--seed", type=cli.integer(0, cli.SEEDS - 1), default=0)
-    p.add_argument("--size", type=cli.image_size, default=None, help="image size in pixels (default 224; 64 for the tiny model)")
+    p.add_argument("--size", type=cli.image_size, default=None, help="image size in pixels (default 224; 32 for the embedded tiny model)")
     p.add_argument("--batch", type=cli.integer(1), default=8)
     p.add_argument("--adapter", help="a trained adapter file (best.safetensors from a train.py run) or a kohya-format "
                                      "LoRA file (best.kohya.safetensors, or one made by kohya's scripts)")
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             if not texts:
                 raise ValueError(f"--prompts {args.prompts}: no prompt in it (one per line expected)")
         if not args.model:
-            print("No --model given: using the embedded tiny random model, which shows the mechanics, not image "
-                  "quality.", file=sys.stderr)
+            print("No --model given: using the embedded tiny model pretrained here on coloured shapes "
+                  "(assets/tiny-sd), native size 32 px.", file=sys.stderr)
         sd = load_model(args.model, args.tokenizer)
-        size = args.size or (224 if args.model else 64)
+        size = args.size or (224 if args.model else 32)
         if size % sd.latent_factor:
             raise ValueError(f"--size {size}: must be a multiple of {sd.latent_factor}, this model's VAE factor")
         if args.adapter:

@@ -67,7 +67,7 @@ class TrainingError(RuntimeError):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", help="SD 1.5: diffusers folder or single-file .safetensors (default: the embedded tiny random model)")
+    a("--model", help="SD 1.5: diffusers folder or single-file .safetensors (default: the embedded tiny model pretrained on shapes, assets/tiny-sd)")
     a("--tokenizer", help="tokenizer folder or bpe_simple_vocab_16e6.txt.gz (needed with a single-file checkpoint)")
     a("--data", help="data folder (default: generated phantoms, see phantoms.make_phantom_folder)")
     a("--dataset", default="folder", choices=sorted(data.PAPER_SPLITS), help="layout of --data (default: folder)")

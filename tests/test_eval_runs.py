@@ -29,7 +29,7 @@ def test_runs_of_train_py_are_generated_and_scored(inception_file, tmp_path):
         assert prompts == [captions[n] for n in test_names]
         assert report["real"] == str(out / "real") and report["fid"]["64"] > 0
         assert report["sampling"] == {"scheduler": "pndm", "steps": 50, "guidance": 7.5, "eta": 0.0, "seed": 0,
-                                      "size": 48}
+                                      "size": 32}
         # the images were made with this run's own adapter file
         assert weights.load_metadata(out / "best.safetensors")["method"] == out.name
     rows = result["table"]

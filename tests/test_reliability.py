@@ -208,9 +208,12 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
 
 def test_an_adapter_is_refused_on_another_base_model_unless_forced(tmp_path, capsys):
     out = tmp_path / "run"
-    from sd15 import save_sd15, tiny_sd15
-    other = tmp_path / "other-model"  # a random tiny model, not the embedded one sample.py uses without --model
-    save_sd15(tiny_sd15(1), other, merges=[], dtype=torch.float32)
+    from sd15 import load_embedded, load_sd15, save_sd15
+    other = tmp_path / "other-model"  # the embedded model's shape with other weights: not the one sample.py uses
+    sd = load_embedded()
+    with torch.no_grad():
+        sd.unet.out[2].bias.add_(0.01)
+    save_sd15(sd, other, merges=sorted(sd.tokenizer.ranks, key=sd.tokenizer.ranks.get), dtype=torch.float32)
     assert train.main(["--out", str(out), "--model", str(other), "--data", str(make_data(tmp_path / "data")), *TINY,
                        "--size", "16"]) == 0
     adapter = out / "best.safetensors"
@@ -220,7 +223,7 @@ def test_an_adapter_is_refused_on_another_base_model_unless_forced(tmp_path, cap
     assert "trained on another base model" in err and "--force" in err
     assert not (tmp_path / "img").exists()
     assert sample.main([*command, "--force"]) == 0 and (tmp_path / "img" / "grid.png").is_file()
-    assert len(methods.load_adapter(tiny_sd15(1), adapter)) > 0  # the model it was trained on takes it
+    assert len(methods.load_adapter(load_sd15(other), adapter)) > 0  # the model it was trained on takes it
 
 
 def test_sample_py_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
