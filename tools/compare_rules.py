@@ -63,7 +63,7 @@ def ranks_over_time(run: Path) -> tuple[list[int], dict[str, list[int]]]:
 def shares(run: Path) -> dict[str, dict[str, float]]:
     """Per part: trainable % with the final ranks, rank-4 LoRA's % on the same layers, their ratio, mean rank."""
     options = run_folder.read_options(run)
-    sd = load_model(options["model"], options["tokenizer"], options["seed"])
+    sd = load_model(options["model"], options["tokenizer"])
     named = methods.load_adapter(sd, run / "last.safetensors")
     out = {}
     for part in ("unet", "text_encoder"):
@@ -90,7 +90,7 @@ def report(out: Path, runs: dict[str, Path], argv: list[str]) -> str:
     final = {rule: s["final_ranks"] for rule, s in summaries.items()}
     names = list(final["paper"])
     options = run_folder.read_options(runs["paper"])
-    per_block = load_model(options["model"], options["tokenizer"], options["seed"]).unet.config.num_res_blocks
+    per_block = load_model(options["model"], options["tokenizer"]).unet.config.num_res_blocks
     for part, layout, title, file in (
             ("unet.", plots.unet_layout(names, per_block), "UNet (figure 4)", "ranks_unet.png"),
             ("text_encoder.", plots.text_encoder_layout(names), "Text encoder (figure 3)", "ranks_text.png")):
