@@ -299,6 +299,19 @@ def split(text: str) -> list[str]:
     return words
 
 
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """`symbols` with every occurrence of the adjacent `pair` joined into one symbol, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 class Tokenizer:
     """CLIP's byte-level BPE tokenizer with SD 1.5's framing: [start, <= 75 text tokens, end, end padding...].
 
@@ -335,15 +348,7 @@ class Tokenizer:
             best = min(pairs, key=lambda p: self.ranks.get(p, len(self.ranks)))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         ids = self.cache[word] = [self.encoder[s] for s in symbols]
         return ids
 

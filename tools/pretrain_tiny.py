@@ -40,7 +40,8 @@ import phantoms  # noqa: E402
 import plots  # noqa: E402
 import readback  # noqa: E402
 import shapes  # noqa: E402
-from clip_text import END, END_OF_WORD, START, CLIPTextConfig, CLIPTextModel, Tokenizer, bytes_to_unicode  # noqa: E402
+from clip_text import END, END_OF_WORD, START, CLIPTextConfig, CLIPTextModel, Tokenizer, bytes_to_unicode, \
+    merge_pair  # noqa: E402
 from sampling import NUM_TRAIN_TIMESTEPS, add_noise  # noqa: E402
 from sd15 import SD15, generate, save_sd15  # noqa: E402
 from sd_unet import UNet, UNetConfig  # noqa: E402
@@ -84,16 +85,7 @@ def learn_bpe(words: Counter, max_merges: int = 400) -> tuple[dict[str, int], li
             break
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        for w, symbols in split.items():
-            i, out = 0, []
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            split[w] = out
+        split = {w: merge_pair(symbols, best) for w, symbols in split.items()}
     base = list(enc.values())
     symbols = base + [s + END_OF_WORD for s in base] + ["".join(m) for m in merges] + [START, END]
     return {s: i for i, s in enumerate(symbols)}, merges
