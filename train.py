@@ -57,7 +57,7 @@ PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 3.5 (paper:148); ot
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_EVERY = 40  # steps between memory readings (appendix D)
 EMBEDDED = dict(size=32, epochs=24, images=96)  # the embedded default: 240 steps, so t = 40 gives 6 tests
-SCORED = dict(prompts=128, real=256, seed=10_007)  # the embedded default's phantom-FID and adherence (score_phantoms)
+SCORED = dict(prompts=128, real=256, seed=10_007)  # the embedded default's phantom-FID and adherence (phantom_scorer)
 
 
 class TrainingError(RuntimeError):
@@ -475,22 +475,26 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     """Load the best adapter into a fresh model; export it in the kohya format, and generate a few images from
     held-out prompts, by the base model and by the fine-tuned one, beside the real images (run/previews/, one row
     each; eval_fid.py --runs generates the whole test split). On generated phantoms (no --data), returns their
-    phantom-FID, KID and adherence before and after fine-tuning (`score_phantoms`); else, or with --samples 0, {}."""
+    phantom-FID, KID and adherence before and after fine-tuning (`phantom_scorer`); else, or with --samples 0, {}."""
     sd = load_model(args.model, args.tokenizer).to(args.device)
     names = (split["test"] or split["validation"] or split["train"])[:args.samples]
     examples = data.select(dataset, names, run / "split.json")
     prompts = [e.caption for e in examples]
+    score = phantom_scorer(args) if args.data is None and args.samples else None
     scores, rows = {}, []
-    for when in ("before", "after"):
-        if when == "after":
-            best = methods.load_adapter(sd, run / "best.safetensors")
-            export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", base_metadata(sd))
-            sd.to(args.device)
-        if args.data is None and args.samples:
-            scores[when] = score_phantoms(sd, args)
+
+    def look(when: str) -> None:  # the model as it is now: its phantom scores and its row of previews
+        if score:
+            scores[when] = score(sd)
         if args.samples:
             rows.append(generate(sd, prompts, args.sample_steps, seed=args.seed, size=args.size, batch=args.batch,
                                  scheduler=args.scheduler, progress=False))
+
+    look("before")
+    best = methods.load_adapter(sd, run / "best.safetensors")
+    export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", base_metadata(sd))
+    sd.to(args.device)
+    look("after")
     if args.samples:
         real = torch.stack([data.load_image(e.path, args.size) for e in examples])
         plots.write_images(torch.cat([real, *rows]), run / "previews", columns=len(examples))
@@ -500,14 +504,16 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     return scores
 
 
-def score_phantoms(sd: SD15, args: argparse.Namespace) -> dict:
-    """Phantom-FID, KID and caption adherence (eval_fid.domain_scores, by the phantom reader) of `sd`'s images
-    of SCORED["prompts"] freshly drawn phantom captions, against SCORED["real"] freshly drawn phantoms."""
+def phantom_scorer(args: argparse.Namespace):
+    """A function of a model: its phantom-FID, KID and caption adherence (eval_fid.domain_scores, by the phantom
+    reader) on SCORED["prompts"] freshly drawn phantom captions, against SCORED["real"] freshly drawn phantoms;
+    the reader and the real set are made once, for the model before and after fine-tuning."""
     real_images, _ = phantoms.drawn(SCORED["real"], args.size, SCORED["seed"])
     _, prompts = phantoms.drawn(SCORED["prompts"], args.size, SCORED["seed"] + 1)
     real = torch.stack([readback.to_tensor(im) for im in real_images])
     reader = readback.load_reader(readback.ASSETS / "phantoms.safetensors").to(args.device)
-    return eval_fid.domain_scores(sd, reader, real, prompts, args.seed, args.size, args.sample_steps, args.scheduler)
+    return lambda sd: eval_fid.domain_scores(sd, reader, real, prompts, args.seed, args.size, args.sample_steps,
+                                             args.scheduler)
 
 
 def main(argv: list[str] | None = None) -> int:
