@@ -282,11 +282,11 @@ def fid_kid(real: dict[int, np.ndarray], fake: dict[int, np.ndarray], kid_subset
 
 @torch.no_grad()
 def domain_scores(sd, reader: readback.Reader, real: torch.Tensor, prompts: list[str], seed: int, size: int,
-                  steps: int = 50, scheduler: str = "pndm") -> dict:
+                  steps: int = 50, scheduler: str = "pndm", guidance: float = sampling.GUIDANCE) -> dict:
     """Phantom-FID, KID and caption adherence of `sd`'s images of `prompts` against `real` images (N, 3, H, W)
     in [-1, 1], all by `reader` (readback.py): what train.py reports for the embedded default before and after
     fine-tuning."""
-    images = generate(sd, prompts, steps, seed=seed, size=size, batch=32, progress=False, scheduler=scheduler)
+    images = generate(sd, prompts, steps, guidance, seed=seed, size=size, batch=32, progress=False, scheduler=scheduler)
     feats = [{reader.domain: reader.features(x.to(sd.device)).double().cpu().numpy()} for x in (real, images)]
     scores = fid_kid(*feats, kid_subsets=100, kid_subset_size=1000, seed=seed)
     return {f"FID-{reader.domain}": scores["fid"][reader.domain], "KID": scores["kid"]["mean"],

@@ -25,11 +25,10 @@ from weights import atomic_write
 
 SAMPLES, REAL, PROMPTS = "samples", "real", "prompts.txt"  # RUN/samples/prompts.txt: one line per image, in order
 ADAPTER = "adapter.json"  # RUN/samples/adapter.json: {"file": "best.safetensors", "sha256": ...}, written last
-GUIDANCE = 7.5  # StableDiffusionPipeline's default, with which the paper's images were made
 
 
 def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8, device: str | torch.device = "cpu",
-                        scheduler: str = "pndm") -> tuple[Path, Path]:
+                        scheduler: str = "pndm", guidance: float = sampling.GUIDANCE) -> tuple[Path, Path]:
     """Write RUN/samples/ (generated, with prompts.txt and sampling.json) and RUN/real/ (the held-out images);
     return the two folders."""
     run = Path(run)
@@ -47,9 +46,9 @@ def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8,
     methods.load_adapter(sd, run / "best.safetensors")
     sd.to(device)
     prompts = [e.caption for e in examples]
-    images = generate(sd, prompts, steps, GUIDANCE, options["seed"], options["size"], batch, scheduler=scheduler)
+    images = generate(sd, prompts, steps, guidance, options["seed"], options["size"], batch, scheduler=scheduler)
     plots.write_images(images, run / SAMPLES)
-    sampling.write_settings(run / SAMPLES, scheduler, steps, GUIDANCE, 0.0, options["seed"], options["size"])
+    sampling.write_settings(run / SAMPLES, scheduler, steps, guidance, 0.0, options["seed"], options["size"])
     plots.write_images(torch.stack([data.load_image(e.path, options["size"]) for e in examples]), run / REAL)
     with atomic_write(run / SAMPLES / PROMPTS, "w") as f:
         f.write("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
@@ -75,21 +74,21 @@ def made_by(folder: Path) -> dict | None:
         return None
 
 
-def settings(scheduler: str, steps: int) -> dict:
+def settings(scheduler: str, steps: int, guidance: float = sampling.GUIDANCE) -> dict:
     """What makes a test split's images, as sampling.json records it: the sampler, its steps, the guidance."""
-    return {"scheduler": scheduler, "steps": steps, "guidance": GUIDANCE}
+    return {"scheduler": scheduler, "steps": steps, "guidance": guidance}
 
 
 def ensure_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8, device: str | torch.device = "cpu",
-                      scheduler: str = "pndm") -> bool:
+                      scheduler: str = "pndm", guidance: float = sampling.GUIDANCE) -> bool:
     """Generate the run's test split (`generate_test_split`) unless RUN/samples/ holds it already, made with this
     sampler, steps and guidance (its sampling.json) by the run's best.safetensors as it is now (adapter.json;
     images from before sampling.json existed are kept as they are). True when it generated."""
     folder = Path(run) / SAMPLES
     made = sampling.read_settings(folder)
-    wanted = settings(scheduler, steps)
+    wanted = settings(scheduler, steps, guidance)
     if (folder / PROMPTS).is_file() and (made is None or ({k: made[k] for k in wanted} == wanted
                                                           and made_by(folder) == adapter_fingerprint(Path(run)))):
         return False
-    generate_test_split(run, steps, batch, device, scheduler)
+    generate_test_split(run, steps, batch, device, scheduler, guidance)
     return True

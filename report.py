@@ -15,6 +15,7 @@ import eval_fid
 import heldout
 import methods
 import plots
+import readback
 import run_folder
 import sampling
 import tables
@@ -25,6 +26,8 @@ PAPER_PERCENT = ("the paper (IU X-Ray, section 4): SeLoRA 0.368% of the UNet and
 
 
 def quality_metrics(args: argparse.Namespace) -> list[str]:
+    if args.reader:
+        return [f"FID-{readback.load_reader(args.reader).domain}", "KID", "adherence"]
     return ([f"FID-{d}" for d in args.dims] + ["KID"] if args.inception else []) + (["CLIP score"] if args.clip else [])
 
 
@@ -84,6 +87,10 @@ def selora_rule(args: argparse.Namespace, runs: list) -> str:
 def intro(args: argparse.Namespace, runs: list, status: dict[str, str], rows: list[dict]) -> list[str]:
     """The title, the model, methods, seeds and split, SeLoRA's growth rule, and the failed runs."""
     md = [f"# SeLoRA study: {args.dataset} data in `{args.data}`\n"]
+    if args.mini:
+        md.append("**Mini study**: the embedded tiny SD 1.5 (pretrained on shapes, assets/tiny-sd) fine-tuned on "
+                  "400 generated phantoms, scored by the phantom reader (readback.py): phantom-FID, KID and caption "
+                  "adherence. A laptop-scale stand-in for the paper's run (docs/mini-study.md says what it shows).\n")
     if args.smoke:
         md.append("**Smoke study**: the embedded tiny SD 1.5 (pretrained on shapes) and a few generated phantoms. It shows that the "
                   "pipeline runs end to end; its numbers say nothing about the methods.\n")
@@ -108,16 +115,21 @@ def quality_section(args: argparse.Namespace, main: list[dict]) -> list[str]:
     md.append("## Image quality (tables 1 and 2)\n")
     md.append("Mean ± std over seeds of each method's test images against the held-out test images; best in bold "
               "(FID, KID: lowest; CLIP score: highest).\n")
-    paper = heldout.settings(args.scheduler, args.sample_steps) == {"scheduler": "pndm", "steps": 50, "guidance": 7.5}
+    paper = heldout.settings(args.scheduler, args.sample_steps, args.guidance) == {"scheduler": "pndm", "steps": 50, "guidance": 7.5}
     md.append(f"Every FID, KID and CLIP score in this report is of test images made by "
-              f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps))} (`--scheduler`, `--sample-steps`). The paper's images were "
+              f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps, args.guidance))} (`--scheduler`, `--sample-steps`). The paper's images were "
               "made by SD 1.5's own PNDM scheduler at 50 steps, guidance 7.5 (StableDiffusionPipeline's defaults, "
               "see docs/paper-vs-code.md)" + (": the same sampler.\n" if paper else
                                                ": compare these numbers with the paper's with care.\n"))
-    if not args.inception:
+    if args.reader:
+        md.append(f"Scored by the domain reader `{args.reader}` (readback.py), as medical image-synthesis papers use a "
+                  "feature extractor of their domain: FID and KID on its 64 penultimate features, and caption "
+                  "adherence (best highest), the share of test images whose every attribute named in the prompt "
+                  "is read back, in place of the CLIP score.\n")
+    elif not args.inception:
         md.append("FID and KID are not computed: they need `--inception pt_inception-2015-12-05-6726825d.pth` "
                   "(pytorch-fid's weights, downloaded by the user). Run again with it; nothing is retrained.\n")
-    if not args.clip:
+    if not args.clip and not args.reader:
         md.append("The CLIP score is not computed: it needs `--clip clip-vit-large-patch14/` "
                   "(openai/clip-vit-large-patch14, downloaded by the user).\n")
     if quality and main:
@@ -216,7 +228,7 @@ def ablation_sections(args: argparse.Namespace, runs: list, by_run: dict) -> lis
         extra = ["measured factor", "bound 1 + 1/t"] if measured else []
         md.append(f"SeLoRA under the {args.expansion_test} rule, seeds {', '.join(map(str, args.ablation_seeds))}; "
                   f"mean ± std over seeds; test images by "
-                  f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps))}.\n")
+                  f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps, args.guidance))}.\n")
         md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
                                                   "text encoder % end", "time (s)", *extra], tuple(quality)))
     return md

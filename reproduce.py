@@ -4,6 +4,8 @@ images generated and scored, and OUT/report.md with the paper's tables and the a
     python reproduce.py --model SD15 --dataset iu-xray --data IU_XRAY --out study/ \
         [--methods lora dylora adalora selora lora2] [--seeds 0 1 2] [--inception FILE] [--clip DIR]
     python reproduce.py --smoke --out smoke/ [--inception FILE]   # the embedded tiny model, a few phantoms, CPU minutes
+    python reproduce.py --mini --out mini/     # the whole study on the embedded tiny model and 400 phantoms, scored
+                                               # by the phantom reader (docs/mini-study.md; about 30 CPU minutes)
 
 Runs: each method x seed, then SeLoRA's threshold ablation (table 3: lambda 1, 1.1, 1.3 at t = --t) and a sweep
 of t (20, 40, 80 at lambda = --lam), over --ablation-seeds; a run both need is trained once. SeLoRA grows by
@@ -21,7 +23,8 @@ an error, not silently mixed in.
 
 Scoring needs weights the user downloads: --inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) for
 FID and KID, --clip (openai/clip-vit-large-patch14) for the CLIP score. Without them the report says so and
-gives every other section.
+gives every other section. On generated phantoms, --reader assets/readers/phantoms.safetensors (--mini's default)
+scores instead by the phantom reader (readback.py): phantom-FID, KID and caption adherence.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ import heldout
 import inception
 import methods
 import phantoms
+import readback
 import report
 import run_folder
 import sampling
@@ -63,9 +67,14 @@ OWN = ("--method", "--seed", "--data-seed", "--out", "--resume", "--overwrite", 
        "--model", "--tokenizer", "--data", "--dataset", "--epochs", "--size", "--batch", "--device")
 NOT_COMPARED = ("out", "overwrite", "resume", "stop_after", "device",  # may change when a study continues
                 "gradient_checkpointing", "compile",  # change no result
-                "scheduler")  # previews' only, which the study turns off (--samples 0)
+                "scheduler", "guidance")  # previews' only, which the study turns off (--samples 0)
 SMOKE = dict(methods=["lora", "selora"], seeds=[0, 1], ablation_seeds=[0], t=2, ts=[2, 4, 8], epochs=2, batch=4,
              size=48, sample_steps=4, images=32, split="50,25,25")
+# the study at laptop scale: every method x 3 seeds, lambda and t over seed 0, 400 phantoms (280 for training, 80 for
+# testing), 12 epochs of 35 steps at train.py's embedded default's lr and the test images at its guidance
+MINI = dict(methods=list(METHODS), seeds=[0, 1, 2], ablation_seeds=[0], t=40, ts=[20, 40, 80], epochs=12, batch=8,
+            size=train.EMBEDDED["size"], sample_steps=50, guidance=train.EMBEDDED["guidance"], images=400,
+            split="70,10,20", lr=train.EMBEDDED["lr"])
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--out", required=True, help="study folder: runs/, figures/, report.md")
     a("--model", help="SD 1.5 (diffusers folder or single file); default: train.py's embedded tiny model pretrained on shapes")
     a("--tokenizer", help="with a single-file --model: its tokenizer")
-    a("--data", help="data folder (required unless --smoke)")
+    a("--data", help="data folder (required unless --smoke or --mini)")
     a("--dataset", default="folder", choices=sorted(data.PAPER_SPLITS), help="layout of --data")
     a("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
     a("--seeds", nargs="+", type=int, help="training seeds (default: 0 1 2)")
@@ -129,22 +138,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--scheduler", choices=sampling.SCHEDULERS,
       help="sampler of the test images (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, sampling.MAX_STEPS), help="sampler steps for the test images (default 50)")
+    a("--guidance", type=cli.number(0.0), help=f"classifier-free guidance of the test images (default "
+                                               f"{sampling.GUIDANCE:g}, the paper's; --mini: {MINI['guidance']:g})")
+    a("--reader", help="instead of --inception and --clip: a domain reader (readback.py; --mini's default: "
+                       "assets/readers/phantoms.safetensors): FID and KID on its features, and caption adherence")
     a("--grid-prompts", type=int, default=6, help="test prompts in the real-vs-generated figure")
-    a("--smoke", action="store_true", help="the whole study on the embedded tiny model and generated data, in minutes")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true",
+                      help="the whole study on the embedded tiny model and generated data, in minutes")
+    size.add_argument("--mini", action="store_true", help="the whole study on the embedded tiny model and 400 generated "
+                                                          "phantoms, scored by the phantom reader, in about 30 minutes")
     args, extra = p.parse_known_args(argv)
     taken = [o for o in extra if o.split("=")[0] in OWN]
     if taken:
         p.error(f"{' '.join(taken)}: set by reproduce.py itself (see --help)")
     args.train_options = extra
-    defaults = dict(methods=list(METHODS), seeds=[0, 1, 2], t=40, ts=[20, 40, 80], scheduler="pndm", sample_steps=50)
-    if args.smoke:
+    defaults = dict(methods=list(METHODS), seeds=[0, 1, 2], t=40, ts=[20, 40, 80], scheduler="pndm", sample_steps=50,
+                    guidance=sampling.GUIDANCE)
+    args.generated = SMOKE if args.smoke else MINI if args.mini else None  # the embedded model on drawn phantoms
+    if args.generated:
+        flag = "--smoke" if args.smoke else "--mini"
         if args.data or args.model:
-            p.error("--smoke uses the embedded tiny model and generated data: leave out --model and --data")
-        defaults.update(SMOKE)
-        args.train_options = ["--split", SMOKE["split"], *extra]
+            p.error(f"{flag} uses the embedded tiny model and generated data: leave out --model and --data")
+        defaults.update(args.generated)
+        given = {o.split("=")[0] for o in extra}
+        own = {"--split": args.generated["split"], "--lr": args.generated.get("lr")}  # unless passed through
+        args.train_options = [*(o for key, value in own.items() if value and key not in given
+                                for o in (key, str(value))), *extra]
         args.data = str(Path(args.out) / "data")
+        if args.mini and not (args.reader or args.inception or args.clip):
+            args.reader = str(readback.ASSETS / "phantoms.safetensors")
     elif not args.data:
-        p.error("--data is required (or --smoke)")
+        p.error("--data is required (or --smoke, or --mini)")
+    if args.reader and (args.inception or args.clip):
+        p.error("--reader scores instead of --inception and --clip: give one or the other")
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -220,9 +247,9 @@ def check_same(run_dir: Path, argv: list[str]) -> None:
 def check_runs(args: argparse.Namespace, runs: list[Run]) -> None:
     """Before any training: the inputs exist, and each run folder an earlier invocation finished or checkpointed
     was made with the options this study gives it (`check_same`)."""
-    if not args.smoke and not Path(args.data).is_dir():
+    if not args.generated and not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: {'not a folder' if Path(args.data).exists() else 'no such folder'}")
-    for option in ("model", "tokenizer", "inception", "clip"):
+    for option in ("model", "tokenizer", "inception", "clip", "reader"):
         path = getattr(args, option)
         if path and not Path(path).exists():
             raise ValueError(f"--{option} {path}: no such file or folder")
@@ -259,13 +286,14 @@ def trainable_at_end(run_dir: Path) -> dict:
 
 
 class Scorer:
-    """Inception and CLIP, loaded once, on the first run that needs them."""
+    """Inception, CLIP or a domain reader, loaded once, on the first run that needs them."""
 
     def __init__(self, args: argparse.Namespace):
-        self.args, self._inception, self._clip = args, None, None
+        self.args, self._inception, self._clip, self._reader = args, None, None, None
         self.inception_key = args.inception and {"file": str(Path(args.inception).resolve()), "dims": args.dims,
                                                  "kid_subsets": args.kid_subsets, "fid_sqrtm": args.fid_sqrtm}
         self.clip_key = args.clip and {"model": str(Path(args.clip).resolve())}
+        self.reader_key = args.reader and {"file": str(Path(args.reader).resolve()), "kid_subsets": args.kid_subsets}
 
     def fid_kid(self, run_dir: Path) -> dict:
         a = self.args
@@ -279,6 +307,17 @@ class Scorer:
         files = eval_fid.list_images(run_dir / heldout.SAMPLES)
         prompts = eval_fid.read_prompts(run_dir / heldout.SAMPLES / heldout.PROMPTS)
         return {"key": self.clip_key, **eval_fid.clip_score(*self._clip, files, prompts, device=self.args.device)}
+
+    def reader_scores(self, run_dir: Path) -> dict:
+        """FID and KID on the reader's features, and the caption adherence of the generated images."""
+        a = self.args
+        self._reader = self._reader or readback.load_reader(a.reader).to(a.device)
+        (real, _), (fake, images) = (eval_fid.reader_features(self._reader, eval_fid.list_images(run_dir / part),
+                                                              device=a.device, desc=part)
+                                     for part in (heldout.REAL, heldout.SAMPLES))
+        prompts = eval_fid.read_prompts(run_dir / heldout.SAMPLES / heldout.PROMPTS)
+        return {"key": self.reader_key, **eval_fid.fid_kid(real, fake, a.kid_subsets),
+                "adherence": readback.adherence(self._reader, images.to(a.device), prompts)}
 
 
 def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:
@@ -294,15 +333,19 @@ def _evaluate(args: argparse.Namespace, run_dir: Path, scorer: Scorer) -> dict:
     path = run_dir / SCORES
     cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     kept = dict(cache)
-    made = heldout.ensure_test_split(run_dir, args.sample_steps, device=args.device, scheduler=args.scheduler)
-    if made or cache.get("sampling") != heldout.settings(args.scheduler, args.sample_steps):
-        cache = {"sampling": heldout.settings(args.scheduler, args.sample_steps)}  # new images: every score is stale
+    made = heldout.ensure_test_split(run_dir, args.sample_steps, device=args.device, scheduler=args.scheduler,
+                                     guidance=args.guidance)
+    sampled = heldout.settings(args.scheduler, args.sample_steps, args.guidance)
+    if made or cache.get("sampling") != sampled:
+        cache = {"sampling": sampled}  # new images: every score is stale
     if "trainable_end" not in cache:
         cache.update(trainable_at_end(run_dir))
     if scorer.inception_key and cache.get("inception", {}).get("key") != scorer.inception_key:
         cache["inception"] = scorer.fid_kid(run_dir)
     if scorer.clip_key and cache.get("clip", {}).get("key") != scorer.clip_key:
         cache["clip"] = scorer.clip_score(run_dir)
+    if scorer.reader_key and cache.get("reader", {}).get("key") != scorer.reader_key:
+        cache["reader"] = scorer.reader_scores(run_dir)
     if cache != kept:
         run_folder.write_json(path, cache)
     return cache
@@ -343,6 +386,10 @@ def run_row(args: argparse.Namespace, run: Run, cache: dict) -> dict:
         row["KID"] = cache["inception"]["kid"]["mean"]
     if "clip" in cache:
         row["CLIP score"] = cache["clip"]["clip_score"]
+    if "reader" in cache:
+        row.update({f"FID-{d}": v for d, v in cache["reader"]["fid"].items()})
+        row["KID"] = cache["reader"]["kid"]["mean"]
+        row["adherence"] = cache["reader"]["adherence"]["adherence"]
     overhead = expansion_overhead(log)
     if overhead:
         row.update(overhead, **{"bound 1 + 1/t": 1 + 1 / run.t})
@@ -362,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.smoke and not (Path(args.data) / "metadata.jsonl").is_file():
-        phantoms.make_phantom_folder(args.data, SMOKE["images"], SMOKE["size"], args.data_seed)
+    if args.generated and not (Path(args.data) / "metadata.jsonl").is_file():
+        phantoms.make_phantom_folder(args.data, args.generated["images"], args.generated["size"], args.data_seed)
     print(f"{len(runs)} runs: {', '.join(r.name for r in runs)}")
     status = {r.name: train_run(args, r) for r in runs}
     scorer = Scorer(args)

@@ -28,6 +28,7 @@ from weights import atomic_write
 NUM_TRAIN_TIMESTEPS = 1000
 STEPS_OFFSET = 1  # SD 1.5's scheduler_config `steps_offset`
 SCHEDULERS = ("pndm", "ddim", "dpmpp2m")
+GUIDANCE = 7.5  # StableDiffusionPipeline's default, with which the paper's images were made
 MAX_STEPS = NUM_TRAIN_TIMESTEPS - 1  # 1000 "leading" steps with the offset would visit timestep 1000, past the end
 
 Eps = Callable[[torch.Tensor, int], torch.Tensor]  # the guided noise prediction eps(x, t) that a sampler steps with
@@ -198,7 +199,7 @@ def guided_eps(unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
 
 @torch.no_grad()
 def sample(unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
-           context: torch.Tensor, uncond_context: torch.Tensor, steps: int = 50, guidance: float = 7.5,
+           context: torch.Tensor, uncond_context: torch.Tensor, steps: int = 50, guidance: float = GUIDANCE,
            eta: float = 0.0, generator: torch.Generator | None = None, progress: bool = False,
            scheduler: str = "pndm") -> torch.Tensor:
     """Denoise `latents` (initial Gaussian noise, (B, 4, h, w)) into scaled image latents with `scheduler`

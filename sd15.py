@@ -165,7 +165,7 @@ def load_model(model: str | os.PathLike | None, tokenizer: str | os.PathLike | N
 
 
 @torch.no_grad()
-def generate(sd: SD15, prompts: list[str], steps: int = 50, guidance: float = 7.5, seed: int = 0, size: int = 224,
+def generate(sd: SD15, prompts: list[str], steps: int = 50, guidance: float = sampling.GUIDANCE, seed: int = 0, size: int = 224,
              batch: int = 8, eta: float = 0.0, progress: bool = True, scheduler: str = "pndm") -> torch.Tensor:
     """Text to images in [-1, 1], (N, 3, size, size): guided sampling with `scheduler` (sampling.sample; the
     default, PNDM at 50 steps, guidance 7.5 and 224 px, is StableDiffusionPipeline's), then the VAE decoder.

@@ -9,6 +9,9 @@ import io
 import numpy as np
 
 
+HIGHEST_BEST = ("CLIP score", "adherence")  # the rest (FID, KID, ...) are best lowest
+
+
 def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
     """Group runs by method (first-seen order): {method, runs, metric: (mean, std over seeds)} per method.
 
@@ -36,7 +39,7 @@ def markdown_table(summary: list[dict], metrics: list[str], first: str = "method
     best = {}
     for m in marked:
         if len(summary) > 1:
-            pick = max if m == "CLIP score" else min
+            pick = max if m in HIGHEST_BEST else min
             best[m] = pick(range(len(summary)), key=lambda i: summary[i][m][0])
     lines = [f"| {first} | runs | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for i, e in enumerate(summary):

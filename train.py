@@ -50,13 +50,15 @@ import sampling
 import weights
 from adapters import Controller
 from kohya import export_kohya
-from sampling import MAX_STEPS, SCHEDULERS
+from sampling import GUIDANCE, MAX_STEPS, SCHEDULERS
 from sd15 import SD15, generate, load_model
 
 PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 3.5 (paper:148); other data sets default to 10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_EVERY = 40  # steps between memory readings (appendix D)
-EMBEDDED = dict(size=32, epochs=24, images=96)  # the embedded default: 240 steps, so t = 40 gives 6 tests
+# the embedded default: 400 phantoms, 320 of them for training, 20 epochs of 40 steps, so t = 40 gives 20 tests; the
+# tiny model learns the phantoms at lr 1e-3, not at the authors' 1e-4, and its images saturate at guidance 7.5
+EMBEDDED = dict(size=32, epochs=20, images=400, lr=1e-3, guidance=3.0)
 SCORED = dict(prompts=128, real=256, seed=10_007)  # the embedded default's phantom-FID and adherence (phantom_scorer)
 
 
@@ -84,8 +86,8 @@ def parser() -> argparse.ArgumentParser:
       help="batch size per process (8: the authors' script's, its line 95; the paper's table 4 was lost in "
            "extraction, and its appendix C uses 6 at 384 px; under torchrun the global batch is this times the "
            "number of processes)")
-    a("--lr", type=cli.number(0.0, inclusive=False), default=1e-4,
-      help="learning rate (1e-4: the authors' script's, its line 96)")
+    a("--lr", type=cli.number(0.0, inclusive=False),
+      help=f"learning rate (default 1e-4: the authors' script's, its line 96; embedded default {EMBEDDED['lr']:g})")
     a("--optimizer", default="adam", choices=("adam", "adamw"),
       help="Adam: the authors' script's (its line 450; the paper's table 4 was lost)")
     a("--weight-decay", type=cli.number(0.0), default=0.0)
@@ -124,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     a("--scheduler", default="pndm", choices=SCHEDULERS,
       help="sampler of those samples (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, MAX_STEPS), default=50, help="sampler steps for those samples (default 50)")
+    a("--guidance", type=cli.number(0.0), help="classifier-free guidance of those samples (default 7.5: "
+                                               f"StableDiffusionPipeline's; embedded default {EMBEDDED['guidance']:g})")
     a("--stop-after", type=cli.integer(1), help=argparse.SUPPRESS)  # tests: interrupt after this many steps
     return p
 
@@ -154,9 +158,12 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     embedded = args.model is None
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.size = args.size or (EMBEDDED["size"] if embedded else 224)
-    args.epochs = args.epochs or (EMBEDDED["epochs"] if embedded and args.data is None
-                                  else PAPER_EPOCHS.get(args.dataset, 10))
-    args.out = args.out or ("runs/default" if embedded and args.data is None
+    phantoms_default = embedded and args.data is None
+    args.lr = args.lr or (EMBEDDED["lr"] if phantoms_default else 1e-4)
+    if args.guidance is None:
+        args.guidance = EMBEDDED["guidance"] if phantoms_default else GUIDANCE
+    args.epochs = args.epochs or (EMBEDDED["epochs"] if phantoms_default else PAPER_EPOCHS.get(args.dataset, 10))
+    args.out = args.out or ("runs/default" if phantoms_default
                             else f"runs/{args.method}-{args.dataset}-seed{args.seed}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for key, value in methods.rule_defaults(args.expansion_test).items():  # SeLoRA's, recorded in config.json
@@ -186,6 +193,8 @@ def resumed(p: argparse.ArgumentParser, argv: list[str] | None, run: Path) -> ar
     given = {k: v for k, v in given_options(p, argv).items() if k != "resume"}
     options = run_folder.resume_options(run, config, defaults, given, today)
     options["batch"] = per_process_batch(run, options["batch"] * config.get("world_size", 1))
+    if options["guidance"] is None:  # a run from before --guidance: its previews were made at the pipeline's
+        options["guidance"] = GUIDANCE
     args = argparse.Namespace(**options)
     run_folder.check_out(run, inputs(args))
     return args
@@ -487,8 +496,8 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
         if score:
             scores[when] = score(sd)
         if args.samples:
-            rows.append(generate(sd, prompts, args.sample_steps, seed=args.seed, size=args.size, batch=args.batch,
-                                 scheduler=args.scheduler, progress=False))
+            rows.append(generate(sd, prompts, args.sample_steps, args.guidance, seed=args.seed, size=args.size,
+                                 batch=args.batch, scheduler=args.scheduler, progress=False))
 
     look("before")
     best = methods.load_adapter(sd, run / "best.safetensors")
@@ -498,7 +507,8 @@ def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, spli
     if args.samples:
         real = torch.stack([data.load_image(e.path, args.size) for e in examples])
         plots.write_images(torch.cat([real, *rows]), run / "previews", columns=len(examples))
-        sampling.write_settings(run / "previews", args.scheduler, args.sample_steps, 7.5, 0.0, args.seed, args.size)
+        sampling.write_settings(run / "previews", args.scheduler, args.sample_steps, args.guidance, 0.0, args.seed,
+                                args.size)
         run_folder.write_json(run / "previews" / "prompts.json", {"real": names, "prompts": prompts,
                                                                   "rows": ["real", "base model", "fine-tuned"]})
     return scores
@@ -513,7 +523,7 @@ def phantom_scorer(args: argparse.Namespace):
     real = torch.stack([readback.to_tensor(im) for im in real_images])
     reader = readback.load_reader(readback.ASSETS / "phantoms.safetensors").to(args.device)
     return lambda sd: eval_fid.domain_scores(sd, reader, real, prompts, args.seed, args.size, args.sample_steps,
-                                             args.scheduler)
+                                             args.scheduler, args.guidance)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ finished study is not redone while an interrupted one finishes."""
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,10 +148,48 @@ def test_test_images_and_scores_are_made_again_for_another_sampler_only(study, m
     args = reproduce.parse_args(study)
     run = reproduce.plan(args)[0]
     assert reproduce.evaluate(args, run, reproduce.Scorer(args))["sampling"]["scheduler"] == "pndm"  # kept
-    for other in (["--scheduler", "dpmpp2m"], ["--sample-steps", "5"]):
+    for other in (["--scheduler", "dpmpp2m"], ["--sample-steps", "5"], ["--guidance", "3"]):
         args = reproduce.parse_args([*study, *other])
         with pytest.raises(Made):
             reproduce.evaluate(args, run, reproduce.Scorer(args))
+
+
+def test_reader_scores_the_kept_test_images_with_adherence_highest_best(study):
+    folder = out(study)
+    before = stamps(folder)
+    reader = Path(reproduce.readback.ASSETS / "phantoms.safetensors")
+    assert reproduce.main(["--smoke", "--out", str(folder), "--reader", str(reader)]) == 0
+    changed = {p for p, t in stamps(folder).items() if before.get(p) != t}
+    assert changed and all(p.name == reproduce.SCORES for p in changed)  # scored again; nothing trained or sampled
+    report = (folder / "report.md").read_text()
+    assert "FID and KID are not computed" not in report and "The CLIP score is not computed" not in report
+    rows = table_rows(report, "## Image quality")
+    assert set(rows) == {"lora", "selora"}
+    header = report.split("## Image quality", 1)[1].split("| method | runs | ", 1)[1].split(" |\n", 1)[0]
+    assert header.split(" | ") == ["FID-phantoms", "KID", "adherence"]
+    adherence = {m: float(cells[3].strip("*").split(" ± ")[0]) for m, cells in rows.items()}
+    assert all(0 <= a <= 1 for a in adherence.values())
+    best = max(adherence, key=adherence.get)
+    assert rows[best][3].startswith("**") and not rows[min(adherence, key=adherence.get)][3].startswith("**") \
+        or adherence["lora"] == adherence["selora"]
+    for cells in rows.values():
+        assert all(math.isfinite(float(c.strip("*").split(" ± ")[0])) for c in cells[1:])
+
+
+def test_mini_is_the_whole_study_scored_by_the_phantom_reader(tmp_path, capsys):
+    args = reproduce.parse_args(["--mini", "--out", str(tmp_path / "m")])
+    assert args.methods == list(reproduce.METHODS) and args.seeds == [0, 1, 2]
+    assert Path(args.reader) == reproduce.readback.ASSETS / "phantoms.safetensors"
+    assert args.train_options == ["--split", "70,10,20", "--lr", "0.001"] and args.guidance == 3.0
+    assert len(reproduce.plan(args)) == 15 + 2 + 2  # 5 methods x 3 seeds; lambda 1 and 1.3; t 20 and 80
+    assert reproduce.parse_args(["--mini", "--out", str(tmp_path / "m"), "--lr", "1e-4"]).train_options == [
+        "--split", "70,10,20", "--lr", "1e-4"]  # a passed-through option wins
+    for bad in (["--model", "x"], ["--smoke"], ["--reader", "x", "--clip", "y"]):
+        with pytest.raises(SystemExit) as stop:
+            reproduce.parse_args(["--mini", "--out", str(tmp_path / "m"), *bad])
+        assert stop.value.code == 2
+    assert reproduce.main(["--smoke", "--out", str(tmp_path / "s"), "--reader", str(tmp_path / "none")]) == 2
+    assert f"--reader {tmp_path / 'none'}: no such file" in capsys.readouterr().err
 
 
 def test_interrupted_study_finishes(study):

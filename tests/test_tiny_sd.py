@@ -63,6 +63,18 @@ def test_base_model_draws_held_out_captions_that_the_reader_reads_back():
     assert readback.adherence(reader, images, shuffled)["adherence"] < 0.5
 
 
+@pytest.mark.embedded_default_as_is
+def test_embedded_default_teaches_the_phantoms(tmp_path, monkeypatch):
+    """`python train.py` as it is (no options): the fine-tuned model's phantom-FID is lower and its adherence to
+    phantom captions higher than the base model's, on the same prompts, seed and real phantoms."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main([]) == 0
+    scores = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())["phantom_scores"]
+    before, after = scores["before"], scores["after"]
+    assert after["FID-phantoms"] < 0.5 * before["FID-phantoms"]
+    assert after["adherence"] >= before["adherence"] + 4 / train.SCORED["prompts"]
+
+
 @pytest.mark.parametrize("domain", ["shapes", "phantoms"])
 def test_reader_reads_drawn_images_and_their_captions_round_trip(domain):
     module = readback.DOMAINS[domain]

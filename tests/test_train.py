@@ -60,7 +60,9 @@ def test_embedded_default_writes_the_whole_run_folder(tmp_path, monkeypatch, cap
     assert Image.open(out / "rank_unet.png").size[0] > 200
     assert Image.open(out / "previews" / "grid.png").size == (64, 96)
     assert json.loads((out / "previews" / "sampling.json").read_text()) == {
-        "scheduler": "pndm", "steps": 3, "guidance": 7.5, "eta": 0.0, "seed": 0, "size": 32}
+        "scheduler": "pndm", "steps": 3, "guidance": 3.0, "eta": 0.0, "seed": 0, "size": 32}  # the tiny model's
+    config = json.loads((out / "config.json").read_text())["options"]
+    assert (config["lr"], config["guidance"]) == (1e-3, 3.0)  # the embedded default's, recorded
     assert set(summary["phantom_scores"]) == {"before", "after"}
     assert summary["phantom_scores"]["before"]["images"] == train.SCORED["prompts"]
 
