@@ -390,7 +390,7 @@ def run_row(args: argparse.Namespace, run: Run, cache: dict) -> dict:
         row.update({f"FID-{d}": v for d, v in cache["reader"]["fid"].items()})
         row["KID"] = cache["reader"]["kid"]["mean"]
         row["adherence"] = cache["reader"]["adherence"]["adherence"]
-    overhead = expansion_overhead(log)
+    overhead = expansion_overhead(log) if run.t else None  # AdaLoRA's and LoRA^2's steps log events too
     if overhead:
         row.update(overhead, **{"bound 1 + 1/t": 1 + 1 / run.t})
     return row
