@@ -144,6 +144,8 @@ def check_update(path: str | os.PathLike, key: str, down: torch.Tensor, up: torc
     (alpha / r) up @ down has entries beyond float16's range (65504), where no trained LoRA's are (theirs are
     about 1e-2) and which overflow the weights of a model run in fp16: an alpha such as 1e30 blackens every image."""
     r, bound = down.shape[0], min(up.shape[0], down.shape[1])
+    if r == 0:
+        return  # no ranks, no update: AdaLoRA may prune a layer to none
     if r > bound:
         raise ValueError(f"{path}: key '{key}': rank {r} is above min(d_in, d_out) = {bound} of the layer it adapts")
     largest = (alpha / r * (up.double() @ down.double())).abs().max().item() if math.isfinite(alpha / r) else math.inf

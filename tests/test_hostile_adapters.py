@@ -142,3 +142,18 @@ def test_a_file_of_another_method_name_keeps_its_message(files, tmp_path):
     with pytest.raises(ValueError, match="metadata 'method' is 'dora', expected one of"):
         methods.load_adapter(tiny_sd15(0), path)
     assert json.loads(metadata["ranks"])  # the file is otherwise an adapter
+
+
+def test_an_adalora_layer_pruned_to_rank_0_is_no_hostile_value(tmp_path):
+    """AdaLoRA's budget may take every rank of a layer (its A is d_in x 0): the file loads, that layer adds nothing.
+    (The mini study's AdaLoRA runs stopped here with a ZeroDivisionError in kohya.check_update.)"""
+    sd = tiny_sd15(0)
+    method = methods.build("adalora", init_r=2, target_r=1)
+    named = inject(sd.adaptable(), method.make_adapter, ["unet.*attn2.to_*"])
+    pruned, kept = sorted(named)[:2]
+    named[pruned].select(torch.zeros(0, dtype=torch.long))
+    save_adapters(named, tmp_path / "adalora.safetensors", method.controller(named, None, 10, None).metadata())
+    loaded = methods.load_adapter(tiny_sd15(0), tmp_path / "adalora.safetensors")
+    assert loaded[pruned].rank == 0 and loaded[kept].rank == 2
+    x = torch.randn(3, loaded[pruned].base.in_features)
+    assert torch.equal(loaded[pruned](x), loaded[pruned].base(x))
