@@ -44,6 +44,7 @@ from tqdm import tqdm
 import cli
 import clip_image
 import clip_text
+import clip_tokenizer
 import heldout
 import inception
 import readback
@@ -190,7 +191,7 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
     (model.safetensors, config.json, vocab.json, merges.txt) or its model.safetensors."""
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     return (clip_image.load_image_encoder(path).to(device), clip_text.load_text_encoder(path).to(device),
-            clip_text.load_tokenizer(folder))
+            clip_tokenizer.load_tokenizer(folder))
 
 
 # ---------------------------------------------------------------- runs: the paper's Table 1/2 layout
