@@ -1,6 +1,6 @@
 """train.py's run once it is set up (`train.start` builds the `Training`): the loop of steps and epochs (`fit`),
 each step's log line, the validation loss and best adapter after each epoch, checkpoints for --resume, and the
-last adapter, figures and summary (`finish`).
+last adapter, figures (`run_figures`) and summary (`finish`).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import checkpoint
 import data
 import diffusion
 import distributed
-import plots
 import run_folder
 from adapters import Controller
+from plots import line_plot, rank_heatmap, save_png, text_encoder_layout, unet_layout
 from sd15 import SD15
 
 MEMORY_EVERY = 40  # steps between memory readings (appendix D)
@@ -172,7 +172,7 @@ def finish(tr: Training) -> dict:
     adapters.save_adapters(tr.named, run / "last.safetensors", adapter_metadata(tr.sd, tr.controller, counters["step"]))
     log = run_folder.read_log(run, counters["step"])
     ranks = tr.controller.ranks()
-    figures = plots.run_figures(run, log, ranks, tr.sd.unet.config.num_res_blocks)
+    figures = run_figures(run, log, ranks, tr.sd.unet.config.num_res_blocks)
     memory = [line["memory_mib"] for line in log if "memory_mib" in line]
     summary = {
         "method": args.method, "base_model": tr.sd.name, "steps": counters["step"], "epochs": args.epochs,
@@ -185,3 +185,34 @@ def finish(tr: Training) -> dict:
         "expansions": sum(len([e for e in line.get("events", []) if e.get("expanded")]) for line in log),
     }
     return summary
+
+
+def run_figures(folder: Path, log: list[dict], ranks: dict[str, int], layers_per_block: int) -> list[str]:
+    """A train.py run's figures from its log.jsonl lines and final ranks, written into `folder`: loss.png,
+    rank_growth.png, memory.png, and the rank heatmaps rank_unet.png (figure 4) and rank_text_encoder.png
+    (figure 3). Returns the names written."""
+    steps = [line for line in log if "loss" in line]
+    epochs = [line for line in log if "val_loss" in line]
+    figures = {
+        "loss.png": line_plot({"training loss": ([s["step"] for s in steps], [s["loss"] for s in steps]),
+                               "validation loss": ([e["step"] for e in epochs], [e["val_loss"] for e in epochs])},
+                              "Training and validation loss", "step", "MSE"),
+        "rank_growth.png": line_plot({"total rank": ([s["step"] for s in steps], [s["total_rank"] for s in steps])},
+                                     "Rank growth", "step", "sum of ranks over layers"),
+    }
+    memory = [s for s in steps if "memory_mib" in s]
+    if memory:
+        figures["memory.png"] = line_plot({memory[0]["memory_kind"]: ([s["step"] for s in memory],
+                                                                      [s["memory_mib"] for s in memory])},
+                                          "Memory", "step", "MiB")
+    unet = {n: r for n, r in ranks.items() if n.startswith("unet.")}
+    text = {n: r for n, r in ranks.items() if n.startswith("text_encoder.")}
+    if unet and unet_layout(list(unet), layers_per_block).cells:
+        figures["rank_unet.png"] = rank_heatmap(unet, unet_layout(list(unet), layers_per_block),
+                                                "UNet: final rank per layer")
+    if text and text_encoder_layout(list(text)).cells:
+        figures["rank_text_encoder.png"] = rank_heatmap(text, text_encoder_layout(list(text)),
+                                                        "Text encoder: final rank per layer", xlabel="Layer")
+    for name, image in figures.items():
+        save_png(image, folder / name)
+    return sorted(figures)
