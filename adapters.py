@@ -15,14 +15,8 @@ optimizer consistent when a parameter changes shape (`resize_parameter`, `select
 loads adapters of any rank (`save_adapters`, `load_adapters`) and folds them into plain nn.Linear layers
 (`merge`).
 
-Fixed capacity (train.py --compile). A compiled model is specialised to its tensors' shapes, so a method
-whose ranks change would recompile it at every change. `fix_capacity` stores each adapter's factors at the
-most ranks its method can give that layer (`Controller.capacity`), the first `rank` of them in use and the
-rest zero: a zero column of A and a zero row of B contribute exact zeros to x A B and get zero gradients,
-so with zero optimizer moments they stay zero, and the forward computes what the true-rank factors would.
-A change of rank then writes values in place (`Adapter.resize`, `Adapter.select`): no shape changes.
-Everything else reads the factors at their true rank (`Adapter.used`): saved files, exports, checkpoints
-(`in_use`), the rank heatmaps and the methods' own statistics are those of a run without a capacity.
+Fixed capacity (train.py --compile), factors stored at more ranks than are in use so that their shapes never
+change, is a layer on top of this module: capacity.py (`fix_capacity`).
 """
 from __future__ import annotations
 
@@ -48,14 +42,9 @@ class Adapter(nn.Module):
     `forward` and `factors`. Anything else the forward depends on (a scale, a mask) should be a
     buffer, so that `save_adapters` stores it and `load_adapters` restores it. `rank_dims` names every
     tensor indexed by rank and its rank dimension (AdaLoRA adds its E).
-
-    With a fixed capacity (`fix_capacity`) the factors hold `capacity` ranks of which the first `rank` are
-    in use; `active`, a buffer, holds how many leading ranks the forward uses (`rank`, or DyLoRA's b), so a
-    compiled forward reads it as a tensor and is not specialised to its value.
     """
     method = "adapter"
     rank_dims = {"A": 1, "B": 0}
-    capacity: int | None = None
 
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -65,63 +54,19 @@ class Adapter(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.A.shape[1] if self.capacity is None else self._rank
-
-    def used(self, key: str) -> torch.Tensor:
-        """Factor `key` ("A", "B", ...) at the ranks in use: the parameter itself, or under a fixed capacity
-        its first `rank` slices along its rank dimension (a view)."""
-        value = getattr(self, key)
-        return value if self.capacity is None else value.narrow(self.rank_dims[key], 0, self._rank)
-
-    def fix_capacity(self, capacity: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Store the factors at `capacity` ranks from now on: zero-padded, with zero optimizer moments for the
-        padding (resize_parameter). The adapter computes what it did."""
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < self.rank:
-            raise ValueError(f"capacity must be an integer >= the rank {self.rank}, got {capacity!r}")
-        if self.capacity is not None:
-            raise ValueError(f"the capacity is fixed already ({self.capacity})")
-        rank = self.rank
-        for key, dim in self.rank_dims.items():
-            param = getattr(self, key)
-            padding = list(param.shape)
-            padding[dim] = capacity - rank
-            resize_parameter(param, torch.cat([param.detach(), param.new_zeros(padding)], dim), optimizer)
-        self.capacity = capacity
-        self.register_buffer("active", torch.tensor(rank, device=self.A.device), persistent=False)
-        self._rank = rank
+        return self.A.shape[1]
 
     def resize(self, factors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Give the factors (every key of `rank_dims`) new values at a new rank, the optimizer's moments of the
-        leading ranks kept and those of new ranks zero (resize_parameter). Under a fixed capacity the values
-        fill the first ranks of the storage in place (`write_ranks`)."""
-        rank = factors["A"].shape[1]
-        if self.capacity is None:
-            for key, value in factors.items():
-                resize_parameter(getattr(self, key), value, optimizer)
-            return
-        if rank > self.capacity:
-            raise ValueError(f"rank {rank} is above the capacity {self.capacity}")
-        kept = torch.arange(min(rank, self._rank))
+        leading ranks kept and those of new ranks zero (`resize_parameter`)."""
         for key, value in factors.items():
-            write_ranks(getattr(self, key), self.rank_dims[key], value, kept, optimizer)
-        self._set_rank(rank)
+            resize_parameter(getattr(self, key), value, optimizer)
 
     def select(self, index: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Keep only the ranks `index` (in that order) of every factor, with their optimizer moments
-        (select_parameter); under a fixed capacity, moved to the first ranks of the storage in place."""
-        index = torch.as_tensor(index, dtype=torch.long)
+        (`select_parameter`)."""
         for key, dim in self.rank_dims.items():
-            if self.capacity is None:
-                select_parameter(getattr(self, key), dim, index, optimizer)
-            else:
-                write_ranks(getattr(self, key), dim, self.used(key).index_select(dim, index.to(self.A.device)),
-                            index, optimizer)
-        if self.capacity is not None:
-            self._set_rank(len(index))
-
-    def _set_rank(self, rank: int) -> None:
-        self._rank = rank
-        self.active.fill_(rank)
+            select_parameter(getattr(self, key), dim, index, optimizer)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A_eff [d_in, r], B_eff [r, d_out], s): the update of W0 is s A_eff B_eff (in x A B layout), with
@@ -400,55 +345,22 @@ def select_parameter(param: nn.Parameter, dim: int, index: torch.Tensor,
     _replace_data(param, param.data.index_select(dim, index))
 
 
-def write_ranks(param: nn.Parameter, dim: int, data: torch.Tensor, kept: torch.Tensor,
-                optimizer: torch.optim.Optimizer | None = None) -> None:
-    """`resize_parameter` and `select_parameter` for a factor stored at a fixed capacity along `dim`: in place,
-    its first data.shape[dim] slices become `data` and the rest zero; every optimizer state tensor shaped
-    like it takes the moments of the old slices `kept` in its first len(kept) positions, zero elsewhere
-    (scalar state, such as Adam's step, is kept). The stale gradient is dropped, as there."""
-    kept = kept.to(param.device)
-
-    def move(value: torch.Tensor) -> torch.Tensor:
-        moved = torch.zeros_like(value)
-        moved.narrow(dim, 0, len(kept)).copy_(value.index_select(dim, kept))
-        return moved
-    _map_optimizer_state(param, optimizer, move)
-    rank = data.shape[dim]
-    with torch.no_grad():  # the leading part first: `data` may be a view of it (a truncation)
-        param.narrow(dim, 0, rank).copy_(data)
-        param.narrow(dim, rank, param.shape[dim] - rank).zero_()
-    param.grad = None
-
-
 def fix_capacity(controller: Controller, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Store every adapter's factors at the most ranks its method can give it (`Controller.capacity`), so that
-    their shapes never change again (train.py --compile); see the module's docstring."""
-    for name, adapter in controller.adapters.items():
-        capacity = controller.capacity(name)
-        if capacity is None:
-            raise ValueError(f"{type(controller).__name__} sets no maximum rank, so layer '{name}' cannot be stored "
-                             "at a fixed capacity: give it one (--max-rank)")
-        adapter.fix_capacity(capacity, optimizer)
-
-
-def in_use(adapters: dict[str, Adapter]) -> dict[nn.Parameter, tuple[int, int]]:
-    """{factor: (rank dimension, rank)} for every factor stored at a fixed capacity: which part of it, and of
-    its optimizer state, is in use (what checkpoints save)."""
-    return {getattr(a, key): (dim, a.rank) for a in adapters.values() if a.capacity is not None
-            for key, dim in a.rank_dims.items()}
+    """Store every adapter's factors at the most ranks its method can give it, so that their shapes never change
+    again (train.py --compile): `capacity.fix_capacity`, imported when asked for, as capacity.py builds on this
+    module."""
+    import capacity
+    capacity.fix_capacity(controller, optimizer)
 
 
 def trainable_count(adapters: dict[str, Adapter]) -> int:
-    """The adapters' trainable parameters, the factors counted at their true rank."""
-    return sum(a.used(key).numel() if key in a.rank_dims else p.numel()
-               for a in adapters.values() for key, p in a.named_parameters() if p.requires_grad)
+    """The adapters' trainable parameters, as their state holds them (at a fixed capacity, the ranks in use)."""
+    return sum(v.numel() for a in adapters.values() for v in a.state_dict(keep_vars=True).values() if v.requires_grad)
 
 
 def _own_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The adapter's parameters (the factors at their true rank) and persistent buffers, without those of its
-    frozen base layer."""
-    return {k: adapter.used(k) if k in adapter.rank_dims else v
-            for k, v in adapter.state_dict().items() if not k.startswith("base.")}
+    """The adapter's parameters and persistent buffers, without those of its frozen base layer."""
+    return {k: v for k, v in adapter.state_dict().items() if not k.startswith("base.")}
 
 
 def save_adapters(adapters: dict[str, Adapter], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

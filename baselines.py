@@ -64,11 +64,7 @@ class DyLoRALinear(Adapter):
     LyCORIS issue 101 reports as wrong). In "frozen" mode only the b-th rank (A's column b, B's row b) receives gradient, the first
     b - 1 are detached (the paper's frozen update; Adam's momentum still moves them a little, as in
     any detached-gradient scheme); "full" trains all first b. A buffer keeps alpha, so saved files
-    carry it.
-
-    At a fixed capacity (train.py --compile; the capacity is r) the forward does not slice: b is the
-    `active` buffer, A's columns from b on are masked to zero (so those ranks contribute nothing and get no
-    gradient, as when sliced away) and the frozen ranks are chosen by position, all at fixed shapes.
+    carry it. (At a fixed capacity, train.py --compile, the forward masks instead of slicing: capacity.FixedDyLoRA.)
     """
     method = "dylora"
 
@@ -87,8 +83,6 @@ class DyLoRALinear(Adapter):
         if b is not None and not 1 <= b <= self.rank:
             raise ValueError(f"rank b must be in 1..{self.rank}, got {b}")
         self.b = b
-        if self.capacity is not None:
-            self.active.fill_(self.rank if b is None else b)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A[:, :b], B[:b], alpha / b): the ranks in use (b = r outside training unless `set_rank` chose one)."""
@@ -97,25 +91,12 @@ class DyLoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.capacity is not None:
-            return y + self.masked_update(x).to(y.dtype)
         A, B, scale = self.factors()
         if self.mode == "frozen" and self.training:  # only the b-th rank receives gradient
             b = A.shape[1]
             A = torch.cat([A[:, :b - 1].detach(), A[:, b - 1:]], dim=1)
             B = torch.cat([B[:b - 1].detach(), B[b - 1:]], dim=0)
         return y + (scale * ((x.to(A.dtype) @ A) @ B)).to(y.dtype)
-
-    def masked_update(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class)."""
-        position = torch.arange(self.A.shape[1], device=self.A.device)
-        b = self.active
-        A = self.A * (position < b).to(self.A.dtype)
-        B = self.B
-        if self.mode == "frozen" and self.training:
-            frozen = position < b - 1
-            A, B = torch.where(frozen, A.detach(), A), torch.where(frozen[:, None], B.detach(), B)
-        return (self.alpha / b) * ((x.to(A.dtype) @ A) @ B)
 
 
 def draw_rank(seed: int, step: int, r: int) -> int:
@@ -184,7 +165,7 @@ class AdaLoRALinear(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(E), B, s): the update s A diag(E) B; a masked triplet (E_i = 0) is a zero column."""
-        return self.used("A") * self.used("E"), self.used("B"), self.scale
+        return self.A * self.E, self.B, self.scale
 
 
 def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
@@ -196,7 +177,7 @@ def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
     """
     terms = []
     for a in adapters.values():
-        A, B = a.used("A"), a.used("B")
+        A, B = a.A[:, :a.rank], a.B[:a.rank]  # the ranks in use (capacity.py may store more)
         eye = torch.eye(a.rank, device=A.device, dtype=A.dtype)
         terms += [torch.linalg.matrix_norm(A.T @ A - eye), torch.linalg.matrix_norm(B @ B.T - eye)]
     return torch.stack(terms).mean()
@@ -236,8 +217,8 @@ class AdaLoRA(Controller):
     adapters.select_parameter), so the final phase trains, and saved files hold, the final ranks
     (a layer may reach rank 0). At a fixed capacity (train.py --compile; the capacity is init_r) the
     kept triplets move to the first positions instead and the others become zero, moments included
-    (Adapter.select): they contribute nothing and get no gradient, as if cut off. One consequence: in the
-    final phase the regulariser no longer sees the pruned rows, which peft's still includes. Unlike peft (issue 745: only added when the model
+    (capacity.FixedCapacity.select): they contribute nothing and get no gradient, as if cut off. One consequence:
+    in the final phase the regulariser no longer sees the pruned rows, which peft's still includes. Unlike peft (issue 745: only added when the model
     output has a `.loss`, so a diffusers UNet trains without it), `penalty()` is always the
     regulariser times orth_reg_weight and the loop adds it.
     """

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import adapters
+import capacity
 import run_folder
 import weights
 
@@ -23,7 +24,7 @@ import weights
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
                       in_use: dict[torch.nn.Parameter, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     """Flatten the optimizer's state into `optim.<param name>.<state key>` tensors; the state of a factor stored
-    at a fixed capacity only where it is in use (`in_use`, from adapters.in_use: {param: (dim, rank)})."""
+    at a fixed capacity only where it is in use (`in_use`, from capacity.in_use: {param: (dim, rank)})."""
     out, in_use = {}, in_use or {}
     for param, state in optimizer.state.items():
         for key, value in state.items():
@@ -129,7 +130,7 @@ def save_training_state(run: Path, model: torch.nn.Module, named: dict[str, adap
     adapters.save_adapters(named, tmp / "adapters.safetensors", metadata)
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
     save_checkpoint(tmp / "state.safetensors", optimizer, names, {"train": gen}, counters, controller.state(),
-                    adapters.in_use(named))
+                    capacity.in_use(named))
     if final.exists():
         final.rename(old)
     tmp.rename(final)

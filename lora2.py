@@ -22,9 +22,8 @@ follow in the points cited below; the LoRA^2 paper itself is not available here,
   f) so that the kept ranks contribute exactly what they did: growth leaves the output unchanged,
   truncation removes only the dropped ranks' part. The optimizer's state is resized with the
   parameters (adapters.resize_parameter); the moments of the rescaled rows are kept as they were.
-  At a fixed capacity (train.py --compile; the capacity is max_rank) the ranks change in place
-  (Adapter.resize) and f is a softmax over the capacity's positions with those from D on masked out,
-  which is f over D positions followed by zeros.
+  At a fixed capacity (train.py --compile; the capacity is max_rank) the ranks change in place and f is
+  masked beyond D (capacity.FixedLoRA2).
 - The prior, added to the loss as the rank penalty (the reference's ELBO, model.py AWN.forward and
   metric.py, divided by its n_observations): a Gaussian N(mu, sigma_nu^2) on each rate and N(0,
   sigma_theta^2) on every entry of A and B,
@@ -81,13 +80,9 @@ class LoRA2Linear(Adapter):
         return F.softplus(self.rho)
 
     def weights(self) -> torch.Tensor:
-        """f(i) = F(i + 1) - F(i) over i < D, renormalised: softmax(-nu i). At a fixed capacity, one weight per
-        position of the storage: the positions from D (the `active` buffer) on get 0."""
+        """f(i) = F(i + 1) - F(i) over i < D, renormalised: softmax(-nu i)."""
         positions = torch.arange(self.A.shape[1], device=self.A.device, dtype=self.A.dtype)
-        logits = -self.rate * positions
-        if self.capacity is not None:
-            logits = logits.masked_fill(positions >= self.active, -math.inf)
-        return torch.softmax(logits, dim=0)
+        return torch.softmax(-self.rate * positions, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -95,7 +90,7 @@ class LoRA2Linear(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(f), B, s): the update s A diag(f) B."""
-        return self.used("A") * self.weights()[:self.rank], self.used("B"), self.scale
+        return self.A * self.weights(), self.B, self.scale
 
 
 def normaliser(rate: float, rank: int) -> float:
@@ -118,8 +113,8 @@ def resize(layer: LoRA2Linear, rank: int, new_columns: torch.Tensor | None = Non
     rate = float(layer.rate.detach())
     ratio = normaliser(rate, rank) / normaliser(rate, old)
     with torch.no_grad():
-        B = layer.used("B")[:kept] * ratio
-        A = layer.used("A")[:, :kept]
+        B = layer.B[:kept] * ratio
+        A = layer.A[:, :kept]
         if rank > old:
             if new_columns is None or new_columns.shape != (layer.base.in_features, rank - old):
                 raise ValueError(f"growing from rank {old} to {rank} needs new A columns of shape "
@@ -173,7 +168,7 @@ class LoRA2(Controller):
     def penalty(self) -> torch.Tensor:
         """The negative log prior over n_obs (constants dropped): Gaussian on each rate and on A, B."""
         rates = torch.stack([a.rate for a in self.adapters.values()])
-        weights = sum(a.used("A").square().sum() + a.used("B").square().sum() for a in self.adapters.values())
+        weights = sum(a.A.square().sum() + a.B.square().sum() for a in self.adapters.values())
         rate_term = (rates - self.rate_prior_mean).square().sum() / (2 * self.rate_prior_scale ** 2)
         return (rate_term + weights / (2 * self.weight_prior_scale ** 2)) / self.n_obs
 

@@ -1,5 +1,6 @@
-"""PNG figures drawn with Pillow alone: rank heatmaps laid out like the paper's figures 3 and 4, line plots, a
-run's figures (`run_figures`), and generated images written as PNGs with a contact sheet (`write_images`).
+"""PNG figures drawn with Pillow alone: rank heatmaps laid out like the paper's figures 3 and 4, line plots, and
+generated images written as PNGs with a contact sheet (`write_images`); which of them a run writes is
+train_loop.run_figures.
 
 A heatmap places each adapted layer in a grid cell given by a `Layout` (layer name -> (row, column) plus the
 row and column labels). `text_encoder_layout` and `unet_layout` build the paper's grids from our module
@@ -368,18 +369,9 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         d.line([(x, top), (x, bottom)], fill=GRID)
         d.line([(x, bottom), (x, bottom + 4)], fill=INK)
         d.text((x, bottom + 7), _fmt(t), fill=INK, font=fnt, anchor="mt")
-    for i, (label, pts) in enumerate(points.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        run = []
-        for x, y in pts + [(math.nan, math.nan)]:
-            if math.isfinite(x) and math.isfinite(y) and x0 <= x <= x1:
-                run.append(px(x, min(max(y, y0), y1)))
-                continue
-            if len(run) == 1:
-                d.ellipse([run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2], fill=colour)
-            elif run:
-                d.line(run, fill=colour, width=2)
-            run = []
+    for i, pts in enumerate(points.values()):
+        _draw_series(d, [px(x, min(max(y, y0), y1)) if math.isfinite(x) and math.isfinite(y) and x0 <= x <= x1
+                         else None for x, y in pts], PALETTE[i % len(PALETTE)])
     d.rectangle([left, top, right, bottom], outline=INK)
     if title:
         d.text(((left + right) // 2, 8), title, fill=INK, font=title_font, anchor="mt")
@@ -389,48 +381,36 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         label_im = _vertical_text(ylabel, fnt)
         im.paste(label_im, (8, max(top, (top + bottom - label_im.height) // 2)))
     if len(points) > 1:
-        widths = [_text_size(label, fnt)[0] for label in points]
-        box_w, row_h = max(widths) + 34, text_h + 6
-        bx, by = right - box_w - 6, top + 6
-        d.rectangle([bx, by, bx + box_w, by + row_h * len(points) + 4], fill="white", outline=(160, 160, 160))
-        for i, label in enumerate(points):
-            y = by + 4 + row_h * i + row_h // 2
-            d.line([(bx + 6, y), (bx + 24, y)], fill=PALETTE[i % len(PALETTE)], width=3)
-            d.text((bx + 30, y), label, fill=INK, font=fnt, anchor="lm")
+        _legend(d, list(points), fnt, right, top)
     return im
 
 
-# ---------------------------------------------------------------- a training run's figures
+def _draw_series(d: ImageDraw.ImageDraw, pixels: list[tuple[float, float] | None],
+                 colour: tuple[int, int, int]) -> None:
+    """One series' points in pixels as lines, broken where a point is None (not finite, or outside the x range);
+    a run of one point is drawn as a dot."""
+    run = []
+    for p in pixels + [None]:
+        if p is not None:
+            run.append(p)
+            continue
+        if len(run) == 1:
+            d.ellipse([run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2], fill=colour)
+        elif run:
+            d.line(run, fill=colour, width=2)
+        run = []
 
-def run_figures(folder: Path, log: list[dict], ranks: dict[str, int], layers_per_block: int) -> list[str]:
-    """A train.py run's figures from its log.jsonl lines and final ranks, written into `folder`: loss.png,
-    rank_growth.png, memory.png, and the rank heatmaps rank_unet.png (figure 4) and rank_text_encoder.png
-    (figure 3). Returns the names written."""
-    steps = [line for line in log if "loss" in line]
-    epochs = [line for line in log if "val_loss" in line]
-    figures = {
-        "loss.png": line_plot({"training loss": ([s["step"] for s in steps], [s["loss"] for s in steps]),
-                               "validation loss": ([e["step"] for e in epochs], [e["val_loss"] for e in epochs])},
-                              "Training and validation loss", "step", "MSE"),
-        "rank_growth.png": line_plot({"total rank": ([s["step"] for s in steps], [s["total_rank"] for s in steps])},
-                                     "Rank growth", "step", "sum of ranks over layers"),
-    }
-    memory = [s for s in steps if "memory_mib" in s]
-    if memory:
-        figures["memory.png"] = line_plot({memory[0]["memory_kind"]: ([s["step"] for s in memory],
-                                                                      [s["memory_mib"] for s in memory])},
-                                          "Memory", "step", "MiB")
-    unet = {n: r for n, r in ranks.items() if n.startswith("unet.")}
-    text = {n: r for n, r in ranks.items() if n.startswith("text_encoder.")}
-    if unet and unet_layout(list(unet), layers_per_block).cells:
-        figures["rank_unet.png"] = rank_heatmap(unet, unet_layout(list(unet), layers_per_block),
-                                                "UNet: final rank per layer")
-    if text and text_encoder_layout(list(text)).cells:
-        figures["rank_text_encoder.png"] = rank_heatmap(text, text_encoder_layout(list(text)),
-                                                        "Text encoder: final rank per layer", xlabel="Layer")
-    for name, image in figures.items():
-        save_png(image, folder / name)
-    return sorted(figures)
+
+def _legend(d: ImageDraw.ImageDraw, labels: list[str], fnt, right: int, top: int) -> None:
+    """The series' labels with their colours, boxed in the plot area's top right corner."""
+    widths = [_text_size(label, fnt)[0] for label in labels]
+    box_w, row_h = max(widths) + 34, _text_size("Ag", fnt)[1] + 6
+    bx, by = right - box_w - 6, top + 6
+    d.rectangle([bx, by, bx + box_w, by + row_h * len(labels) + 4], fill="white", outline=(160, 160, 160))
+    for i, label in enumerate(labels):
+        y = by + 4 + row_h * i + row_h // 2
+        d.line([(bx + 6, y), (bx + 24, y)], fill=PALETTE[i % len(PALETTE)], width=3)
+        d.text((bx + 30, y), label, fill=INK, font=fnt, anchor="lm")
 
 
 def labelled_grid(files: dict[str, list[Path]]) -> tuple[Image.Image, int]:

@@ -43,6 +43,7 @@ import adapters
 import cli
 import data
 import eval_fid
+import fid_kid
 import heldout
 import inception
 import methods
@@ -133,8 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--clip", help="openai/clip-vit-large-patch14 folder: CLIP score")
     a("--dims", nargs="+", type=int, default=[2048, 192, 64], choices=inception.DIMS, help="FID feature widths")
     a("--kid-subsets", type=int, default=100)
-    a("--fid-sqrtm", default="eigh", choices=eval_fid.FID_SQRTM,
-      help="FID's tr sqrt(S1 S2): from eigenvalues, or pytorch-fid's scipy sqrtm (eval_fid.frechet_distance)")
+    a("--fid-sqrtm", default="eigh", choices=fid_kid.FID_SQRTM,
+      help="FID's tr sqrt(S1 S2): from eigenvalues, or pytorch-fid's scipy sqrtm (fid_kid.frechet_distance)")
     a("--scheduler", choices=sampling.SCHEDULERS,
       help="sampler of the test images (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, sampling.MAX_STEPS), help="sampler steps for the test images (default 50)")
@@ -300,7 +301,7 @@ class Scorer:
         self._inception = self._inception or inception.load_inception(a.inception).to(a.device)
         real, fake = (eval_fid.inception_features(self._inception, eval_fid.list_images(run_dir / part), tuple(a.dims),
                                                   device=a.device, desc=part) for part in (heldout.REAL, heldout.SAMPLES))
-        return {"key": self.inception_key, **eval_fid.fid_kid(real, fake, a.kid_subsets, sqrtm=a.fid_sqrtm)}
+        return {"key": self.inception_key, **fid_kid.fid_kid(real, fake, a.kid_subsets, sqrtm=a.fid_sqrtm)}
 
     def clip_score(self, run_dir: Path) -> dict:
         self._clip = self._clip or eval_fid.load_clip(self.args.clip, self.args.device)

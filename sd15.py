@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 import sampling
-from clip_text import END, END_OF_WORD, START, CLIPTextConfig, CLIPTextModel, Tokenizer, bytes_to_unicode, \
-    load_text_encoder, load_tokenizer, save_tokenizer
+from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder
+from clip_tokenizer import END, END_OF_WORD, START, Tokenizer, bytes_to_unicode, load_tokenizer, save_tokenizer
 from sd_unet import UNet, UNetConfig, load_unet, unet_diffusers_names
 from vae import VAE, VAEConfig, latents_to_images, ldm_to_diffusers, load_vae
 from weights import atomic_write, fingerprint, save_file

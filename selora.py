@@ -81,9 +81,8 @@ class SeLoRALinear(Adapter):
         (x @ A) @ B changes the rounding of the ranks that were already there. With fixed-width blocks, appending
         a rank either fills a zero padding column (the block's shapes do not change) or opens a new block whose
         product is exactly zero. The cost: rank 1 does rank 8's multiply-adds (a layer below rank 8 pays for 8).
-        At a fixed capacity the ranks not in use are zero columns of A and zero rows of B, exact zeros likewise.
         """
-        pad = -self.A.shape[1] % BLOCK  # A's columns: with a fixed capacity (adapters.fix_capacity), all of them
+        pad = -self.A.shape[1] % BLOCK
         A, B = F.pad(self.A, (0, pad)), F.pad(self.B, (0, 0, 0, pad))
         out = None
         for i in range(0, A.shape[1], BLOCK):
@@ -97,22 +96,21 @@ class SeLoRALinear(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, s): the update s A B (eq. 1)."""
-        return self.used("A"), self.used("B"), self.scale
+        return self.A, self.B, self.scale
 
 
 def expand(layer: SeLoRALinear, K: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Grow the layer by one rank: A <- [A K], B <- [B; 0] (eq. 2). The output does not change.
 
     With an optimizer, the state of A and B grows with them: existing moments kept, new entries zero,
-    same param group (adapters.resize_parameter). At a fixed capacity K is written into A's first free
-    column, whose row of B is zero already (Adapter.resize).
+    same param group (Adapter.resize: adapters.resize_parameter for each).
     """
     d_in, d_out = layer.base.in_features, layer.base.out_features
     if K.numel() != d_in:
         raise ValueError(f"K must have d_in = {d_in} entries (a {d_in} x 1 column), got shape {tuple(K.shape)}")
-    A, B = layer.used("A").detach(), layer.used("B").detach()
-    layer.resize({"A": torch.cat([A, K.reshape(d_in, 1).to(A)], dim=1),
-                  "B": torch.cat([B, B.new_zeros(1, d_out)], dim=0)}, optimizer)
+    A, B, _ = layer.factors()
+    layer.resize({"A": torch.cat([A.detach(), K.reshape(d_in, 1).to(A)], dim=1),
+                  "B": torch.cat([B.detach(), B.new_zeros(1, d_out)], dim=0)}, optimizer)
 
 
 @torch.no_grad()
@@ -129,7 +127,8 @@ def gradient_factors(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: t
     gradient of each sample's own loss; the factor `times` goes onto the small factors, not onto g.
     """
     b = x.shape[0]
-    A, B, s = layer.used("A"), layer.used("B"), layer.scale * times
+    A, B, s = layer.factors()
+    s = s * times
     x = x.reshape(b, -1, A.shape[0]).to(A.dtype)
     g = g.reshape(b, -1, B.shape[1]).to(A.dtype)
     return [(x, s * (g @ B.T)), (s * (x @ A), g), (s * (x @ K.reshape(-1, 1).to(A)), g)]
@@ -382,7 +381,7 @@ class SeLoRA(Controller):
         layer = self.adapters[name]
         grads = self._grads.get(name)
         if grads is None:
-            A, B = layer.used("A"), layer.used("B")
+            A, B, _ = layer.factors()
             grads = [A.new_zeros(0, *A.shape), B.new_zeros(0, *B.shape), B.new_zeros(0, B.shape[1])]
         count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
         return [count, *fisher_sums(grads[:2], self.fisher), *fisher_sums(grads[2:], self.fisher)]

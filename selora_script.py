@@ -91,7 +91,7 @@ class ScriptSeLoRA(SeLoRA):
         """[samples, the first `parts` per-sample gradients (A, B, the candidate row of B) summed over samples]."""
         layer = self.adapters[name]
         if grads is None:
-            A, B = layer.used("A"), layer.used("B")
+            A, B, _ = layer.factors()
             grads = [A.new_zeros(0, *A.shape), B.new_zeros(0, *B.shape), B.new_zeros(0, B.shape[1])]
         count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
         return [count, *fisher_sums(grads[:parts], "batch")]

@@ -1,4 +1,4 @@
-"""Benchmark: the Frechet distance at 2048 dimensions, ours (eval_fid.frechet_distance, eigenvalues) against
+"""Benchmark: the Frechet distance at 2048 dimensions, ours (fid_kid.frechet_distance, eigenvalues) against
 pytorch-fid's calculate_frechet_distance (scipy's sqrtm), on the same statistics, in the same run.
 
     OMP_NUM_THREADS=2 python bench/fid.py [--dims 2048] [--images 4096] [--repeat 3]
@@ -25,7 +25,7 @@ import scipy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import eval_fid  # noqa: E402
+import fid_kid  # noqa: E402
 
 GOAL = 10
 
@@ -34,7 +34,7 @@ def random_statistics(images: int, dims: int, seed: int, scale: float) -> tuple[
     """Mean and covariance of `images` correlated Gaussian feature vectors."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(images, dims)) @ rng.normal(size=(dims, dims)) * scale / dims ** 0.5
-    return eval_fid.statistics(x + rng.normal(size=dims))
+    return fid_kid.statistics(x + rng.normal(size=dims))
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs of each side, alternating; the median is reported")
     args = p.parse_args()
     stats = (*random_statistics(args.images, args.dims, 1, 1.0), *random_statistics(args.images, args.dims, 2, 1.5))
-    sides = {"ours (eigh)": lambda: eval_fid.frechet_distance(*stats),
+    sides = {"ours (eigh)": lambda: fid_kid.frechet_distance(*stats),
              "pytorch-fid (sqrtm)": lambda: calculate_frechet_distance(*stats)}
     times, values = {side: [] for side in sides}, {}
     for _ in range(args.repeat):

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import sampling  # noqa: E402
-from clip_text import CLIPTextConfig, CLIPTextModel, load_tokenizer  # noqa: E402
+from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from clip_tokenizer import load_tokenizer  # noqa: E402
 from sd15 import SD15, generate  # noqa: E402
 from sd_pipeline import GZ, sd15_scheduler, write_tokenizer  # noqa: E402
 from sd_unet import UNet, UNetConfig, unet_diffusers_names  # noqa: E402

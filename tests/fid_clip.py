@@ -53,10 +53,10 @@ def random_clip(config: dict) -> transformers.CLIPModel:
 
 def save_clip(model: transformers.CLIPModel, folder: Path) -> Path:
     """save_pretrained, plus vocab.json and merges.txt converted from CLIP's BPE file as the Hub's were made."""
-    import clip_text
+    import clip_tokenizer
 
     model.save_pretrained(folder)
-    vocab, merges = clip_text.read_bpe_gz(CLIP_GZ)
+    vocab, merges = clip_tokenizer.read_bpe_gz(CLIP_GZ)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
                                        encoding="utf-8")

@@ -1,6 +1,6 @@
-"""clip_text.py against the references: transformers' CLIPTextModel / CLIPModel with random weights saved in
-every key layout we read, and, on CLIP's real 49,408-token vocabulary, OpenAI's reference tokenizer and
-transformers' CLIPTokenizer."""
+"""clip_text.py and clip_tokenizer.py against the references: transformers' CLIPTextModel / CLIPModel with random
+weights saved in every key layout we read, and, on CLIP's real 49,408-token vocabulary, OpenAI's reference tokenizer
+and transformers' CLIPTokenizer."""
 import gzip
 import importlib.util
 import json
@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import clip_corpus
-from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer, split
+from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder
+from clip_tokenizer import Tokenizer, load_tokenizer, split
 
 transformers.logging.set_verbosity_error()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eval_fid
+import fid_kid
 from fid_reference import inception_file, inception_state, pytorch_fid_inception, write_images  # noqa: F401
 
 
@@ -20,7 +21,7 @@ def random_stats(n: int, d: int, seed: int, scale: float = 1.0, near_duplicates:
     x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * scale / d ** 0.5 + rng.normal(size=d)
     if near_duplicates:
         x[:, :near_duplicates] = x[:, -near_duplicates:] + 1e-6 * rng.normal(size=(n, near_duplicates))
-    return eval_fid.statistics(x)
+    return fid_kid.statistics(x)
 
 
 FEATURE_SETS = {"well-conditioned": lambda d: dict(n=3 * d), "rank-deficient": lambda d: dict(n=d // 3 + 2),
@@ -42,7 +43,7 @@ def pytorch_fid_and_ours(d: int, kind: str, capsys):
         singular = not np.linalg.cholesky(s1).size
     except np.linalg.LinAlgError:
         singular = True
-    return theirs, eval_fid.frechet_distance(m1, s1, m2, s2), (m1, s1, m2, s2), singular
+    return theirs, fid_kid.frechet_distance(m1, s1, m2, s2), (m1, s1, m2, s2), singular
 
 
 @pytest.mark.parametrize("kind", FEATURE_SETS)
@@ -54,7 +55,7 @@ def test_frechet_distance_equals_pytorch_fid(d, kind, capsys):
     assert ours > 1
     assert abs(ours - theirs) <= 1e-6 * theirs
     if d == 192:  # --fid-sqrtm exact: pytorch-fid's own computation
-        assert abs(eval_fid.frechet_distance(*stats, sqrtm="exact") - theirs) <= 1e-9 * theirs
+        assert abs(fid_kid.frechet_distance(*stats, sqrtm="exact") - theirs) <= 1e-9 * theirs
 
 
 def test_frechet_distance_equals_pytorch_fid_at_2048_dims_with_fewer_images_than_dims(capsys):
@@ -71,36 +72,36 @@ def test_frechet_distance_equals_torchmetrics_eigenvalue_route():
 
     (m1, s1), (m2, s2) = random_stats(300, 64, 1), random_stats(300, 64, 2, scale=1.5)
     witness = _compute_fid(*(torch.from_numpy(a) for a in (m1, s1, m2, s2))).item()  # eigenvalues of S1 S2
-    ours = eval_fid.frechet_distance(m1, s1, m2, s2)
+    ours = fid_kid.frechet_distance(m1, s1, m2, s2)
     assert abs(ours - witness) <= 1e-6 * ours
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 32)) * rng.uniform(0.5, 2, size=32)
-    m, s = eval_fid.statistics(x)
-    assert abs(eval_fid.frechet_distance(m, s, m, s)) < 1e-9 * np.trace(s)
+    m, s = fid_kid.statistics(x)
+    assert abs(fid_kid.frechet_distance(m, s, m, s)) < 1e-9 * np.trace(s)
     direction = rng.normal(size=32)
-    fids = [eval_fid.frechet_distance(m, s, *eval_fid.statistics(x + c * direction)) for c in (0.1, 0.5, 1, 2)]
+    fids = [fid_kid.frechet_distance(m, s, *fid_kid.statistics(x + c * direction)) for c in (0.1, 0.5, 1, 2)]
     assert all(a < b for a, b in zip(fids, fids[1:]))
     for c, fid in zip((0.1, 0.5, 1, 2), fids):  # equal covariances: FID is exactly the squared mean shift
         assert fid == pytest.approx(c ** 2 * direction @ direction, rel=1e-6)
 
 
-@pytest.mark.parametrize("sqrtm", eval_fid.FID_SQRTM)
+@pytest.mark.parametrize("sqrtm", fid_kid.FID_SQRTM)
 def test_frechet_distance_refuses_mismatched_and_complex_statistics(sqrtm):
     m, s = random_stats(100, 8, 0)
     with pytest.raises(ValueError, match=r"shapes differ.*\(8,\) and \(4,\)"):
-        eval_fid.frechet_distance(m, s, m[:4], s[:4, :4], sqrtm=sqrtm)
+        fid_kid.frechet_distance(m, s, m[:4], s[:4, :4], sqrtm=sqrtm)
     not_a_covariance = np.diag([-1.0, 1.0])  # its square root is imaginary
     for s1, s2 in ((np.eye(2), not_a_covariance), (not_a_covariance, np.eye(2))):
         with pytest.raises(ValueError, match="imaginary component of up to 1: the statistics are numerically unsound"):
-            eval_fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, sqrtm=sqrtm)
+            fid_kid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, sqrtm=sqrtm)
     round_off = np.diag([-1e-9, 1.0])  # a zero variance computed as slightly negative is not an error
-    assert eval_fid.frechet_distance(np.zeros(2), round_off, np.zeros(2), np.eye(2), sqrtm=sqrtm) == \
+    assert fid_kid.frechet_distance(np.zeros(2), round_off, np.zeros(2), np.eye(2), sqrtm=sqrtm) == \
         pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="sqrtm must be one of"):
-        eval_fid.frechet_distance(m, s, m, s, sqrtm="svd")
+        fid_kid.frechet_distance(m, s, m, s, sqrtm="svd")
 
 
 # ---------------------------------------------------------------- KID
@@ -126,7 +127,7 @@ def test_kid_equals_torchmetrics_with_the_same_subsets():
     metric.update(torch.from_numpy(fake), real=False)
     torch.manual_seed(7)
     mean, std = (t.item() for t in metric.compute())
-    ours = eval_fid.kid(real, fake, subsets=6, subset_size=30, seed=7)
+    ours = fid_kid.kid(real, fake, subsets=6, subset_size=30, seed=7)
     assert ours["mean"] == pytest.approx(mean, rel=1e-9)
     assert ours["std"] == pytest.approx(std, rel=1e-9)
     assert ours["std"] > 0 and ours["subset_size"] == 30
@@ -137,13 +138,13 @@ def test_kid_is_unbiased_on_two_samples_of_one_distribution():
     same, biased = [], []
     for _ in range(400):
         x, y = rng.normal(size=(8, 6)), rng.normal(size=(8, 6))
-        same.append(eval_fid.polynomial_mmd(x, y))
+        same.append(fid_kid.polynomial_mmd(x, y))
         k = (np.concatenate([x, y]) @ np.concatenate([x, y]).T / 6 + 1) ** 3
         biased.append(k[:8, :8].mean() + k[8:, 8:].mean() - 2 * k[:8, 8:].mean())  # V-statistic, diagonal kept
     standard_error = np.std(same) / len(same) ** 0.5
     assert abs(np.mean(same)) < 3 * standard_error
     assert np.mean(biased) > 10 * standard_error  # the estimator the test would catch
-    shifted = eval_fid.kid(rng.normal(size=(100, 6)), rng.normal(1, 1, size=(100, 6)), subsets=20, subset_size=50)
+    shifted = fid_kid.kid(rng.normal(size=(100, 6)), rng.normal(1, 1, size=(100, 6)), subsets=20, subset_size=50)
     assert shifted["mean"] > 3 * shifted["std"]
 
 
@@ -151,13 +152,13 @@ def test_small_sets_warn_and_kid_caps_its_subset_size():
     rng = np.random.default_rng(0)
     real, fake = {64: rng.normal(size=(20, 64))}, {64: rng.normal(size=(30, 64))}
     with pytest.warns(UserWarning, match="20 images for 64-dimensional features: the covariance is singular"):
-        report = eval_fid.fid_kid(real, fake, kid_subsets=3)
+        report = fid_kid.fid_kid(real, fake, kid_subsets=3)
     assert report["kid"]["subset_size"] == 10 and report["kid"]["std"] > 0 and len(report["warnings"]) == 1
     with pytest.raises(ValueError, match="KID needs at least 4 images in each set, got 3 real and 30 fake"):
-        eval_fid.kid(real[64][:3], fake[64])
+        fid_kid.kid(real[64][:3], fake[64])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert eval_fid.fid_kid({8: real[64][:, :8]}, {8: fake[64][:, :8]}, kid_subsets=3)["warnings"] == []
+        assert fid_kid.fid_kid({8: real[64][:, :8]}, {8: fake[64][:, :8]}, kid_subsets=3)["warnings"] == []
 
 
 # ---------------------------------------------------------------- images to FID, end to end
@@ -171,7 +172,7 @@ def test_fid_from_images_equals_pytorch_fid(inception_state, inception_file, tmp
     real, fake = (eval_fid.inception_features(model, eval_fid.list_images(f), (64,)) for f in folders)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 66 images > 64 dims: no small-set warning
-        ours = eval_fid.fid_kid(real, fake, kid_subsets=10)["fid"]["64"]
+        ours = fid_kid.fid_kid(real, fake, kid_subsets=10)["fid"]["64"]
 
     network = pytorch_fid_inception(inception_state, 64, monkeypatch)
     theirs = [get_activations(eval_fid.list_images(f), network, 50, 64, "cpu", num_workers=0) for f in folders]
@@ -187,7 +188,7 @@ def test_fid_from_images_equals_pytorch_fid(inception_state, inception_file, tmp
     print(f"FID-64 torchmetrics {witness!r}")
     assert abs(ours - witness) <= 1e-5 * ours
 
-    assert eval_fid.fid_kid(real, real, kid_subsets=2)["fid"]["64"] == pytest.approx(0, abs=1e-6 * ours)
+    assert fid_kid.fid_kid(real, real, kid_subsets=2)["fid"]["64"] == pytest.approx(0, abs=1e-6 * ours)
 
 
 def run_folder(root, name, method, seed, shift, n=6):

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import weights
-from adapters import Adapter, fix_capacity, in_use, inject, load_adapters, merge, save_adapters
+from adapters import Adapter, fix_capacity, inject, load_adapters, merge, save_adapters
 from baselines import AdaLoRA, AdaLoRALinear, DyLoRALinear, LoRALinear
+from capacity import in_use
 from checkpoint import load_checkpoint, optimizer_tensors, save_checkpoint
 from lora2 import LoRA2, LoRA2Linear
 from methods import METHODS, adapter_for_file, build

@@ -20,7 +20,8 @@ import plots
 import sample
 import sampling
 import weights
-from clip_text import CLIPTextConfig, load_text_encoder, load_tokenizer
+from clip_text import CLIPTextConfig, load_text_encoder
+from clip_tokenizer import load_tokenizer
 from kohya import export_kohya, load_kohya
 from methods import METHODS
 from sd15 import SD15, generate, load_sd15

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import eval_fid
+import fid_kid
 import phantoms
 import readback
 import sd15
@@ -108,8 +109,8 @@ def test_phantom_scores_tell_phantoms_from_shapes():
     with torch.no_grad():
         feats = [{"phantoms": reader.features(torch.stack([readback.to_tensor(im) for im in s])).double().numpy()}
                  for s in (a, b, c)]
-    near = eval_fid.fid_kid(feats[0], feats[1])["fid"]["phantoms"]
-    far = eval_fid.fid_kid(feats[0], feats[2])["fid"]["phantoms"]
+    near = fid_kid.fid_kid(feats[0], feats[1])["fid"]["phantoms"]
+    far = fid_kid.fid_kid(feats[0], feats[2])["fid"]["phantoms"]
     assert far > 20 * near
     images = torch.stack([readback.to_tensor(im) for im in a])
     assert readback.adherence(reader, images, captions)["adherence"] >= 0.95

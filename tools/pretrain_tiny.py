@@ -40,8 +40,8 @@ import phantoms  # noqa: E402
 import plots  # noqa: E402
 import readback  # noqa: E402
 import shapes  # noqa: E402
-from clip_text import END, END_OF_WORD, START, CLIPTextConfig, CLIPTextModel, Tokenizer, bytes_to_unicode, \
-    merge_pair  # noqa: E402
+from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from clip_tokenizer import END, END_OF_WORD, START, Tokenizer, bytes_to_unicode, merge_pair  # noqa: E402
 from sampling import NUM_TRAIN_TIMESTEPS, add_noise  # noqa: E402
 from sd15 import SD15, generate, save_sd15  # noqa: E402
 from sd_unet import UNet, UNetConfig  # noqa: E402
