@@ -82,9 +82,12 @@ class SeLoRALinear(Adapter):
         a rank either fills a zero padding column (the block's shapes do not change) or opens a new block whose
         product is exactly zero. The cost: rank 1 does rank 8's multiply-adds (a layer below rank 8 pays for 8).
         At a fixed capacity the ranks not in use are zero columns of A and zero rows of B, exact zeros likewise.
+        A whole block is not padded, and a single block is not sliced: the same products with fewer dispatched ops.
         """
         pad = -self.A.shape[1] % BLOCK  # A's columns: with a fixed capacity (adapters.fix_capacity), all of them
-        A, B = F.pad(self.A, (0, pad)), F.pad(self.B, (0, 0, 0, pad))
+        A, B = (F.pad(self.A, (0, pad)), F.pad(self.B, (0, 0, 0, pad))) if pad else (self.A, self.B)
+        if A.shape[1] == BLOCK:
+            return (x @ A) @ B
         out = None
         for i in range(0, A.shape[1], BLOCK):
             part = (x @ A[:, i:i + BLOCK].contiguous()) @ B[i:i + BLOCK]
