@@ -187,19 +187,28 @@ class AdaLoRALinear(Adapter):
         return self.used("A") * self.used("E"), self.used("B"), self.scale
 
 
+def stacked(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` stacked by shape, one [n, ...] tensor per shape (in order of first appearance), so that a sum over
+    hundreds of layers' factors runs as a few batched ops (SD 1.5's layers have a few dozen shapes)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(tuple(t.shape), []).append(t)
+    return [torch.stack(group) for group in groups.values()]
+
+
 def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
     """R(P, Q) = mean over all P and Q of ||P^T P - I||_F and ||Q Q^T - I||_F (peft's form).
 
     With P = B^T and Q = A^T both Gram matrices are r x r: B B^T and A^T A. As in peft the norms are
     not squared (the AdaLoRA paper's eq. 4 squares them) and the mean runs over the 2n matrices of n
-    adapters.
+    adapters. Factors of equal shape are stacked (`stacked`) and go through one batched product and norm: the
+    same norms and gradients bit for bit as one layer at a time (the mean adds them in another order, which
+    moves its value by rounding only; its gradient is 1 / 2n for each).
     """
-    terms = []
-    for a in adapters.values():
-        A, B = a.used("A"), a.used("B")
-        eye = torch.eye(a.rank, device=A.device, dtype=A.dtype)
-        terms += [torch.linalg.matrix_norm(A.T @ A - eye), torch.linalg.matrix_norm(B @ B.T - eye)]
-    return torch.stack(terms).mean()
+    grams = [A.mT @ A for A in stacked([a.used("A") for a in adapters.values()])]
+    grams += [B @ B.mT for B in stacked([a.used("B") for a in adapters.values()])]
+    return torch.cat([torch.linalg.matrix_norm(g - torch.eye(g.shape[-1], device=g.device, dtype=g.dtype))
+                      for g in grams]).mean()
 
 
 def budget_schedule(step: int, init_budget: int, target_budget: int, total_steps: int,
@@ -275,19 +284,22 @@ class AdaLoRA(Controller):
         return self.orth_reg_weight * orthogonal_regulariser(self.adapters)
 
     def update_importance(self) -> None:
-        """Eq. 8-9: the EMAs of sensitivity and uncertainty of every entry of A, E, B."""
+        """Eq. 8-9: the EMAs of sensitivity and uncertainty of every entry of A, E, B, for all of them at once
+        (torch._foreach_*: one dispatched op per stage, the same values as one tensor at a time)."""
+        keys = [(f"{name}.{key}", getattr(a, key)) for name, a in self.adapters.items() for key in ("A", "E", "B")]
+        keys = [(key, p) for key, p in keys if p.grad is not None]
+        if not keys:
+            return
+        params = [p for _, p in keys]
         with torch.no_grad():
-            for name, a in self.adapters.items():
-                for key in ("A", "E", "B"):
-                    p = getattr(a, key)
-                    if p.grad is None:
-                        continue
-                    ipt = (p * p.grad).abs()
-                    sens = self.ema.get(f"{name}.{key}.sensitivity", torch.zeros_like(p))
-                    unc = self.ema.get(f"{name}.{key}.uncertainty", torch.zeros_like(p))
-                    sens = self.beta1 * sens + (1 - self.beta1) * ipt
-                    self.ema[f"{name}.{key}.sensitivity"] = sens
-                    self.ema[f"{name}.{key}.uncertainty"] = self.beta2 * unc + (1 - self.beta2) * (ipt - sens).abs()
+            ipt = torch._foreach_abs(torch._foreach_mul(params, [p.grad for p in params]))
+            sens, unc = ([self.ema[f"{key}.{kind}"] if f"{key}.{kind}" in self.ema else torch.zeros_like(p)
+                          for key, p in keys] for kind in ("sensitivity", "uncertainty"))
+            sens = torch._foreach_add(torch._foreach_mul(sens, self.beta1), torch._foreach_mul(ipt, 1 - self.beta1))
+            spread = torch._foreach_abs(torch._foreach_sub(ipt, sens))
+            unc = torch._foreach_add(torch._foreach_mul(unc, self.beta2), torch._foreach_mul(spread, 1 - self.beta2))
+        for (key, _), s, u in zip(keys, sens, unc):
+            self.ema[f"{key}.sensitivity"], self.ema[f"{key}.uncertainty"] = s, u
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """Eq. 7: S_i = s(E_i) + mean_j s(A_ji) + mean_k s(B_ik), s = sensitivity * uncertainty."""
