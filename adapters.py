@@ -73,6 +73,13 @@ class Adapter(nn.Module):
         value = getattr(self, key)
         return value if self.capacity is None else value.narrow(self.rank_dims[key], 0, self._rank)
 
+    def factor_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the factors' dtype (fp32), for the low-rank product; unchanged under autocast, which casts the
+        product's inputs itself: a cast to fp32 there would copy every activation twice (to fp32, then back to
+        bf16 inside the autocast matmul, bf16 -> fp32 -> bf16 being exact) and twice more in the backward, for
+        the same product."""
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(self.A.dtype)
+
     def fix_capacity(self, capacity: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Store the factors at `capacity` ranks from now on: zero-padded, with zero optimizer moments for the
         padding (resize_parameter). The adapter computes what it did."""

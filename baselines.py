@@ -42,7 +42,7 @@ class LoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * ((x.to(self.A.dtype) @ self.A) @ self.B)).to(y.dtype)
+        return y + (self.scale * ((self.factor_input(x) @ self.A) @ self.B)).to(y.dtype)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, alpha / r)."""
@@ -104,7 +104,7 @@ class DyLoRALinear(Adapter):
             b = A.shape[1]
             A = torch.cat([A[:, :b - 1].detach(), A[:, b - 1:]], dim=1)
             B = torch.cat([B[:b - 1].detach(), B[b - 1:]], dim=0)
-        return y + (scale * ((x.to(A.dtype) @ A) @ B)).to(y.dtype)
+        return y + (scale * ((self.factor_input(x) @ A) @ B)).to(y.dtype)
 
     def masked_update(self, x: torch.Tensor) -> torch.Tensor:
         """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class)."""
@@ -115,7 +115,7 @@ class DyLoRALinear(Adapter):
         if self.mode == "frozen" and self.training:
             frozen = position < b - 1
             A, B = torch.where(frozen, A.detach(), A), torch.where(frozen[:, None], B.detach(), B)
-        return (self.alpha / b) * ((x.to(A.dtype) @ A) @ B)
+        return (self.alpha / b) * ((self.factor_input(x) @ A) @ B)
 
 
 def draw_rank(seed: int, step: int, r: int) -> int:
@@ -180,7 +180,7 @@ class AdaLoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * (((x.to(self.A.dtype) @ self.A) * self.E) @ self.B)).to(y.dtype)
+        return y + (self.scale * (((self.factor_input(x) @ self.A) * self.E) @ self.B)).to(y.dtype)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(E), B, s): the update s A diag(E) B; a masked triplet (E_i = 0) is a zero column."""
