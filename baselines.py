@@ -42,7 +42,7 @@ class LoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * ((self.factor_input(x) @ self.A) @ self.B)).to(y.dtype)
+        return y + (self.scale * ((self.factor_input(x) @ self.A) @ self.B)).to(y.dtype).view_as(y)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, alpha / r)."""
@@ -98,16 +98,16 @@ class DyLoRALinear(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.capacity is not None:
-            return y + self.masked_update(x).to(y.dtype)
+            return y + self.masked_update(x).to(y.dtype).view_as(y)
         A, B, scale = self.factors()
         if self.mode == "frozen" and self.training:  # only the b-th rank receives gradient
             b = A.shape[1]
             A = torch.cat([A[:, :b - 1].detach(), A[:, b - 1:]], dim=1)
             B = torch.cat([B[:b - 1].detach(), B[b - 1:]], dim=0)
-        return y + (scale * ((self.factor_input(x) @ A) @ B)).to(y.dtype)
+        return y + (scale * ((self.factor_input(x) @ A) @ B)).to(y.dtype).view_as(y)
 
     def masked_update(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class)."""
+        """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class), as rows."""
         position = torch.arange(self.A.shape[1], device=self.A.device)
         b = self.active
         A = self.A * (position < b).to(self.A.dtype)
@@ -180,7 +180,7 @@ class AdaLoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * (((self.factor_input(x) @ self.A) * self.E) @ self.B)).to(y.dtype)
+        return y + (self.scale * (((self.factor_input(x) @ self.A) * self.E) @ self.B)).to(y.dtype).view_as(y)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(E), B, s): the update s A diag(E) B; a masked triplet (E_i = 0) is a zero column."""

@@ -97,7 +97,7 @@ class LoRA2Linear(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         f = self.weights() if self.step_weights is None else self.step_weights
-        return y + (self.scale * (((self.factor_input(x) @ self.A) * f) @ self.B)).to(y.dtype)
+        return y + (self.scale * (((self.factor_input(x) @ self.A) * f) @ self.B)).to(y.dtype).view_as(y)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(f), B, s): the update s A diag(f) B."""

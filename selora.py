@@ -96,7 +96,7 @@ class SeLoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * self.low_rank(self.factor_input(x))).to(y.dtype)
+        return y + (self.scale * self.low_rank(self.factor_input(x))).to(y.dtype).view_as(y)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, s): the update s A B (eq. 1)."""
