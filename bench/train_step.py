@@ -155,6 +155,9 @@ def peft_side(weights: nn.ModuleDict, device: str) -> tuple[SimpleNamespace, nn.
         linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=linears), model)
         layers += len(linears)
+    for p in [*unet.parameters(), *text.parameters()]:  # peft makes them in the base's dtype; train in fp32, as ours
+        if p.requires_grad:  # and diffusers' training scripts (cast_training_params) do
+            p.data = p.data.float()
     parts = nn.ModuleDict({"unet": DiffusersUNet(unet), "text_encoder": TransformersText(text)}).to(device)
     sd = SimpleNamespace(unet=parts.unet, text_encoder=parts.text_encoder, device=torch.device(device))
     return sd, parts, NoController(), layers
