@@ -2,7 +2,7 @@
 UNet2DConditionModel + transformers' CLIPTextModel + peft LoRA (r = 4 on every nn.Linear), in the same run.
 
     OMP_NUM_THREADS=2 python bench/train_step.py [--device cpu|cuda] [--size 224] [--batch 1] [--method lora ...|all]
-        [--mode eager compiled] [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory]
+        [--mode eager compiled] [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory] [--ops-only] [--op-names FILE]
 
 A step is train.py's: text encoder and UNet forward, the diffusion loss, backward, the Adam step and the
 method's controller (diffusion.train_step, then optimizer.step and controller.step), the same function on both
@@ -13,7 +13,8 @@ gradients); with lora, ours again with --gradient-checkpointing; with --mode com
 --compile runs it (adapters at a fixed capacity, UNet and text encoder torch.compile'd; SeLoRA at rank 8 in a
 capacity of 16; no compiled test step: it runs uncompiled).
 
-Each configuration reports the aten ops it dispatches per step (a TorchDispatchMode counter), its FLOPs per step
+Each configuration reports the aten ops it dispatches per step (tests/op_count.py's TorchDispatchMode counter, also
+tests/test_op_counts.py's; --op-names writes them by name), its FLOPs per step
 (torch.utils.flop_counter), the median time of --repeat steps taken in turn with every other configuration (so a
 busy machine slows all alike), and its peak memory: on a GPU torch.cuda.max_memory_allocated, on a CPU the peak
 RSS of a fresh process that builds that side alone (also the RSS once built, before the first step). A compiled
