@@ -107,7 +107,8 @@ class DyLoRALinear(Adapter):
         return y + (scale * ((self.factor_input(x) @ A) @ B)).to(y.dtype).view_as(y)
 
     def masked_update(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class), as rows."""
+        """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class), in
+        rows [N, d_out]."""
         position = torch.arange(self.A.shape[1], device=self.A.device)
         b = self.active
         A = self.A * (position < b).to(self.A.dtype)
