@@ -202,9 +202,10 @@ def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
 
     With P = B^T and Q = A^T both Gram matrices are r x r: B B^T and A^T A. As in peft the norms are
     not squared (the AdaLoRA paper's eq. 4 squares them) and the mean runs over the 2n matrices of n
-    adapters. Factors of equal shape are stacked (`stacked`) and go through one batched product and norm: the
-    same norms and gradients bit for bit as one layer at a time (the mean adds them in another order, which
-    moves its value by rounding only; its gradient is 1 / 2n for each).
+    adapters. Factors of equal shape are stacked (`stacked`) and go through one batched product and norm: at SD
+    1.5's widths the same norms and gradients bit for bit as one layer at a time; for small products (contraction
+    x r x r < 400) torch's CPU bmm sums in another order than mm, a difference of rounding
+    (docs/performance.md). The mean adds the norms in another order, which moves its value by rounding only.
     """
     grams = [A.mT @ A for A in stacked([a.used("A") for a in adapters.values()])]
     grams += [B @ B.mT for B in stacked([a.used("B") for a in adapters.values()])]
