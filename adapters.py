@@ -56,6 +56,16 @@ class Adapter(nn.Module):
     def rank(self) -> int:
         return self.A.shape[1]
 
+    def factor_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x for the low-rank product: as rows [N, d_in] (the product of [b, n, d_in] with A would reshape to rows
+        and back around each factor, 4 more dispatched ops per layer and step for the same products; the forward
+        gives its update y's shape once, `view_as`), in the factors' dtype (fp32). Under autocast the dtype is
+        left alone, since autocast casts the product's inputs itself: a cast to fp32 would copy every activation
+        twice (to fp32, then back to bf16 inside the matmul, bf16 -> fp32 -> bf16 being exact) and twice more in
+        the backward, for the same product."""
+        x = x.reshape(-1, x.shape[-1])
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(self.A.dtype)
+
     def resize(self, factors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Give the factors (every key of `rank_dims`) new values at a new rank, the optimizer's moments of the
         leading ranks kept and those of new ranks zero (`resize_parameter`)."""

@@ -42,7 +42,7 @@ class LoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * ((x.to(self.A.dtype) @ self.A) @ self.B)).to(y.dtype)
+        return y + (self.scale * ((self.factor_input(x) @ self.A) @ self.B)).to(y.dtype).view_as(y)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, alpha / r)."""
@@ -96,7 +96,7 @@ class DyLoRALinear(Adapter):
             b = A.shape[1]
             A = torch.cat([A[:, :b - 1].detach(), A[:, b - 1:]], dim=1)
             B = torch.cat([B[:b - 1].detach(), B[b - 1:]], dim=0)
-        return y + (scale * ((x.to(A.dtype) @ A) @ B)).to(y.dtype)
+        return y + (scale * ((self.factor_input(x) @ A) @ B)).to(y.dtype).view_as(y)
 
 
 def draw_rank(seed: int, step: int, r: int) -> int:
@@ -161,11 +161,20 @@ class AdaLoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * (((x.to(self.A.dtype) @ self.A) * self.E) @ self.B)).to(y.dtype)
+        return y + (self.scale * (((self.factor_input(x) @ self.A) * self.E) @ self.B)).to(y.dtype).view_as(y)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(E), B, s): the update s A diag(E) B; a masked triplet (E_i = 0) is a zero column."""
         return self.A * self.E, self.B, self.scale
+
+
+def stacked(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` stacked by shape, one [n, ...] tensor per shape (in order of first appearance), so that a sum over
+    hundreds of layers' factors runs as a few batched ops (SD 1.5's layers have a few dozen shapes)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(tuple(t.shape), []).append(t)
+    return [torch.stack(group) for group in groups.values()]
 
 
 def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
@@ -173,14 +182,15 @@ def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
 
     With P = B^T and Q = A^T both Gram matrices are r x r: B B^T and A^T A. As in peft the norms are
     not squared (the AdaLoRA paper's eq. 4 squares them) and the mean runs over the 2n matrices of n
-    adapters.
+    adapters. Factors of equal shape are stacked (`stacked`) and go through one batched product and norm: at SD
+    1.5's widths the same norms and gradients bit for bit as one layer at a time; for small products (contraction
+    x r x r < 400) torch's CPU bmm sums in another order than mm, a difference of rounding
+    (docs/performance.md). The mean adds the norms in another order, which moves its value by rounding only.
     """
-    terms = []
-    for a in adapters.values():
-        A, B = a.A[:, :a.rank], a.B[:a.rank]  # the ranks in use (capacity.py may store more)
-        eye = torch.eye(a.rank, device=A.device, dtype=A.dtype)
-        terms += [torch.linalg.matrix_norm(A.T @ A - eye), torch.linalg.matrix_norm(B @ B.T - eye)]
-    return torch.stack(terms).mean()
+    grams = [A.mT @ A for A in stacked([a.A[:, :a.rank] for a in adapters.values()])]
+    grams += [B @ B.mT for B in stacked([a.B[:a.rank] for a in adapters.values()])]
+    return torch.cat([torch.linalg.matrix_norm(g - torch.eye(g.shape[-1], device=g.device, dtype=g.dtype))
+                      for g in grams]).mean()
 
 
 def budget_schedule(step: int, init_budget: int, target_budget: int, total_steps: int,
@@ -256,19 +266,22 @@ class AdaLoRA(Controller):
         return self.orth_reg_weight * orthogonal_regulariser(self.adapters)
 
     def update_importance(self) -> None:
-        """Eq. 8-9: the EMAs of sensitivity and uncertainty of every entry of A, E, B."""
+        """Eq. 8-9: the EMAs of sensitivity and uncertainty of every entry of A, E, B, for all of them at once
+        (torch._foreach_*: one dispatched op per stage, the same values as one tensor at a time)."""
+        keys = [(f"{name}.{key}", getattr(a, key)) for name, a in self.adapters.items() for key in ("A", "E", "B")]
+        keys = [(key, p) for key, p in keys if p.grad is not None]
+        if not keys:
+            return
+        params = [p for _, p in keys]
         with torch.no_grad():
-            for name, a in self.adapters.items():
-                for key in ("A", "E", "B"):
-                    p = getattr(a, key)
-                    if p.grad is None:
-                        continue
-                    ipt = (p * p.grad).abs()
-                    sens = self.ema.get(f"{name}.{key}.sensitivity", torch.zeros_like(p))
-                    unc = self.ema.get(f"{name}.{key}.uncertainty", torch.zeros_like(p))
-                    sens = self.beta1 * sens + (1 - self.beta1) * ipt
-                    self.ema[f"{name}.{key}.sensitivity"] = sens
-                    self.ema[f"{name}.{key}.uncertainty"] = self.beta2 * unc + (1 - self.beta2) * (ipt - sens).abs()
+            ipt = torch._foreach_abs(torch._foreach_mul(params, [p.grad for p in params]))
+            sens, unc = ([self.ema[f"{key}.{kind}"] if f"{key}.{kind}" in self.ema else torch.zeros_like(p)
+                          for key, p in keys] for kind in ("sensitivity", "uncertainty"))
+            sens = torch._foreach_add(torch._foreach_mul(sens, self.beta1), torch._foreach_mul(ipt, 1 - self.beta1))
+            spread = torch._foreach_abs(torch._foreach_sub(ipt, sens))
+            unc = torch._foreach_add(torch._foreach_mul(unc, self.beta2), torch._foreach_mul(spread, 1 - self.beta2))
+        for (key, _), s, u in zip(keys, sens, unc):
+            self.ema[f"{key}.sensitivity"], self.ema[f"{key}.uncertainty"] = s, u
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """Eq. 7: S_i = s(E_i) + mean_j s(A_ji) + mean_k s(B_ik), s = sensitivity * uncertainty."""

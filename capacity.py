@@ -85,10 +85,11 @@ class FixedDyLoRA(FixedCapacity, DyLoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + self.masked_update(x).to(y.dtype)
+        return y + self.masked_update(x).to(y.dtype).view_as(y)
 
     def masked_update(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class)."""
+        """The forward's (alpha / b) x A[:, :b] B[:b] at fixed shapes, b the `active` buffer (see the class), in
+        rows [N, d_out]."""
         position = torch.arange(self.A.shape[1], device=self.A.device)
         b = self.active
         A = self.A * (position < b).to(self.A.dtype)
@@ -96,7 +97,7 @@ class FixedDyLoRA(FixedCapacity, DyLoRALinear):
         if self.mode == "frozen" and self.training:
             frozen = position < b - 1
             A, B = torch.where(frozen, A.detach(), A), torch.where(frozen[:, None], B.detach(), B)
-        return (self.alpha / b) * ((x.to(A.dtype) @ A) @ B)
+        return (self.alpha / b) * ((self.factor_input(x) @ A) @ B)
 
 
 class FixedLoRA2(FixedCapacity, LoRA2Linear):

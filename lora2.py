@@ -40,7 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from adapters import Adapter, Controller, draw_candidate, lora_factors
+from baselines import stacked
 
 
 def rate_for_rank(rank: int, k: float = 0.9) -> float:
@@ -73,6 +77,7 @@ class LoRA2Linear(Adapter):
         self.A, self.B = lora_factors(base, rank, generator, name="rank")
         self.rho = nn.Parameter(self.A.new_tensor(inverse_softplus(rate_for_rank(rank, k))))
         self.register_buffer("scale", self.A.new_tensor(float(scale)))
+        self.step_weights: torch.Tensor | None = None  # f of this training step, set by LoRA2.capture
 
     @property
     def rate(self) -> torch.Tensor:
@@ -86,11 +91,33 @@ class LoRA2Linear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * (((x.to(self.A.dtype) @ self.A) * self.weights()) @ self.B)).to(y.dtype)
+        f = self.weights() if self.step_weights is None else self.step_weights
+        return y + (self.scale * (((self.factor_input(x) @ self.A) * f) @ self.B)).to(y.dtype).view_as(y)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A diag(f), B, s): the update s A diag(f) B."""
         return self.A * self.weights(), self.B, self.scale
+
+
+def rates(layers: list[LoRA2Linear]) -> torch.Tensor:
+    """Every layer's nu = softplus(rho) in one op. (Vectorised, softplus rounds some rates 1 ulp away from one
+    layer's own `rate`.)"""
+    return F.softplus(torch.stack([layer.rho for layer in layers]))
+
+
+def all_weights(layers: list[LoRA2Linear], nu: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's f (`LoRA2Linear.weights`, at its true rank) from their rates nu (`rates`), as one softmax per
+    group of layers of equal rank instead of a few ops per layer: a step dispatches a few dozen ops for them."""
+    groups: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(layer.rank, []).append(i)
+    out: list[torch.Tensor] = [nu] * len(layers)
+    for rank, members in groups.items():
+        positions = torch.arange(rank, device=nu.device, dtype=layers[members[0]].A.dtype)
+        group = nu if len(members) == len(layers) else nu[members]
+        for i, f in zip(members, torch.softmax(-group[:, None] * positions, dim=1).unbind()):
+            out[i] = f
+    return out
 
 
 def normaliser(rate: float, rank: int) -> float:
@@ -164,25 +191,48 @@ class LoRA2(Controller):
         self.k, self.max_rank, self.seed = k, max_rank, seed
         self.rate_prior_mean = rate_for_rank(1, k) if rate_prior_mean is None else rate_prior_mean
         self.rate_prior_scale, self.weight_prior_scale, self.n_obs = rate_prior_scale, weight_prior_scale, n_obs
+        self.step_rates: torch.Tensor | None = None  # inside capture: the rates of the step's forward
+
+    @contextmanager
+    def capture(self, step: int, batch_size: int) -> Iterator[None]:
+        """Every layer's f for this step's forward and backward, computed for all layers at once (`all_weights`).
+        At a fixed capacity (train.py --compile) each layer computes its own, which the compiler fuses."""
+        self.last_step = step
+        layers = list(self.adapters.values())
+        if any(getattr(layer, "capacity", None) for layer in layers):  # capacity.FixedCapacity
+            yield
+            return
+        self.step_rates = rates(layers)
+        for layer, f in zip(layers, all_weights(layers, self.step_rates)):
+            layer.step_weights = f
+        try:
+            yield
+        finally:
+            self.step_rates = None
+            for layer in layers:
+                layer.step_weights = None
 
     def penalty(self) -> torch.Tensor:
-        """The negative log prior over n_obs (constants dropped): Gaussian on each rate and on A, B."""
-        rates = torch.stack([a.rate for a in self.adapters.values()])
-        weights = sum(a.A.square().sum() + a.B.square().sum() for a in self.adapters.values())
-        rate_term = (rates - self.rate_prior_mean).square().sum() / (2 * self.rate_prior_scale ** 2)
+        """The negative log prior over n_obs (constants dropped): Gaussian on each rate and on A, B. The squares of
+        factors of equal shape are summed stacked (baselines.stacked): the same gradients as one at a time. Inside
+        capture, the rates are the step's (those of the forward)."""
+        layers = list(self.adapters.values())
+        factors = [a.A for a in layers] + [a.B for a in layers]  # ranks not in use (capacity.py) are zero
+        weights = sum(X.square().sum() for X in stacked(factors))
+        nu = rates(layers) if self.step_rates is None else self.step_rates
+        rate_term = (nu - self.rate_prior_mean).square().sum() / (2 * self.rate_prior_scale ** 2)
         return (rate_term + weights / (2 * self.weight_prior_scale ** 2)) / self.n_obs
 
     def capacity(self, name: str) -> int:
         layer = self.adapters[name]
         return min(self.max_rank, layer.base.in_features, layer.base.out_features)
 
-    def target_rank(self, name: str) -> int:
-        return quantile_rank(float(self.adapters[name].rate.detach()), self.k, self.capacity(name))
-
     def step(self) -> list[dict]:
         events = []
-        for name, layer in self.adapters.items():
-            old, rank = layer.rank, self.target_rank(name)
+        with torch.no_grad():
+            nu = rates(list(self.adapters.values())).cpu().numpy().tolist()  # numpy: no op per element
+        for (name, layer), rate in zip(self.adapters.items(), nu):
+            old, rank = layer.rank, quantile_rank(rate, self.k, self.capacity(name))
             if rank == old:
                 continue
             columns = None
@@ -191,7 +241,7 @@ class LoRA2(Controller):
                                      for i in range(old, rank)], dim=1)
             resize(layer, rank, columns, self.optimizer)
             events.append({"step": self.last_step, "layer": name, "rank": rank, "previous": old,
-                           "rate": float(layer.rate.detach()), **({"reached_max_rank": True}
+                           "rate": rate, **({"reached_max_rank": True}
                                                                   if rank == self.capacity(name) else {})})
         return events
 

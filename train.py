@@ -276,8 +276,7 @@ def start(args: argparse.Namespace) -> Training:
     parts.to(device)
     params = [p for p in parts.parameters() if p.requires_grad]
     groups = methods.param_groups(args.method, named, args.lr, args)
-    opt_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_class(groups, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = methods.optimizer(groups, args.optimizer, args.lr, args.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / (args.batch * distributed.world_size()))
     total_steps = steps_per_epoch * args.epochs
     controller = method.controller(named, optimizer, total_steps, distributed.all_reduce_sums)

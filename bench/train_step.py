@@ -2,7 +2,7 @@
 UNet2DConditionModel + transformers' CLIPTextModel + peft LoRA (r = 4 on every nn.Linear), in the same run.
 
     OMP_NUM_THREADS=2 python bench/train_step.py [--device cpu|cuda] [--size 224] [--batch 1] [--method lora ...|all]
-        [--mode eager compiled] [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory]
+        [--mode eager compiled] [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory] [--ops-only] [--op-names FILE]
 
 A step is train.py's: text encoder and UNet forward, the diffusion loss, backward, the Adam step and the
 method's controller (diffusion.train_step, then optimizer.step and controller.step), the same function on both
@@ -13,7 +13,8 @@ gradients); with lora, ours again with --gradient-checkpointing; with --mode com
 --compile runs it (adapters at a fixed capacity, UNet and text encoder torch.compile'd; SeLoRA at rank 8 in a
 capacity of 16; no compiled test step: it runs uncompiled).
 
-Each configuration reports the aten ops it dispatches per step (a TorchDispatchMode counter), its FLOPs per step
+Each configuration reports the aten ops it dispatches per step (tests/op_count.py's TorchDispatchMode counter, also
+tests/test_op_counts.py's; --op-names writes them by name), its FLOPs per step
 (torch.utils.flop_counter), the median time of --repeat steps taken in turn with every other configuration (so a
 busy machine slows all alike), and its peak memory: on a GPU torch.cuda.max_memory_allocated, on a CPU the peak
 RSS of a fresh process that builds that side alone (also the RSS once built, before the first step). A compiled
@@ -41,7 +42,6 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +55,7 @@ import selora  # noqa: E402
 import train  # noqa: E402
 from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from sampling import NUM_TRAIN_TIMESTEPS, add_noise  # noqa: E402
+from op_count import OpCounter  # noqa: E402
 from sd_unet import UNet, UNetConfig, unet_diffusers_names  # noqa: E402
 from unet_helpers import diffusers_config, randomize_  # noqa: E402
 
@@ -155,6 +156,9 @@ def peft_side(weights: nn.ModuleDict, device: str) -> tuple[SimpleNamespace, nn.
         linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=linears), model)
         layers += len(linears)
+    for p in [*unet.parameters(), *text.parameters()]:  # peft makes them in the base's dtype; train in fp32, as ours
+        if p.requires_grad:  # and diffusers' training scripts (cast_training_params) do
+            p.data = p.data.float()
     parts = nn.ModuleDict({"unet": DiffusersUNet(unet), "text_encoder": TransformersText(text)}).to(device)
     sd = SimpleNamespace(unet=parts.unet, text_encoder=parts.text_encoder, device=torch.device(device))
     return sd, parts, NoController(), layers
@@ -204,11 +208,11 @@ def build(cfg: Config, weights: nn.ModuleDict, args: argparse.Namespace) -> Side
     if cfg.method is None:
         sd, parts, controller, layers = peft_side(weights, args.device)
         params = [p for p in parts.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=LR)
+        optimizer = methods.optimizer(params, lr=LR)  # as ours: train.py's (foreach, as torch's default on a GPU)
     else:
         sd, parts, method, named = our_side(cfg, weights, args.device)
         params = [p for p in parts.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(lora2.param_groups(named, LR, 1e-2) if cfg.method == "lora2" else params, lr=LR)
+        optimizer = methods.optimizer(lora2.param_groups(named, LR, 1e-2) if cfg.method == "lora2" else params, lr=LR)
         controller, layers = method.controller(named, optimizer, 10 ** 6), len(named)
     autocast = torch.autocast(torch.device(args.device).type, train.PRECISIONS[args.precision],
                               enabled=args.precision != "fp32")
@@ -231,18 +235,6 @@ def make_batch(size: int, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active (forward, backward and optimizer alike)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
 
 def synchronize(device: str) -> None:
     if torch.device(device).type == "cuda":
@@ -293,11 +285,12 @@ def measure(sides: list[Side], batch, args: argparse.Namespace, memory: dict[str
         if side.compiled is None:
             with FlopCounterMode(display=False) as flops, OpCounter() as ops:
                 side.step(batch)
-            results[side.cfg.name] = {"loss_first_step": loss, "ops": ops.count, "flops": flops.get_total_flops()}
+            results[side.cfg.name] = {"loss_first_step": loss, "ops": ops.count, "flops": flops.get_total_flops(),
+                                      "op_names": dict(ops.names)}
         else:
             results[side.cfg.name] = {"loss_first_step": loss, "ops": None, "flops": None}
         results[side.cfg.name]["runs"] = []
-    for _ in range(args.repeat):
+    for _ in range(0 if args.ops_only else args.repeat):
         for side in sides:
             synchronize(args.device)
             start = time.perf_counter()
@@ -312,9 +305,11 @@ def summary(lines: dict[str, dict]) -> dict:
     compiled against eager."""
     peft = lines["peft lora r=4"]
     keys = ["ops", "flops", "seconds"] + (["peak_memory_mib"] if "peak_memory_mib" in peft else [])
-    ratios = {name: {k: round(line[k] / peft[k], 3) for k in keys if line[k] is not None}
+    ratios = {name: {k: round(line[k] / peft[k], 3) for k in keys if line[k] is not None and peft[k] is not None}
               for name, line in lines.items() if name != "peft lora r=4"}
     out = {"ours_over_peft": ratios}
+    if peft["seconds"] is None:  # --ops-only: nothing timed
+        return out
     compiled = {name: round(line["seconds"] / lines[name.removesuffix(", compiled")]["seconds"], 3)
                 for name, line in lines.items() if line["mode"] == "compiled"}
     if compiled:
@@ -352,6 +347,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed steps per configuration, taken in turn")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, from OMP_NUM_THREADS)")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh process per configuration (CPU)")
+    p.add_argument("--ops-only", action="store_true",
+                   help="count ops and FLOPs only: no timed steps, no memory processes (op counts do not depend on "
+                        "--size or --batch, so a small --size gives them quickly)")
+    p.add_argument("--op-names", type=Path, help="write each configuration's ops by aten name to this JSON file")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # the fresh process of cpu_memory
     args = p.parse_args()
     if args.threads:
@@ -361,7 +360,7 @@ def main() -> None:
     chosen = list(methods.METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     configs = configurations(chosen, args.mode)
     memory = {}
-    if args.device == "cpu" and not args.no_memory:  # first, before this process holds the models
+    if args.device == "cpu" and not (args.no_memory or args.ops_only):  # first, before this process holds the models
         memory = {c.name: cpu_memory(c, args) for c in configs}
     weights = frozen_weights(args.precision, args.device)
     sides = [build(c, weights, args) for c in configs]
@@ -374,10 +373,13 @@ def main() -> None:
         lines[side.cfg.name] = line = {
             "config": side.cfg.name, "mode": side.cfg.mode, "adapted_layers": side.layers,
             "trainable": side.trainable, "loss_first_step": r["loss_first_step"],
-            "ops": r["ops"], "flops": r["flops"], "seconds": round(statistics.median(r["runs"]), 3),
+            "ops": r["ops"], "flops": r["flops"],
+            "seconds": round(statistics.median(r["runs"]), 3) if r["runs"] else None,
             "runs": [round(t, 3) for t in r["runs"]], **memory.get(side.cfg.name, {}), **common}
         print(json.dumps(line), flush=True)
     print(json.dumps(summary(lines)))
+    if args.op_names:
+        args.op_names.write_text(json.dumps({name: r.get("op_names") for name, r in results.items()}, indent=1))
 
 
 if __name__ == "__main__":
