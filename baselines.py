@@ -187,8 +187,10 @@ def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
     x r x r < 400) torch's CPU bmm sums in another order than mm, a difference of rounding
     (docs/performance.md). The mean adds the norms in another order, which moves its value by rounding only.
     """
-    grams = [A.mT @ A for A in stacked([a.A[:, :a.rank] for a in adapters.values()])]
-    grams += [B @ B.mT for B in stacked([a.B[:a.rank] for a in adapters.values()])]
+    factors = [(a.A, a.B) if a.A.shape[1] == a.rank else (a.A[:, :a.rank], a.B[:a.rank])  # capacity.py stores more
+               for a in adapters.values()]
+    grams = [A.mT @ A for A in stacked([A for A, _ in factors])]
+    grams += [B @ B.mT for B in stacked([B for _, B in factors])]
     return torch.cat([torch.linalg.matrix_norm(g - torch.eye(g.shape[-1], device=g.device, dtype=g.dtype))
                       for g in grams]).mean()
 
