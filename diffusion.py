@@ -129,7 +129,8 @@ def compiled(sd: SD15, mode: str = "default") -> SD15:
     The adapters must be at a fixed capacity first (adapters.fix_capacity), or every change of rank would
     recompile (and, with CUDA graphs, record again)."""
     view = copy.copy(sd)
-    view.unet, view.text_encoder = (torch.compile(part, dynamic=False, mode=mode) for part in (sd.unet, sd.text_encoder))
+    view.unet, view.text_encoder = (torch.compile(part, dynamic=False, mode=mode)
+                                    for part in (sd.unet, sd.text_encoder))
     return view
 
 

@@ -276,12 +276,12 @@ class SeLoRA(Controller):
             selora.step()                                        # test steps: FI-ratios, expand, log
 
     No extra forward or backward: the test reads the layer inputs x and output gradients g of the
-    step's own backward (`per_sample_grads`, for the layers of equal shapes at once). Expansion comes after optimizer.step(): the gradient just
-    computed belongs to the old shapes and is used by the step as plain LoRA would use it; the expansion
-    then re-parameterises without changing the function, and the new entries, with zero moments, train
-    from the next step. (The test is measured at the weights before the step, the expansion applied
-    at the weights after it: a one-step lag the authors' script also has.) A layer expands when its
-    ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
+    step's own backward (`per_sample_grads`, for the layers of equal shapes at once). Expansion comes after
+    optimizer.step(): the gradient just computed belongs to the old shapes and is used by the step as plain
+    LoRA would use it; the expansion then re-parameterises without changing the function, and the new entries,
+    with zero moments, train from the next step. (The test is measured at the weights before the step, the
+    expansion applied at the weights after it: a one-step lag the authors' script also has.) A layer expands
+    when its ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
 
     A test step is, in the paper's order: `candidate` (K, eq. 2), `scores` (eq. 3-4: the FI-scores of the original
     and the expanded layer), `fi_ratio` (eq. 5), `passes` (ratio > lambda) and `grow` (eq. 2).
@@ -396,8 +396,8 @@ class SeLoRA(Controller):
         and zero sums. In the order of `_candidates`, the same in every process (`SeLoRA.reduce`)."""
         groups: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
         for name, calls in seen.items():
-            x, g = (parts[0] if len(parts) == 1 else torch.cat([t.reshape(batch_size, -1, t.shape[-1]) for t in parts], 1)
-                    for parts in zip(*calls))  # a layer called twice: the tokens of both calls
+            x, g = (parts[0] if len(parts) == 1  # a layer called twice: the tokens of both calls
+                    else torch.cat([t.reshape(batch_size, -1, t.shape[-1]) for t in parts], 1) for parts in zip(*calls))
             key = (x.shape, g.shape, x.dtype, g.dtype, x.device, self.adapters[name].rank)
             groups.setdefault(key, []).append((name, x, g))
         sums = {}

@@ -21,10 +21,10 @@ RSS of a fresh process that builds that side alone (also the RSS once built, bef
 configuration's first step compiles (minutes on a CPU; inductor caches the kernels on disk for the next process)
 and is timed apart ("first_step_seconds", every configuration's; give TORCHINDUCTOR_CACHE_DIR an empty folder to
 time a compilation from scratch); its ops and FLOPs are not counted (inductor's fused kernels bypass the
-dispatcher; its eager twin's apply). One JSON line per configuration, then a line with ours / peft for each, the saving of gradient
-checkpointing, SeLoRA's test step against its normal step, compiled against eager, and the goals for LoRA.
-Defaults: eager only, about a minute of steps on a 2-core CPU (plus a fresh process per configuration for the
-memory figure).
+dispatcher; its eager twin's apply). One JSON line per configuration, then a line with ours / peft for each, the
+saving of gradient checkpointing, SeLoRA's test step against its normal step, compiled against eager, and the
+goals for LoRA. Defaults: eager only, about a minute of steps on a 2-core CPU (plus a fresh process per
+configuration for the memory figure).
 """
 from __future__ import annotations
 
