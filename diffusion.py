@@ -103,22 +103,34 @@ def denoising_loss(sd: SD15, batch, autocast) -> torch.Tensor:
     return F.mse_loss(pred.float(), noise)
 
 
-def check_compiler(device: torch.device) -> None:
-    """Refuse --compile on the CPU without the C++ compiler that inductor builds its CPU kernels with."""
+COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile's modes that train.py --compile-mode offers
+
+
+def check_compiler(device: torch.device, mode: str = "default") -> None:
+    """Refuse what --compile cannot do on `device`: CUDA graphs (--compile-mode reduce-overhead) anywhere but on a
+    CUDA device, and CPU kernels without the C++ compiler that inductor builds them with."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ValueError(f"--compile-mode reduce-overhead replays each step as CUDA graphs, which need a CUDA device, "
+                         f"and this run is on {device}: leave out --compile-mode (or give default)")
     compiler = os.environ.get("CXX", "g++")
     if device.type == "cpu" and not shutil.which(compiler):
         raise ValueError(f"--compile on the CPU needs a C++ compiler (inductor builds its kernels with one): no "
                          f"{compiler} found on the PATH; install g++ or set CXX, or leave out --compile")
 
 
-def compiled(sd: SD15) -> SD15:
+def compiled(sd: SD15, mode: str = "default") -> SD15:
     """`sd` with its UNet and text encoder compiled (torch.compile, TorchDynamo and inductor, for fixed shapes):
     the same modules and weights, so training through it trains `sd`; `.unet._orig_mod` is `sd.unet`.
+    mode="reduce-overhead" also records each compiled graph's kernel launches as a CUDA graph and replays it
+    (torch.compile's CUDA graph trees): the same kernels and results, one launch per graph (CUDA only).
 
     The adapters must be at a fixed capacity first (adapters.fix_capacity), or every change of rank would
-    recompile."""
+    recompile (and, with CUDA graphs, record again)."""
     view = copy.copy(sd)
-    view.unet, view.text_encoder = (torch.compile(part, dynamic=False) for part in (sd.unet, sd.text_encoder))
+    view.unet, view.text_encoder = (torch.compile(part, dynamic=False, mode=mode)
+                                    for part in (sd.unet, sd.text_encoder))
     return view
 
 
@@ -130,6 +142,7 @@ def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[t
     compiled, except a step whose capture hooks the adapters' forward, which a compiled model would skip."""
     if compiled_sd is not None and not controller.hooks_forward(step):
         sd = compiled_sd
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (--compile-mode reduce-overhead): a new step
     part = distributed.shard(batch)
     loss = None
     with controller.capture(step, len(part[0])):

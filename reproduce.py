@@ -67,7 +67,7 @@ OWN = ("--method", "--seed", "--data-seed", "--out", "--resume", "--overwrite", 
        "--expansion-test",
        "--model", "--tokenizer", "--data", "--dataset", "--epochs", "--size", "--batch", "--device")
 NOT_COMPARED = ("out", "overwrite", "resume", "stop_after", "device",  # may change when a study continues
-                "gradient_checkpointing", "compile",  # change no result
+                "gradient_checkpointing", "compile", "compile_mode",  # change no result
                 "scheduler", "guidance")  # previews' only, which the study turns off (--samples 0)
 SMOKE = dict(methods=["lora", "selora"], seeds=[0, 1], ablation_seeds=[0], t=2, ts=[2, 4, 8], epochs=2, batch=4,
              size=48, sample_steps=4, images=32, split="50,25,25")

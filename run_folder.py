@@ -52,7 +52,7 @@ MADE = (CONFIG, SPLIT, LOG, CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD, "summary
 
 # options a resumed run may change; every other option given with --resume must equal the run's own
 RESUMABLE = ("epochs", "device", "checkpoint_every", "timeout", "stop_after", "samples", "scheduler", "sample_steps",
-             "guidance", "latent_cache", "gradient_checkpointing", "compile", "allow_data_change")
+             "guidance", "latent_cache", "gradient_checkpointing", "compile", "compile_mode", "allow_data_change")
 # options of one invocation: a resumed run takes today's, not the saved ones
 INVOCATION = ("timeout", "stop_after", "allow_data_change")
 PATHS = ("model", "tokenizer", "data", "latent_cache", "out")  # compared as resolved paths on resume

@@ -11,11 +11,11 @@ Read top to bottom:
 - `SeLoRALinear`: x W0 + b0 + s x A B (eq. 1-2) on a frozen nn.Linear.
 - `expand`: eq. 2, with the optimizer's state resized (adapters.resize_parameter).
 - `per_sample_grads`: each sample's gradients of A, B and of K's row, from a layer's input x and output
-  gradient g, which the training step's own backward produces (as sums over tokens of outer products,
-  `gradient_factors`).
+  gradient g, which the training step's own backward produces (as sums over tokens of outer products);
+  `per_sample_grads_of_layers`: the same for a stack of layers of equal shapes, as the training step computes them.
 - `fisher_score` (eq. 3-4, as the paper writes them), `fi_ratio` (eq. 5, printed upside down in the paper:
-  see its docstring); `fisher_sums` and
-  `score_from_sums`: the same score from sums that the processes of a data-parallel run can add.
+  see its docstring); `fisher_sums`, `as_numbers` and `score_from_sums`: the same score from sums that the
+  processes of a data-parallel run can add.
 - `literal_fisher_scores`, `literal_fi_ratios`: the same numbers by definition, one backward per sample
   on an expanded copy of the model (for readers, and the tests' oracle).
 - `SeLoRA`: the schedule (test every t steps, expand above lambda, log; optionally up to a maximum rank) as a
@@ -117,27 +117,22 @@ def expand(layer: SeLoRALinear, K: torch.Tensor, optimizer: torch.optim.Optimize
 
 
 @torch.no_grad()
-def gradient_factors(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: torch.Tensor,
-                     times: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each sample's gradients of A, B and of the candidate row of B (`per_sample_grads`) as sums over tokens of
-    outer products, dl_i/dW = sum_n u_in^T v_in, given by their factors (u [b, n, d1], v [b, n, d2]):
-
-        A:      u = x,        v = s g B^T      (dl_i/dA = s sum_n x_n^T (g_n B^T))
-        B:      u = s x A,    v = g            (dl_i/dB = s sum_n (x_n A)^T g_n)
-        b_new:  u = s x K,    v = g            (dl_i/db_new = s sum_n (x_n K) g_n)
-
-    x: the layer's input [b, ..., d_in]; g: its output gradient [b, ..., d_out], of which `times` g is the
-    gradient of each sample's own loss; the factor `times` goes onto the small factors, not onto g.
+def per_sample_grads_of_layers(layers: list[SeLoRALinear], x: torch.Tensor, g: torch.Tensor, K: torch.Tensor,
+                               times: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`per_sample_grads` of L layers of equal shapes at once, stacked: x [L, b, n, d_in], g [L, b, n, d_out],
+    K [L, d_in] give [L, b, ...] per factor, in one batched product each instead of one per layer (the training
+    step calls this once per group of equal shapes, `SeLoRA._fisher_sums`). B's and b_new's gradients, both
+    sum_n u_n^T g_n, come from one product with u = s x [A K]; `times` goes onto the small factors, not onto g.
     """
-    b = x.shape[0]
-    A, B, s = layer.factors()
-    s = s * times
-    x = x.reshape(b, -1, A.shape[0]).to(A.dtype)
-    g = g.reshape(b, -1, B.shape[1]).to(A.dtype)
-    return [(x, s * (g @ B.T)), (s * (x @ A), g), (s * (x @ K.reshape(-1, 1).to(A)), g)]
+    A, B = (torch.stack(f) for f in zip(*(layer.factors()[:2] for layer in layers)))  # [L, d_in, r], [L, r, d_out]
+    s = (torch.stack([layer.scale for layer in layers]) * times).to(A.dtype)[:, None, None]
+    x, g = x.to(A.dtype), g.to(A.dtype)
+    AK = torch.cat([A, K.to(A)[..., None]], dim=2)  # [L, d_in, r + 1]: eq. 2's expanded A
+    grad_A = torch.einsum("lbnd,lbne->lbde", x, g @ (s * B).transpose(1, 2)[:, None])
+    grad_BK = torch.einsum("lbnr,lbne->lbre", x @ (s * AK)[:, None], g)
+    return grad_A, grad_BK[:, :, :-1], grad_BK[:, :, -1]
 
 
-@torch.no_grad()
 def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: torch.Tensor,
                      times: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample gradients of A, B and of the candidate row of B, from the layer's input and output gradient.
@@ -150,10 +145,12 @@ def per_sample_grads(layer: SeLoRALinear, x: torch.Tensor, g: torch.Tensor, K: t
         dl_i/db_new = s sum_n (x_n K) g_n          [b, d_out]  (the zero row that eq. 2 appends to B)
     The expanded layer's gradient of K is zero because its row of B is zero, and the gradients of A and
     B are those of the original layer, so these three give the Fisher of both. Sums over n (tokens,
-    positions) are einsums of `gradient_factors`: no per-sample copy of any weight is formed.
+    positions) are einsums (`per_sample_grads_of_layers` of this one layer): no per-sample copy of a weight.
     """
-    grad_A, grad_B, grad_new = (torch.einsum("bnd,bne->bde", u, v) for u, v in gradient_factors(layer, x, g, K, times))
-    return grad_A, grad_B, grad_new[:, 0]
+    b, d_in, d_out = x.shape[0], layer.base.in_features, layer.base.out_features
+    grads = per_sample_grads_of_layers([layer], x.reshape(1, b, -1, d_in), g.reshape(1, b, -1, d_out),
+                                       K.reshape(1, d_in), times)
+    return tuple(grad[0] for grad in grads)
 
 
 def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> float:
@@ -175,26 +172,35 @@ def fisher_score(per_sample: list[torch.Tensor], fisher: str = "sample") -> floa
 
 
 def fisher_sums(per_sample: list[torch.Tensor], fisher: str = "sample") -> list[torch.Tensor]:
-    """`fisher_score` in two halves, for a batch split over data-parallel processes: the sums over samples,
-    in float64, one tensor per parameter [b, ...]. Sums over disjoint sets of samples add up, so the processes'
-    sums added (`SeLoRA.reduce`) are the whole batch's.
+    """`fisher_score` in two halves, for a batch split over data-parallel processes: the sums over samples, in
+    float64, of L layers' stacked per-sample gradients ([L, b, ...] per parameter, `per_sample_grads_of_layers`).
+    Sums over disjoint sets of samples add up, so the processes' sums added (`SeLoRA.reduce`) are the whole
+    batch's.
 
-    fisher="sample": the squared gradients summed over samples and entries (a scalar each);
-    fisher="batch": the gradients summed over samples.
+    fisher="sample": the squared gradients summed over samples and entries, [L];
+    fisher="batch": the gradients summed over samples, [L, ...].
     """
     if fisher == "sample":
-        return [p.double().square().sum() for p in per_sample]
+        return [p.double().square().flatten(1).sum(1) for p in per_sample]
     if fisher == "batch":
-        return [p.double().sum(0) for p in per_sample]
+        return [p.double().sum(1) for p in per_sample]
     raise ValueError(f"fisher must be one of {FISHER_MODES}, got {fisher!r}")
 
 
-def score_from_sums(sums: list[torch.Tensor], n: int, fisher: str = "sample") -> float:
-    """The FI-score (eq. 4) of n samples from their `fisher_sums`: their sum / n (eq. 3's batch mean), or for
-    fisher="batch" the squares of sum / n."""
-    if fisher == "sample":
-        return sum(float(s) for s in sums) / n
-    return sum(float((s / n).square().sum()) for s in sums)
+def as_numbers(sums: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
+    """Each layer's sample counts and `fisher_sums` (added over the processes) as Python numbers, in one transfer
+    from the device for all layers. A number stays itself (a count; fisher="sample": a sum of squared
+    gradients); a tensor with entries (fisher="batch": gradients summed over samples) becomes the sum of its
+    squares."""
+    numbers = [t if t.dim() == 0 else t.square().sum() for parts in sums.values() for t in parts]
+    flat = iter(torch.stack(numbers).tolist() if numbers else [])
+    return {name: [next(flat) for _ in parts] for name, parts in sums.items()}
+
+
+def score_from_sums(sums: list[float], n: int, fisher: str = "sample") -> float:
+    """The FI-score (eq. 4) of n samples from their `fisher_sums` (`as_numbers`): sum / n (eq. 3's batch mean of
+    the squares), or for fisher="batch" the squares of the summed gradients / n^2 (the square of their mean)."""
+    return sum(sums) / (n if fisher == "sample" else n * n)
 
 
 def fi_ratio(score_original: float, score_expanded: float) -> float:
@@ -262,20 +268,20 @@ class SeLoRA(Controller):
 
         selora = SeLoRA(adapters, optimizer, lam=1.1, t=40)
         for step, batch in enumerate(loader, start=1):
-            with selora.capture(step, batch_size=len(batch)):   # hooks only on test steps
+            with selora.capture(step, batch_size=len(batch)):   # test steps: hooks, then each layer's Fisher sums
                 loss = mse(model(batch), target)                 # batch mean of per-sample MSE
                 optimizer.zero_grad()
-                loss.backward()                                  # hooks compute per-sample grads here
+                loss.backward()                                  # hooks keep each layer's x and g
             optimizer.step()
             selora.step()                                        # test steps: FI-ratios, expand, log
 
     No extra forward or backward: the test reads the layer inputs x and output gradients g of the
-    step's own backward (`per_sample_grads`). Expansion comes after optimizer.step(): the gradient just
-    computed belongs to the old shapes and is used by the step as plain LoRA would use it; the expansion
-    then re-parameterises without changing the function, and the new entries, with zero moments, train
-    from the next step. (The test is measured at the weights before the step, the expansion applied
-    at the weights after it: a one-step lag the authors' script also has.) A layer expands when its
-    ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
+    step's own backward (`per_sample_grads`, for the layers of equal shapes at once). Expansion comes after
+    optimizer.step(): the gradient just computed belongs to the old shapes and is used by the step as plain
+    LoRA would use it; the expansion then re-parameterises without changing the function, and the new entries,
+    with zero moments, train from the next step. (The test is measured at the weights before the step, the
+    expansion applied at the weights after it: a one-step lag the authors' script also has.) A layer expands
+    when its ratio exceeds (>) lambda, by at most one rank per test; each test is logged in `log`.
 
     A test step is, in the paper's order: `candidate` (K, eq. 2), `scores` (eq. 3-4: the FI-scores of the original
     and the expanded layer), `fi_ratio` (eq. 5), `passes` (ratio > lambda) and `grow` (eq. 2).
@@ -318,7 +324,7 @@ class SeLoRA(Controller):
         self.log: list[RankTest] = []
         self._tested_step = None
         self._candidates: dict[str, torch.Tensor] = {}  # the layers tested this step, with their K
-        self._grads: dict[str, list[torch.Tensor]] = {}  # per-sample grads of A, B, K's row, summed over calls
+        self._sums: dict[str, list[torch.Tensor]] = {}  # each tested layer's count and Fisher sums (`_fisher_sums`)
 
     def is_test_step(self, step: int) -> bool:
         return step % self.t == 0
@@ -337,8 +343,8 @@ class SeLoRA(Controller):
     @contextmanager
     def capture(self, step: int, batch_size: int) -> Iterator[None]:
         """Around the forward and backward of training step `step` (counted from 1): on test steps, hook
-        every adapter below max_rank so that backward leaves its per-sample gradients here. Other steps:
-        nothing."""
+        every adapter below max_rank so that backward shows it its input x and output gradient g, and after
+        backward reduce them to each layer's Fisher sums (`_hooked`). Other steps: nothing."""
         self.last_step = step
         if not self.is_test_step(step):
             yield
@@ -351,18 +357,22 @@ class SeLoRA(Controller):
 
     @contextmanager
     def _hooked(self, batch_size: int) -> Iterator[None]:
-        """Every layer in `_candidates` hooked (`_hook`) for one forward and backward, into fresh stores."""
-        self._grads = {}
-        handles = [self.adapters[name].register_forward_hook(self._hook(name, batch_size)) for name in self._candidates]
+        """Every layer in `_candidates` hooked (`_hook`) for one forward and backward; after them, in `_sums`,
+        every such layer's Fisher sums at the weights of that backward (`_fisher_sums`)."""
+        seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        handles = [self.adapters[name].register_forward_hook(self._hook(name, batch_size, seen))
+                   for name in self._candidates]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+        self._sums = self._fisher_sums(seen, batch_size)
 
-    def _hook(self, name: str, batch_size: int):
+    @staticmethod
+    def _hook(name: str, batch_size: int, seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]):
         def forward_hook(layer, inputs, output):
-            x = inputs[0].detach()
+            x = inputs[0]
             if x.shape[0] != batch_size:
                 raise ValueError(f"layer '{name}': input of shape {tuple(x.shape)} does not have the batch size "
                                  f"{batch_size} first; the per-sample Fisher needs samples along dimension 0")
@@ -372,33 +382,52 @@ class SeLoRA(Controller):
             # sits on the recomputed output, which backward never passes through, so each call counts once.
 
             def grad_hook(g):  # g: dL/dy of the batch-mean loss; batch_size g is each sample's own (module doc)
-                grads = per_sample_grads(layer, x, g, self._candidates[name], batch_size)
-                held = self._grads.get(name)  # a layer called twice in one forward sums both calls
-                self._grads[name] = list(grads) if held is None else [h + n for h, n in zip(held, grads)]
+                seen.setdefault(name, []).append((x, g))
             output.register_hook(grad_hook)
         return forward_hook
 
-    def _fisher_sums(self, name: str) -> list[torch.Tensor]:
-        """[number of samples, fisher_sums of (A, B), fisher_sums of the candidate row] of this process's
-        batch for layer `name`; zero samples and zero sums when the layer received no gradient."""
-        layer = self.adapters[name]
-        grads = self._grads.get(name)
-        if grads is None:
-            A, B, _ = layer.factors()
-            grads = [A.new_zeros(0, *A.shape), B.new_zeros(0, *B.shape), B.new_zeros(0, B.shape[1])]
-        count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
-        return [count, *fisher_sums(grads[:2], self.fisher), *fisher_sums(grads[2:], self.fisher)]
+    @torch.no_grad()
+    def _fisher_sums(self, seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+                     batch_size: int) -> dict[str, list[torch.Tensor]]:
+        """[number of samples, fisher_sums of A, B and of the candidate row] of this process's batch for every
+        tested layer, from the inputs x and output gradients g that its hooks saw (a layer called twice: both
+        calls' tokens). The per-sample gradients are computed for all layers of equal shapes at once
+        (`per_sample_grads_of_layers`), one group at a time; a layer that received no gradient gets zero samples
+        and zero sums. In the order of `_candidates`, the same in every process (`SeLoRA.reduce`)."""
+        groups: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for name, calls in seen.items():
+            x, g = (parts[0] if len(parts) == 1  # a layer called twice: the tokens of both calls
+                    else torch.cat([t.reshape(batch_size, -1, t.shape[-1]) for t in parts], 1) for parts in zip(*calls))
+            key = (x.shape, g.shape, x.dtype, g.dtype, x.device, self.adapters[name].rank)
+            groups.setdefault(key, []).append((name, x, g))
+        sums = {}
+        for group in groups.values():
+            names, x, g = zip(*group)
+            L, d_in, d_out = len(names), x[0].shape[-1], g[0].shape[-1]
+            K = torch.stack([self._candidates[name].reshape(d_in) for name in names])
+            grads = per_sample_grads_of_layers([self.adapters[name] for name in names],
+                                               torch.stack(x).reshape(L, batch_size, -1, d_in),
+                                               torch.stack(g).reshape(L, batch_size, -1, d_out), K, batch_size)
+            count = grads[0].new_full((len(names),), float(batch_size), dtype=torch.float64)
+            for name, *parts in zip(names, *(t.unbind(0) for t in [count, *fisher_sums(grads, self.fisher)])):
+                sums[name] = parts
+        return {name: sums.get(name) or self._no_sums(name) for name in self._candidates}
 
-    def scores(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
+    def _no_sums(self, name: str) -> list[torch.Tensor]:
+        """`_fisher_sums` of a layer that no sample reached: zero samples, zero sums."""
+        A, B, _ = self.adapters[name].factors()
+        none = [A.new_zeros(1, 0, *A.shape), B.new_zeros(1, 0, *B.shape), B.new_zeros(1, 0, B.shape[1])]
+        return [A.new_zeros((), dtype=torch.float64), *(t[0] for t in fisher_sums(none, self.fisher))]
+
+    def scores(self, sums: list[float]) -> tuple[float, float] | None:
         """The FI-scores (eq. 3-4) of the original and of the expanded layer from one layer's `_fisher_sums` over
-        all processes, or None when no sample reached the layer. FI-score(expanded) = FI-score(original) + the
-        candidate row's Fisher, since K's own gradient is zero (its row of B is zero)."""
-        count, sum_A, sum_B, sum_new = sums
-        n = int(count)
+        all processes (`as_numbers`), or None when no sample reached the layer. FI-score(expanded) =
+        FI-score(original) + the candidate row's Fisher, since K's own gradient is zero (its row of B is zero)."""
+        n, sum_A, sum_B, sum_new = sums
         if n == 0:
             return None
-        original = score_from_sums([sum_A, sum_B], n, self.fisher)
-        return original, original + score_from_sums([sum_new], n, self.fisher)
+        original = score_from_sums([sum_A, sum_B], int(n), self.fisher)
+        return original, original + score_from_sums([sum_new], int(n), self.fisher)
 
     def passes(self, ratio: float) -> bool:
         """The paper's threshold: expand when the FI-ratio exceeds lambda (section 3.2)."""
@@ -420,8 +449,8 @@ class SeLoRA(Controller):
         which is right: each process's loss is the mean over its own samples.)"""
         if self._tested_step is None:
             return []
-        sums = distributed.sum_over_processes({name: self._fisher_sums(name) for name in self._candidates},
-                                              self.reduce)  # each layer's count and Fisher sums, global batch
+        sums = distributed.sum_over_processes(self._sums, self.reduce)  # each layer's count and sums, global batch
+        sums = as_numbers(sums)  # one transfer for all layers
         tests, events = [], []
         for name, layer_sums in sums.items():
             scores = self.scores(layer_sums)  # eq. 3-4, original and expanded layer
@@ -436,7 +465,7 @@ class SeLoRA(Controller):
             if grow and layer.rank == self.max_rank:
                 events.append({"step": self._tested_step, "layer": name, "rank": layer.rank, "reached_max_rank": True})
         self.log += tests
-        self._tested_step, self._candidates, self._grads = None, {}, {}
+        self._tested_step, self._candidates, self._sums = None, {}, {}
         return [dataclasses.asdict(test) for test in tests] + events
 
     def metadata(self) -> dict[str, str]:

@@ -41,7 +41,7 @@ from typing import Iterator
 import torch
 
 from adapters import draw_candidate
-from selora import SeLoRA, expand, fisher_sums, score_from_sums
+from selora import SeLoRA, expand, score_from_sums
 
 
 class ScriptSeLoRA(SeLoRA):
@@ -65,7 +65,7 @@ class ScriptSeLoRA(SeLoRA):
         super().__init__(adapters, optimizer, total_steps, reduce, lam, t, fisher, seed, insist, max_rank,
                          expansion_test)
         self._expanded_at: dict[str, int] = {}  # layer -> step of its last expansion, which drew its candidate
-        self._before: dict[str, list[torch.Tensor]] = {}  # the first pass's per-sample gradients of A, B
+        self._before: dict[str, list[torch.Tensor]] = {}  # the first pass's count and Fisher sums (`_fisher_sums`)
 
     def second_pass(self, step: int) -> bool:
         return self.is_test_step(step)  # script:634
@@ -82,27 +82,16 @@ class ScriptSeLoRA(SeLoRA):
         if step != self._tested_step:  # the step's own backward (script:620); on a test step: recorded_grad
             with super().capture(step, batch_size):
                 yield
-            self._before = self._grads
+            self._before = self._sums
             return
         with self._hooked(batch_size):  # the second backward, at the temp weights (script:639-647)
             yield
+        # before the step: [samples, sums of A, B]; after it: [samples, sums of A, B, the candidate row]
+        self._sums = {name: self._before[name][:3] + after for name, after in self._sums.items()}
 
-    def _batch_sums(self, name: str, grads: list[torch.Tensor] | None, parts: int) -> list[torch.Tensor]:
-        """[samples, the first `parts` per-sample gradients (A, B, the candidate row of B) summed over samples]."""
-        layer = self.adapters[name]
-        if grads is None:
-            A, B, _ = layer.factors()
-            grads = [A.new_zeros(0, *A.shape), B.new_zeros(0, *B.shape), B.new_zeros(0, B.shape[1])]
-        count = torch.tensor([float(len(grads[0]))], dtype=torch.float64, device=layer.A.device)
-        return [count, *fisher_sums(grads[:parts], "batch")]
-
-    def _fisher_sums(self, name: str) -> list[torch.Tensor]:
-        """Before the step: [samples, sums of A, B]; after it: [samples, sums of A, B, the candidate row]."""
-        return self._batch_sums(name, self._before.get(name), 2) + self._batch_sums(name, self._grads.get(name), 3)
-
-    def scores(self, sums: list[torch.Tensor]) -> tuple[float, float] | None:
+    def scores(self, sums: list[float]) -> tuple[float, float] | None:
         n_before, A, B, n_after, A_temp, B_temp, b_new = sums
-        if int(n_before) == 0 or int(n_after) == 0:
+        if n_before == 0 or n_after == 0:
             return None
         recorded = score_from_sums([A, B], int(n_before), "batch")  # script:278, sum_square of .grad (script:266)
         # script:274: lora_A_temp.grad (A's rows, and the candidate's, zero: its column of B is zero) and

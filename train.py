@@ -93,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
            "changes growth for any layer that would pass 16 (said when the run starts; give --max-rank to choose). "
            "It pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
            "docs/performance.md). SeLoRA's test steps run uncompiled. --no-compile resumes a compiled run without")
+    a("--compile-mode", default="default", choices=diffusion.COMPILE_MODES,
+      help="with --compile: default (inductor's kernels), or reduce-overhead: the same kernels with each step's "
+           "launches recorded once as CUDA graphs and replayed (CUDA only; the same results; pays where a step is "
+           "bound by kernel launches). A resumed run may change it")
     a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
       help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")
@@ -140,6 +144,8 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
         return resumed(p, argv, Path(args.resume))
     if args.allow_data_change:
         raise ValueError("--allow-data-change goes with --resume: a new run takes its data as it is")
+    if args.compile_mode != "default" and not args.compile:
+        raise ValueError(f"--compile-mode {args.compile_mode} goes with --compile")
     foreign = methods.not_taken(args.method, given_options(p, argv))
     if foreign:
         own = ", ".join(map(cli.flag, methods.taken(args.method))) or "none"
@@ -244,7 +250,7 @@ def start(args: argparse.Namespace) -> Training:
     method = methods.build(args.method, **methods.options(args.method, args))  # refuses options that clash
     device = distributed.init(args.device, args.timeout)  # under torchrun; else torch.device(args.device)
     if args.compile:
-        diffusion.check_compiler(device)
+        diffusion.check_compiler(device, args.compile_mode)
     is_main = distributed.is_main()
     run = Path(args.out)
     if is_main and not args.resume:
@@ -290,7 +296,7 @@ def start(args: argparse.Namespace) -> Training:
     compiled = None
     if args.compile:  # after loading: checkpoints hold the true ranks, which fix_capacity pads
         adapters.fix_capacity(controller, optimizer)
-        compiled = diffusion.compiled(sd)
+        compiled = diffusion.compiled(sd, args.compile_mode)
     autocast = torch.autocast(device.type, PRECISIONS[args.precision], enabled=args.precision != "fp32")
     tr = Training(args, run, device, is_main, sd, dataset, split, train_ex, val_ex, named, params, compiled,
                   optimizer, controller, autocast, gen, counters, steps_per_epoch, total_steps)

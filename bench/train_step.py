@@ -2,7 +2,8 @@
 UNet2DConditionModel + transformers' CLIPTextModel + peft LoRA (r = 4 on every nn.Linear), in the same run.
 
     OMP_NUM_THREADS=2 python bench/train_step.py [--device cpu|cuda] [--size 224] [--batch 1] [--method lora ...|all]
-        [--mode eager compiled] [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory] [--ops-only] [--op-names FILE]
+        [--mode eager compiled cudagraphs] [--precision fp32|bf16|fp16] [--repeat 3] [--no-memory] [--ops-only]
+        [--op-names FILE]
 
 A step is train.py's: text encoder and UNet forward, the diffusion loss, backward, the Adam step and the
 method's controller (diffusion.train_step, then optimizer.step and controller.step), the same function on both
@@ -11,7 +12,8 @@ weights (the same tensors), so their first losses agree. Configurations: peft's 
 (SeLoRA at rank 1, grown to rank 8, and a test step at rank 8, where the capture hooks compute per-sample
 gradients); with lora, ours again with --gradient-checkpointing; with --mode compiled, ours again as train.py
 --compile runs it (adapters at a fixed capacity, UNet and text encoder torch.compile'd; SeLoRA at rank 8 in a
-capacity of 16; no compiled test step: it runs uncompiled).
+capacity of 16; no compiled test step: it runs uncompiled); with --mode cudagraphs (CUDA only), as train.py
+--compile --compile-mode reduce-overhead runs it.
 
 Each configuration reports the aten ops it dispatches per step (tests/op_count.py's TorchDispatchMode counter, also
 tests/test_op_counts.py's; --op-names writes them by name), its FLOPs per step
@@ -19,11 +21,12 @@ tests/test_op_counts.py's; --op-names writes them by name), its FLOPs per step
 busy machine slows all alike), and its peak memory: on a GPU torch.cuda.max_memory_allocated, on a CPU the peak
 RSS of a fresh process that builds that side alone (also the RSS once built, before the first step). A compiled
 configuration's first step compiles (minutes on a CPU; inductor caches the kernels on disk for the next process)
-and is not timed; its ops and FLOPs are not counted (inductor's fused kernels bypass the dispatcher; its eager
-twin's apply). One JSON line per configuration, then a line with ours / peft for each, the saving of gradient
-checkpointing, SeLoRA's test step against its normal step, compiled against eager, and the goals for LoRA.
-Defaults: eager only, about a minute of steps on a 2-core CPU (plus a fresh process per configuration for the
-memory figure).
+and is timed apart ("first_step_seconds", every configuration's; give TORCHINDUCTOR_CACHE_DIR an empty folder to
+time a compilation from scratch); its ops and FLOPs are not counted (inductor's fused kernels bypass the
+dispatcher; its eager twin's apply). One JSON line per configuration, then a line with ours / peft for each, the
+saving of gradient checkpointing, SeLoRA's test step against its normal step, compiled against eager, and the
+goals for LoRA. Defaults: eager only, about a minute of steps on a 2-core CPU (plus a fresh process per
+configuration for the memory figure).
 """
 from __future__ import annotations
 
@@ -62,7 +65,9 @@ from unet_helpers import diffusers_config, randomize_  # noqa: E402
 RANK = 4  # LoRA's r on both sides (paper: 4); alpha 8 on both, so the scale is 2
 LR = 1e-4
 GOALS = {"ops": 0.90, "flops": 1.000, "seconds": 0.75}  # ours / peft for LoRA, CPU at 224 px, batch 1 (issue 17)
-MODES = ("eager", "compiled")  # compiled: as train.py --compile (--mode)
+# compiled: as train.py --compile; cudagraphs: as train.py --compile --compile-mode reduce-overhead (CUDA only)
+MODES = ("eager", "compiled", "cudagraphs")
+COMPILE_MODES = {"compiled": "default", "cudagraphs": "reduce-overhead"}  # diffusion.compiled's mode
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Config:
 
 
 def configurations(chosen: list[str], modes: list[str] = MODES) -> list[Config]:
-    """peft's LoRA and ours for every chosen method, eager; with "compiled" in `modes`, ours compiled too."""
+    """peft's LoRA and ours for every chosen method, eager; with "compiled" or "cudagraphs" in `modes`, ours so too."""
     out = [Config("peft lora r=4")]
     for method in chosen:
         if method == "selora":
@@ -84,9 +89,10 @@ def configurations(chosen: list[str], modes: list[str] = MODES) -> list[Config]:
                     Config("ours selora rank 8, test step", "selora", rank=8, test_step=True)]
         else:
             out.append(Config(f"ours {method}" + (f" r={RANK}" if method == "lora" else ""), method))
-        if "compiled" in modes:
-            eager = out[-2] if method == "selora" else out[-1]  # SeLoRA: rank 8
-            out.append(Config(f"{eager.name}, compiled", method, rank=eager.rank, mode="compiled"))
+        eager = out[-2] if method == "selora" else out[-1]  # SeLoRA: rank 8
+        for mode in ("compiled", "cudagraphs"):
+            if mode in modes:
+                out.append(Config(f"{eager.name}, {mode}", method, rank=eager.rank, mode=mode))
         if method == "lora":
             out.append(Config(f"ours lora r={RANK}, gradient checkpointing", "lora", checkpointing=True))
     return out
@@ -169,7 +175,7 @@ def our_side(cfg: Config, weights: nn.ModuleDict, device: str):
     parts = copy.deepcopy(weights, {id(t): t for t in [*weights.parameters(), *weights.buffers()]})
     options = ["--method", cfg.method, "--rank", str(RANK)]
     options += ["--t", "1", "--lam", "1e30"] if cfg.test_step else ["--t", str(10 ** 9)]
-    options += ["--max-rank", "16"] if cfg.mode == "compiled" and cfg.method == "selora" else []  # --compile's default
+    options += ["--max-rank", "16"] if cfg.mode != "eager" and cfg.method == "selora" else []  # --compile's default
     method = methods.build(cfg.method, **methods.options(cfg.method, train.parser().parse_args(options)))
     named = adapters.inject(parts, method.make_adapter)
     for layer in named.values():
@@ -217,9 +223,9 @@ def build(cfg: Config, weights: nn.ModuleDict, args: argparse.Namespace) -> Side
     autocast = torch.autocast(torch.device(args.device).type, train.PRECISIONS[args.precision],
                               enabled=args.precision != "fp32")
     trainable, compiled = sum(p.numel() for p in params), None
-    if cfg.mode == "compiled":
+    if cfg.mode != "eager":
         adapters.fix_capacity(controller, optimizer)
-        compiled = diffusion.compiled(sd)
+        compiled = diffusion.compiled(sd, COMPILE_MODES[cfg.mode])
     return Side(cfg, sd, params, optimizer, controller, autocast, layers, trainable, compiled)
 
 
@@ -272,13 +278,16 @@ def cpu_memory(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def measure(sides: list[Side], batch, args: argparse.Namespace, memory: dict[str, dict]) -> dict[str, dict]:
-    """Per configuration: first loss, ops, FLOPs, GPU memory, and the median of --repeat interleaved steps."""
+    """Per configuration: first loss, the first step's time (a compiled side's includes compiling), ops, FLOPs, GPU
+    memory, and the median of --repeat interleaved steps."""
     results = {}
     for side in sides:
         if torch.device(args.device).type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        loss = side.step(batch)  # warm-up: Adam's state, allocator, first-call costs
+        start = time.perf_counter()
+        loss = side.step(batch)  # warm-up: Adam's state, allocator, first-call costs, compiling
         synchronize(args.device)
+        first = time.perf_counter() - start
         if torch.device(args.device).type == "cuda":
             memory[side.cfg.name] = {"peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20),
                                      "memory_kind": "cuda_max_memory_allocated"}
@@ -289,6 +298,7 @@ def measure(sides: list[Side], batch, args: argparse.Namespace, memory: dict[str
                                       "op_names": dict(ops.names)}
         else:
             results[side.cfg.name] = {"loss_first_step": loss, "ops": None, "flops": None}
+        results[side.cfg.name]["first_step_seconds"] = first
         results[side.cfg.name]["runs"] = []
     for _ in range(0 if args.ops_only else args.repeat):
         for side in sides:
@@ -310,10 +320,14 @@ def summary(lines: dict[str, dict]) -> dict:
     out = {"ours_over_peft": ratios}
     if peft["seconds"] is None:  # --ops-only: nothing timed
         return out
-    compiled = {name: round(line["seconds"] / lines[name.removesuffix(", compiled")]["seconds"], 3)
-                for name, line in lines.items() if line["mode"] == "compiled"}
+    compiled = {name: round(line["seconds"] / lines[name.removesuffix(f", {line['mode']}")]["seconds"], 3)
+                for name, line in lines.items() if line["mode"] != "eager"}
     if compiled:
         out["compiled_over_eager_time"] = compiled
+        lora, selora_ = (lines.get(f"ours {name}, compiled") for name in (f"lora r={RANK}", "selora rank 8"))
+        if lora and selora_:  # compiling: SeLoRA's first compiled step against LoRA's (goal: at most 2x)
+            out["selora_over_lora_first_compiled_step"] = round(selora_["first_step_seconds"]
+                                                                / lora["first_step_seconds"], 3)
     lora, checkpointed = lines.get(f"ours lora r={RANK}"), lines.get(f"ours lora r={RANK}, gradient checkpointing")
     if lora and checkpointed:
         saving = {"time_factor": round(checkpointed["seconds"] / lora["seconds"], 3)}
@@ -341,7 +355,8 @@ def main() -> None:
     p.add_argument("--method", nargs="+", default=["lora"], choices=(*methods.METHODS, "all"),
                    help="our methods to measure against peft's LoRA (all: every one)")
     p.add_argument("--mode", nargs="+", default=["eager"], choices=MODES,
-                   help="eager (train.py's default); compiled: each of ours also as train.py --compile runs it")
+                   help="eager (train.py's default); compiled: each of ours also as train.py --compile runs it; "
+                        "cudagraphs: as train.py --compile --compile-mode reduce-overhead runs it (CUDA only)")
     p.add_argument("--precision", default="fp32", choices=sorted(train.PRECISIONS),
                    help="frozen weights and autocast, both sides (train.py --precision)")
     p.add_argument("--repeat", type=int, default=3, help="timed steps per configuration, taken in turn")
@@ -353,6 +368,8 @@ def main() -> None:
     p.add_argument("--op-names", type=Path, help="write each configuration's ops by aten name to this JSON file")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # the fresh process of cpu_memory
     args = p.parse_args()
+    if "cudagraphs" in args.mode and args.device != "cuda":
+        p.error("--mode cudagraphs replays CUDA graphs, which need --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
@@ -373,8 +390,8 @@ def main() -> None:
         lines[side.cfg.name] = line = {
             "config": side.cfg.name, "mode": side.cfg.mode, "adapted_layers": side.layers,
             "trainable": side.trainable, "loss_first_step": r["loss_first_step"],
-            "ops": r["ops"], "flops": r["flops"],
-            "seconds": round(statistics.median(r["runs"]), 3) if r["runs"] else None,
+            "first_step_seconds": round(r["first_step_seconds"], 3),
+            "ops": r["ops"], "flops": r["flops"], "seconds": round(statistics.median(r["runs"]), 3) if r["runs"] else None,
             "runs": [round(t, 3) for t in r["runs"]], **memory.get(side.cfg.name, {}), **common}
         print(json.dumps(line), flush=True)
     print(json.dumps(summary(lines)))

@@ -142,3 +142,16 @@ def test_compile_without_a_cpp_compiler_is_refused_before_anything_starts(tmp_pa
     assert train.main(["--out", str(tmp_path / "run"), "--compile", "--device", "cpu"]) == 2
     assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--compile", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead replays each step as CUDA "
+                                                         "graphs, which need a CUDA device, and this run is on cpu"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead goes with --compile"),
+])
+def test_cuda_graphs_off_a_cuda_device_or_without_compile_are_refused_before_anything_starts(tmp_path, capsys, options,
+                                                                                            message):
+    assert train.main(["--out", str(tmp_path / "run"), "--device", "cpu", *options]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "run").exists()
