@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     a("--model", help="SD 1.5: diffusers folder or single-file .safetensors (default: the embedded tiny model pretrained on shapes, assets/tiny-sd)")
     a("--tokenizer", help="tokenizer folder or bpe_simple_vocab_16e6.txt.gz (needed with a single-file checkpoint)")
     a("--data", help="data folder (default: generated phantoms, see phantoms.make_phantom_folder)")
+    a("--phantoms", type=cli.integer(2), help=f"without --data: how many phantoms to generate (default "
+                                              f"{EMBEDDED['images']})")
     a("--dataset", default="folder", choices=sorted(data.PAPER_SPLITS), help="layout of --data (default: folder)")
     a("--split", help="train,validation,test percentages (default: the paper's for the data set, e.g. 80,16,4)")
     a("--empty-findings", default="skip", choices=("skip", "impression"), help="IU X-Ray reports without findings")
@@ -144,6 +146,8 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
         return resumed(p, argv, Path(args.resume))
     if args.allow_data_change:
         raise ValueError("--allow-data-change goes with --resume: a new run takes its data as it is")
+    if args.phantoms is not None and args.data is not None:
+        raise ValueError(f"--phantoms {args.phantoms}: the number of generated phantoms, which --data replaces; give one")
     if args.compile_mode != "default" and not args.compile:
         raise ValueError(f"--compile-mode {args.compile_mode} goes with --compile")
     foreign = methods.not_taken(args.method, given_options(p, argv))
@@ -154,6 +158,8 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     embedded = args.model is None
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.size = args.size or (EMBEDDED["size"] if embedded else 224)
+    if args.data is None:
+        args.phantoms = args.phantoms or EMBEDDED["images"]
     phantoms_default = embedded and args.data is None
     args.lr = args.lr or (EMBEDDED["lr"] if phantoms_default else 1e-4)
     if args.guidance is None:
@@ -191,6 +197,8 @@ def resumed(p: argparse.ArgumentParser, argv: list[str] | None, run: Path) -> ar
     options["batch"] = per_process_batch(run, options["batch"] * config.get("world_size", 1))
     if options["guidance"] is None:  # a run from before --guidance: its previews were made at the pipeline's
         options["guidance"] = GUIDANCE
+    if options["data"] is None and options["phantoms"] is None:  # a run from before --phantoms (its are kept)
+        options["phantoms"] = EMBEDDED["images"]
     args = argparse.Namespace(**options)
     run_folder.check_out(run, inputs(args))
     return args
@@ -216,7 +224,7 @@ def load_data(args: argparse.Namespace, run: Path, sd: SD15) -> tuple[data.DataS
                              "of a multi-machine run must see the run folder (--out on a shared file system)")
         root = Path(args.data) if args.data else run / "phantoms"
         if not args.data and distributed.is_main() and not (args.resume and (root / "metadata.jsonl").is_file()):
-            phantoms.make_phantom_folder(root, EMBEDDED["images"], args.size, args.data_seed)  # a resumed run's are kept
+            phantoms.make_phantom_folder(root, args.phantoms, args.size, args.data_seed)  # a resumed run's are kept
         dataset = data.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
                                     per_subtype=args.per_subtype, seed=args.data_seed)
         if (run / run_folder.SPLIT).is_file():

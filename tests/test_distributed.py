@@ -25,7 +25,7 @@ import weights
 from adapters import inject
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--epochs", "2", "--t", "4", "--split", "43,11,46", "--samples", "0", "--checkpoint-every", "4"]
+RUN = ["--phantoms", "96", "--epochs", "2", "--t", "4", "--split", "43,11,46", "--samples", "0", "--checkpoint-every", "4"]
 STEPS = 12  # 2 epochs of ceil(41 / 8) = 6 steps
 
 

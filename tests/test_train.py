@@ -133,6 +133,8 @@ def test_adapters_of_a_run_load_for_sampling(tmp_path):
 @pytest.mark.parametrize("options, message", [
     (["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
     (["--sample-steps", "0"], "argument --sample-steps: must be between 1 and 999, got 0"),
+    (["--guidance", "-1"], "argument --guidance: must be"),
+    (["--phantoms", "0"], "argument --phantoms: must be"),
 ])
 def test_bad_sampler_options_are_refused(tmp_path, capsys, options, message):
     with pytest.raises(SystemExit) as stopped:
@@ -144,7 +146,14 @@ def test_bad_sampler_options_are_refused(tmp_path, capsys, options, message):
 def test_a_run_configured_before_scheduler_resumes_with_pndm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"options": {"method": "selora", "seed": 0, "batch": 8,
                                                                   "epochs": 2}}))
-    assert train.resolve(["--resume", str(tmp_path)]).scheduler == "pndm"
+    resumed = train.resolve(["--resume", str(tmp_path)])
+    assert (resumed.scheduler, resumed.guidance, resumed.phantoms) == ("pndm", 7.5, train.EMBEDDED["images"])
+
+
+def test_phantoms_go_without_data(tmp_path, capsys):
+    assert train.main(["--out", str(tmp_path / "run"), "--data", str(tmp_path), "--phantoms", "50"]) == 2
+    assert "--phantoms 50: the number of generated phantoms, which --data replaces" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def steps_of(method, checkpointing, steps=3):
