@@ -114,10 +114,10 @@ def quality_section(args: argparse.Namespace, main: list[dict]) -> list[str]:
     quality, md = quality_metrics(args), []
     md.append("## Image quality (tables 1 and 2)\n")
     md.append("Mean ± std over seeds of each method's test images against the held-out test images; best in bold "
-              "(FID, KID: lowest; CLIP score: highest).\n")
+              "(FID, KID: lowest; CLIP score, adherence: highest).\n")
     paper = heldout.settings(args.scheduler, args.sample_steps, args.guidance) == {"scheduler": "pndm", "steps": 50, "guidance": 7.5}
     md.append(f"Every FID, KID and CLIP score in this report is of test images made by "
-              f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps, args.guidance))} (`--scheduler`, `--sample-steps`). The paper's images were "
+              f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps, args.guidance))} (`--scheduler`, `--sample-steps`, `--guidance`). The paper's images were "
               "made by SD 1.5's own PNDM scheduler at 50 steps, guidance 7.5 (StableDiffusionPipeline's defaults, "
               "see docs/paper-vs-code.md)" + (": the same sampler.\n" if paper else
                                                ": compare these numbers with the paper's with care.\n"))
