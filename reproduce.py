@@ -100,7 +100,7 @@ class Run:
 
 # ------------------------------------------------------------------------------------------ options and plan
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     a = p.add_argument
@@ -149,6 +149,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="the whole study on the embedded tiny model and generated data, in minutes")
     size.add_argument("--mini", action="store_true", help="the whole study on the embedded tiny model and 400 generated "
                                                           "phantoms, scored by the phantom reader, in about 30 minutes")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The study's options: the defaults of a study, of --smoke or of --mini (`generated_study`), and the options
+    passed through to every train.py run (`train_options`)."""
+    p = parser()
     args, extra = p.parse_known_args(argv)
     taken = [o for o in extra if o.split("=")[0] in OWN]
     if taken:
@@ -158,17 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     guidance=sampling.GUIDANCE)
     args.generated = SMOKE if args.smoke else MINI if args.mini else None  # the embedded model on drawn phantoms
     if args.generated:
-        flag = "--smoke" if args.smoke else "--mini"
-        if args.data or args.model:
-            p.error(f"{flag} uses the embedded tiny model and generated data: leave out --model and --data")
-        defaults.update(args.generated)
-        given = {o.split("=")[0] for o in extra}
-        own = {"--split": args.generated["split"], "--lr": args.generated.get("lr")}  # unless passed through
-        args.train_options = [*(o for key, value in own.items() if value and key not in given
-                                for o in (key, str(value))), *extra]
-        args.data = str(Path(args.out) / "data")
-        if args.mini and not (args.reader or args.inception or args.clip):
-            args.reader = str(readback.ASSETS / "phantoms.safetensors")
+        defaults.update(generated_study(p, args, extra))
     elif not args.data:
         p.error("--data is required (or --smoke, or --mini)")
     if args.reader and (args.inception or args.clip):
@@ -184,6 +181,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dims = sorted(set(args.dims), reverse=True)
     return args
+
+
+def generated_study(p: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> dict:
+    """--smoke or --mini: the embedded tiny model on phantoms drawn into OUT/data, each with its split and lr for
+    train.py unless passed through, and --mini scored by the phantom reader unless another scorer is given.
+    Returns the study's defaults."""
+    if args.data or args.model:
+        p.error(f"{'--smoke' if args.smoke else '--mini'} uses the embedded tiny model and generated data: leave out "
+                "--model and --data")
+    given = {o.split("=")[0] for o in extra}
+    own = {"--split": args.generated["split"], "--lr": args.generated.get("lr")}
+    args.train_options = [*(o for key, value in own.items() if value and key not in given
+                            for o in (key, str(value))), *extra]
+    args.data = str(Path(args.out) / "data")
+    if args.mini and not (args.reader or args.inception or args.clip):
+        args.reader = str(readback.ASSETS / "phantoms.safetensors")
+    return args.generated
 
 
 def study_run(args: argparse.Namespace, method: str, seed: int, **values) -> Run:
