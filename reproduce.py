@@ -331,7 +331,7 @@ class Scorer:
                                                               device=a.device, desc=part)
                                      for part in (heldout.REAL, heldout.SAMPLES))
         prompts = eval_fid.read_prompts(run_dir / heldout.SAMPLES / heldout.PROMPTS)
-        return {"key": self.reader_key, **eval_fid.fid_kid(real, fake, a.kid_subsets),
+        return {"key": self.reader_key, **fid_kid.fid_kid(real, fake, a.kid_subsets),
                 "adherence": readback.adherence(self._reader, images.to(a.device), prompts)}
 
 
