@@ -98,14 +98,19 @@ class Controller:
         controller = Method(adapters, optimizer, total_steps)
         for step, batch in enumerate(loader, start=1):
             with controller.capture(step, batch_size=len(batch)):          # SeLoRA's hooks, DyLoRA's b
-                loss = mse(model(batch), target) + controller.penalty()    # AdaLoRA's, LoRA^2's regulariser
+                loss = mse(model(batch), target)
                 optimizer.zero_grad()
                 loss.backward()
+                controller.add_penalty_gradient()                          # AdaLoRA's, LoRA^2's regulariser
             optimizer.step()
             events = controller.step()                                     # ranks grow, shrink, get masked
 
     capture(step, batch_size): context manager around forward and backward of step `step` (from 1).
-    penalty(): a term added to the diffusion loss inside capture (zero here).
+    penalty(): the method's term of the loss (AdaLoRA's, LoRA^2's regulariser; zero here), a differentiable scalar:
+    its definition. add_penalty_gradient(): after the loss's backward, adds penalty()'s gradient to the adapters'
+    gradients, as `(loss + penalty()).backward()` would, but in a few batched ops: through autograd a term over
+    hundreds of separate parameters costs at least one op per parameter, which a step bound by kernel launches
+    (a GPU) pays in time (docs/performance.md). Nothing here.
     step(): after optimizer.step(); returns log events, dicts with at least "step", "layer", "rank".
     metadata(): settings written into saved adapter files.
     state() / load_state(tensors): what an exact resume needs besides adapters and optimizer (none here).
@@ -132,6 +137,9 @@ class Controller:
 
     def penalty(self) -> torch.Tensor:
         return next(iter(self.adapters.values())).A.new_zeros(())
+
+    def add_penalty_gradient(self) -> None:
+        pass
 
     def step(self) -> list[dict]:
         return []
@@ -162,6 +170,18 @@ class Controller:
         model would skip those hooks (TorchDynamo does not guard on hooks added after compiling), so the
         training step runs such a step through the uncompiled modules (diffusion.train_step)."""
         return False
+
+
+def add_to_grads(params: list[torch.Tensor], grads: list[torch.Tensor], alpha: float = 1.0) -> None:
+    """p.grad += alpha * grad for every parameter p, in one op (`torch._foreach_add_`); a parameter without a gradient
+    gets a zero one first. A grad smaller than its parameter goes to the parameter's leading part (capacity.py stores
+    factors beyond the ranks in use)."""
+    targets = []
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        targets.append(p.grad if g.shape == p.shape else p.grad[tuple(slice(0, n) for n in g.shape)])
+    torch._foreach_add_(targets, grads, alpha=alpha)
 
 
 def kaiming_uniform(d_in: int, n: int, generator: torch.Generator | None = None, a: float = 0.0) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters import Adapter, Controller, factor_dtype, lora_factors
+from adapters import Adapter, Controller, add_to_grads, factor_dtype, lora_factors
 
 
 # ---------------------------------------------------------------- LoRA
@@ -168,13 +168,18 @@ class AdaLoRALinear(Adapter):
         return self.A * self.E, self.B, self.scale
 
 
+def by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """The positions of `tensors` grouped by shape, in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    return list(groups.values())
+
+
 def stacked(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`tensors` stacked by shape, one [n, ...] tensor per shape (in order of first appearance), so that a sum over
-    hundreds of layers' factors runs as a few batched ops (SD 1.5's layers have a few dozen shapes)."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(tuple(t.shape), []).append(t)
-    return [torch.stack(group) for group in groups.values()]
+    """`tensors` stacked by shape, one [n, ...] tensor per shape (`by_shape`), so that a sum over hundreds of layers'
+    factors runs as a few batched ops (SD 1.5's layers have a few dozen shapes)."""
+    return [torch.stack([tensors[i] for i in group]) for group in by_shape(tensors)]
 
 
 def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
@@ -193,6 +198,14 @@ def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
     grams += [B @ B.mT for B in stacked([B for _, B in factors])]
     return torch.cat([torch.linalg.matrix_norm(g - torch.eye(g.shape[-1], device=g.device, dtype=g.dtype))
                       for g in grams]).mean()
+
+
+def orthogonal_gradient(P: torch.Tensor) -> torch.Tensor:
+    """d ||P^T P - I||_F / dP = P (M + M^T) / ||M||_F = 2 P M / ||M||_F (M = P^T P - I is symmetric), for a stack of
+    factors P [n, d, r] at once; zero where M = 0 (an orthonormal P), autograd's choice for the norm there too."""
+    M = P.mT @ P - torch.eye(P.shape[-1], device=P.device, dtype=P.dtype)
+    norm = torch.linalg.matrix_norm(M, keepdim=True).clamp_min(torch.finfo(M.dtype).tiny)
+    return 2 * (P @ (M / norm))
 
 
 def budget_schedule(step: int, init_budget: int, target_budget: int, total_steps: int,
@@ -266,6 +279,25 @@ class AdaLoRA(Controller):
 
     def penalty(self) -> torch.Tensor:
         return self.orth_reg_weight * orthogonal_regulariser(self.adapters)
+
+    @torch.no_grad()
+    def add_penalty_gradient(self) -> None:
+        """penalty()'s gradient added to every A's and B's, for all layers at once: `orthogonal_gradient` of each
+        stack of equal shapes (P = A, and P = B^T), times orth_reg_weight over the 2n matrices of the mean."""
+        layers = list(self.adapters.values())
+        As = [a.A if a.A.shape[1] == a.rank else a.A[:, :a.rank] for a in layers]  # capacity.py stores more
+        Bs = [a.B if a.B.shape[0] == a.rank else a.B[:a.rank] for a in layers]
+        grads: list[torch.Tensor] = []
+        for factors, transposed in ((As, False), (Bs, True)):  # P = A, P = B^T
+            part = [torch.empty(0)] * len(factors)
+            for group in by_shape(factors):
+                P = torch.stack([factors[i] for i in group])
+                G = orthogonal_gradient(P.mT).mT.contiguous() if transposed else orthogonal_gradient(P)
+                for i, g in zip(group, G.unbind()):
+                    part[i] = g
+            grads += part
+        add_to_grads([a.A for a in layers] + [a.B for a in layers], grads,
+                     alpha=self.orth_reg_weight / (2 * len(layers)))
 
     def update_importance(self) -> None:
         """Eq. 8-9: the EMAs of sensitivity and uncertainty of every entry of A, E, B, for all of them at once

@@ -149,7 +149,8 @@ def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[t
         optimizer.zero_grad(set_to_none=True)
         if len(part[0]):  # a process gets no rows when an epoch's last batch is shorter than the process count
             loss = denoising_loss(sd, part, autocast)
-            (loss + controller.penalty()).backward()
+            loss.backward()
+            controller.add_penalty_gradient()
     return distributed.average_gradients(params, loss, len(part[0]), len(batch[0]))
 
 

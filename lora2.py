@@ -43,7 +43,7 @@ from torch import nn
 from contextlib import contextmanager
 from typing import Iterator
 
-from adapters import Adapter, Controller, draw_candidate, lora_factors
+from adapters import Adapter, Controller, add_to_grads, draw_candidate, lora_factors
 from baselines import stacked
 
 
@@ -222,6 +222,18 @@ class LoRA2(Controller):
         nu = rates(layers) if self.step_rates is None else self.step_rates
         rate_term = (nu - self.rate_prior_mean).square().sum() / (2 * self.rate_prior_scale ** 2)
         return (rate_term + weights / (2 * self.weight_prior_scale ** 2)) / self.n_obs
+
+    @torch.no_grad()
+    def add_penalty_gradient(self) -> None:
+        """penalty()'s gradient added to every A's, B's and rho's, for all layers at once, in closed form: the
+        weights' Gaussian gives A / (sigma_theta^2 n_obs) (one op for all A and B), the rates' gives
+        (nu - mu) / sigma_nu^2 * sigmoid(rho) / n_obs (d softplus(rho) / d rho = sigmoid(rho))."""
+        layers = list(self.adapters.values())
+        factors = [a.A for a in layers] + [a.B for a in layers]
+        add_to_grads(factors, factors, alpha=1 / (self.weight_prior_scale ** 2 * self.n_obs))
+        rho = torch.stack([a.rho for a in layers])
+        d_rho = (F.softplus(rho) - self.rate_prior_mean) * torch.sigmoid(rho)
+        add_to_grads([a.rho for a in layers], list(d_rho.unbind()), alpha=1 / (self.rate_prior_scale ** 2 * self.n_obs))
 
     def capacity(self, name: str) -> int:
         layer = self.adapters[name]

@@ -137,8 +137,8 @@ class NoController:
     def capture(self, step: int, batch_size: int):
         return nullcontext()
 
-    def penalty(self) -> float:
-        return 0.0
+    def add_penalty_gradient(self) -> None:
+        pass
 
     def step(self) -> list:
         return []

@@ -8,7 +8,7 @@ from torch import nn
 
 from adapters import inject, merge, resize_parameter, select_parameter
 from baselines import (AdaLoRA, AdaLoRALinear, DyLoRA, DyLoRALinear, LoRALinear, budget_schedule, draw_rank,
-                       orthogonal_regulariser)
+                       orthogonal_gradient, orthogonal_regulariser)
 from test_selora import MLP, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
 
 
@@ -125,6 +125,15 @@ def test_orthogonal_regulariser_is_zero_for_orthonormal_factors_and_the_frobeniu
     control = AdaLoRA(ads, total_steps=100, orth_reg_weight=0.25)
     assert float(control.penalty().detach()) == pytest.approx(0.25 * by_hand, rel=1e-12)
     assert control.penalty().requires_grad
+
+
+def test_orthogonal_gradient_is_the_norms_gradient_and_zero_at_an_orthonormal_factor():
+    P = torch.randn(3, 7, 4, dtype=torch.float64, requires_grad=True)
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.linalg.matrix_norm(P.mT @ P - eye).sum().backward()
+    torch.testing.assert_close(orthogonal_gradient(P.detach()), P.grad, rtol=1e-12, atol=1e-14)
+    exact = torch.eye(7, 4, dtype=torch.float64)[None]  # P^T P = I exactly: M = 0, where the norm has no gradient
+    assert torch.equal(orthogonal_gradient(exact), torch.zeros_like(exact))
 
 
 # ---------------------------------------------------------------- AdaLoRA: budget and masking

@@ -186,6 +186,35 @@ def test_a_fixed_capacity_trains_saves_and_checkpoints_as_the_true_ranks_do(name
         assert sorted(e["layer"] for e in events if e.get("reached_max_rank")) == sorted(ads)
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["true ranks", "fixed capacity"])
+@pytest.mark.parametrize("name", METHODS)
+def test_add_penalty_gradient_adds_what_backward_of_the_penalty_would(name, fixed):
+    """controller.add_penalty_gradient() after loss.backward() (train.py's step) leaves every gradient as
+    (loss + penalty()).backward() does: AdaLoRA's regulariser and LoRA^2's prior in closed form, after 10 steps of
+    training (AdaLoRA masked and truncated, LoRA^2 resized), at the true ranks and at a fixed capacity."""
+    model, ads, opt, control = setup(name, **CAPACITY.get(name, {}))
+    if fixed:
+        fix_capacity(control, opt)
+    train(model, opt, control, range(1, 11))
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = data(11)
+    grads = []
+    for closed_form in (False, True):
+        with control.capture(11, batch_size=3):
+            opt.zero_grad()
+            loss = (model(x) - y).square().mean()
+            if closed_form:
+                loss.backward()
+                control.add_penalty_gradient()
+            else:
+                (loss + control.penalty()).backward()
+        grads.append([p.grad.clone() for p in params])
+    if name in ("adalora", "lora2"):
+        assert float(control.penalty().detach()) > 1e-6  # there is a penalty to differentiate
+    for g, g_closed in zip(*grads):
+        torch.testing.assert_close(g_closed, g, rtol=1e-10, atol=1e-14)
+
+
 def test_a_fixed_capacity_needs_a_maximum_rank():
     _, ads, opt, control = setup("selora")
     with pytest.raises(ValueError, match="SeLoRA sets no maximum rank, so layer 'to_q' cannot be stored at a fixed"):
