@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -176,6 +176,15 @@ def by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+def per_shape(fn: Callable[[torch.Tensor], torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fn of every tensor, computed as fn of each stack of equal shapes ([n, ...] -> [n, ...]) and split back."""
+    out = list(tensors)
+    for group in by_shape(tensors):
+        for i, result in zip(group, fn(torch.stack([tensors[i] for i in group])).unbind()):
+            out[i] = result
+    return out
+
+
 def stacked(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """`tensors` stacked by shape, one [n, ...] tensor per shape (`by_shape`), so that a sum over hundreds of layers'
     factors runs as a few batched ops (SD 1.5's layers have a few dozen shapes)."""
@@ -287,15 +296,7 @@ class AdaLoRA(Controller):
         layers = list(self.adapters.values())
         As = [a.A if a.A.shape[1] == a.rank else a.A[:, :a.rank] for a in layers]  # capacity.py stores more
         Bs = [a.B if a.B.shape[0] == a.rank else a.B[:a.rank] for a in layers]
-        grads: list[torch.Tensor] = []
-        for factors, transposed in ((As, False), (Bs, True)):  # P = A, P = B^T
-            part = [torch.empty(0)] * len(factors)
-            for group in by_shape(factors):
-                P = torch.stack([factors[i] for i in group])
-                G = orthogonal_gradient(P.mT).mT.contiguous() if transposed else orthogonal_gradient(P)
-                for i, g in zip(group, G.unbind()):
-                    part[i] = g
-            grads += part
+        grads = per_shape(orthogonal_gradient, As) + per_shape(lambda B: orthogonal_gradient(B.mT).mT.contiguous(), Bs)
         add_to_grads([a.A for a in layers] + [a.B for a in layers], grads,
                      alpha=self.orth_reg_weight / (2 * len(layers)))
 
