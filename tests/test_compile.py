@@ -46,8 +46,8 @@ def _one_thread():
 
 def run_steps(method: str, compile_: bool):
     """STEPS steps of `method` on Block in float32, the loop of adapters.Controller with diffusion.train_step's
-    choice of model (the uncompiled one where capture hooks the adapters): the losses, each step's ranks
-    (DyLoRA: its b), and how many graphs had been compiled after each step."""
+    choice of model (the uncompiled one where capture needs it: SeLoRA's first test step): the losses, each step's
+    ranks (DyLoRA: its b), how many graphs had been compiled after each step, and SeLoRA's tests (its log)."""
     torch.manual_seed(0)
     model = Block()
     built = methods.build(method, **CHANGING[method])
@@ -66,25 +66,36 @@ def run_steps(method: str, compile_: bool):
         x, y = (t.float() for t in data(step))
         with controller.capture(step, batch_size=len(x)):
             optimizer.zero_grad()
-            loss = ((model if controller.hooks_forward(step) else compiled)(x) - y).square().mean()
+            loss = ((model if controller.needs_uncompiled(step) else compiled)(x) - y).square().mean()
             (loss + controller.penalty()).backward()
         optimizer.step()
         controller.step()
         losses.append(loss.item())
         ranks.append(controller.b if method == "dylora" else controller.ranks())
         graphs.append(counters["stats"]["unique_graphs"])
-    return losses, ranks, graphs
+    return losses, ranks, graphs, getattr(controller, "log", [])
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
 def test_compiled_training_gives_the_eager_losses_and_changing_ranks_never_recompile(method):
-    losses, ranks, _ = run_steps(method, compile_=False)
-    losses_c, ranks_c, graphs = run_steps(method, compile_=True)
+    losses, ranks, _, tests = run_steps(method, compile_=False)
+    losses_c, ranks_c, graphs, tests_c = run_steps(method, compile_=True)
     assert losses_c == pytest.approx(losses, rel=1e-5)
     assert ranks_c == ranks
     assert (ranks[-1] != ranks[0]) == (method not in ("lora", "dylora"))  # grown, truncated, grown and shrunk
     assert (len({str(r) for r in ranks}) > 1) == (method != "lora")  # DyLoRA: several b
-    assert graphs == [1] * STEPS  # compiled at step 1, never again
+    if method != "selora":
+        assert graphs == [1] * STEPS  # compiled at step 1, never again
+        return
+    # SeLoRA is tested every 3 steps until its layers reach rank 8: the first test step (3) runs uncompiled, the next
+    # (6) compiles one more graph, which the five test steps after it reuse; their Fisher scores, ratios and
+    # decisions are the eager run's
+    assert graphs == [1] * 5 + [2] * (STEPS - 5)
+    assert sorted({t.step for t in tests_c}) == [3, 6, 9, 12, 15, 18, 21]
+    assert [(t.step, t.layer, t.rank, t.expanded) for t in tests_c] == [(t.step, t.layer, t.rank, t.expanded)
+                                                                        for t in tests]
+    for t, t_c in zip(tests, tests_c):
+        assert (t_c.score, t_c.ratio) == pytest.approx((t.score, t.ratio), rel=1e-5), (t.step, t.layer)
 
 
 def small_sd15(seed: int = 0) -> SD15:
