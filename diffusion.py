@@ -129,9 +129,19 @@ def compiled(sd: SD15, mode: str = "default") -> SD15:
     The adapters must be at a fixed capacity first (adapters.fix_capacity), or every change of rank would
     recompile (and, with CUDA graphs, record again)."""
     view = copy.copy(sd)
-    view.unet, view.text_encoder = (torch.compile(part, dynamic=False, mode=mode)
-                                    for part in (sd.unet, sd.text_encoder))
+    view.unet, view.text_encoder = (compiled_module(part, mode) for part in (sd.unet, sd.text_encoder))
     return view
+
+
+def compiled_module(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """torch.compile for fixed shapes (`compiled`). SeLoRA's test steps keep each tested layer's input in the forward
+    (probe.Probe.tap), a Python side effect, which TorchDynamo refuses inside a checkpointed block (--gradient-
+    checkpointing) unless told not to repeat it when backward recomputes the block: so it is told, and keeps each
+    call's input once, as the uncompiled step does (where the recomputed call gets no gradient, probe.Probe.seen).
+    Without it, a compiled test step would run every checkpointed block uncompiled."""
+    # process-wide; it changes only forward code with side effects inside checkpointed blocks: the probes
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return torch.compile(module, dynamic=False, mode=mode)
 
 
 def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[torch.nn.Parameter], autocast,

@@ -15,6 +15,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import adapters
+import diffusion
 import methods
 import train
 import weights
@@ -23,6 +24,7 @@ from sd15 import SD15, byte_tokenizer
 from sd_unet import UNet, UNetConfig
 from test_methods import data
 from test_selora import Block
+from torch.utils.checkpoint import checkpoint
 from vae import VAE, VAEConfig
 
 STEPS = 30
@@ -44,12 +46,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run_steps(method: str, compile_: bool):
+def run_steps(method: str, compile_: bool, checkpointed: bool = False):
     """STEPS steps of `method` on Block in float32, the loop of adapters.Controller with diffusion.train_step's
     choice of model (the uncompiled one where capture needs it: SeLoRA's first test step): the losses, each step's
-    ranks (DyLoRA: its b), how many graphs had been compiled after each step, and SeLoRA's tests (its log)."""
+    ranks (DyLoRA: its b), how many graphs had been compiled after each step, and SeLoRA's tests (its log).
+    `checkpointed`: Block under gradient checkpointing (as sd_unet's blocks with --gradient-checkpointing)."""
     torch.manual_seed(0)
-    model = Block()
+    model = Checkpointed() if checkpointed else Block()
     built = methods.build(method, **CHANGING[method])
     named = adapters.inject(model, built.make_adapter)
     args = train.parser().parse_args(["--method", method, "--rate-lr", "0.1"])
@@ -60,7 +63,7 @@ def run_steps(method: str, compile_: bool):
         torch._dynamo.reset()
         counters.clear()
         adapters.fix_capacity(controller, optimizer)
-        compiled = torch.compile(model, dynamic=False)
+        compiled = diffusion.compiled_module(model)
     losses, ranks, graphs = [], [], []
     for step in range(1, STEPS + 1):
         x, y = (t.float() for t in data(step))
@@ -78,20 +81,29 @@ def run_steps(method: str, compile_: bool):
 
 @pytest.mark.parametrize("method", methods.METHODS)
 def test_compiled_training_gives_the_eager_losses_and_changing_ranks_never_recompile(method):
-    losses, ranks, _, tests = run_steps(method, compile_=False)
-    losses_c, ranks_c, graphs, tests_c = run_steps(method, compile_=True)
+    losses, ranks, _, _ = run_steps(method, compile_=False)
+    losses_c, ranks_c, graphs, _ = run_steps(method, compile_=True)
     assert losses_c == pytest.approx(losses, rel=1e-5)
     assert ranks_c == ranks
     assert (ranks[-1] != ranks[0]) == (method not in ("lora", "dylora"))  # grown, truncated, grown and shrunk
     assert (len({str(r) for r in ranks}) > 1) == (method != "lora")  # DyLoRA: several b
-    if method != "selora":
-        assert graphs == [1] * STEPS  # compiled at step 1, never again
-        return
-    # SeLoRA is tested every 3 steps until its layers reach rank 8: the first test step (3) runs uncompiled, the next
-    # (6) compiles one more graph, which the five test steps after it reuse; their Fisher scores, ratios and
-    # decisions are the eager run's
-    assert graphs == [1] * 5 + [2] * (STEPS - 5)
-    assert sorted({t.step for t in tests_c}) == [3, 6, 9, 12, 15, 18, 21]
+    # compiled at step 1, never again; SeLoRA's test steps add one graph at step 6 (the next test)
+    assert graphs == ([1] * 5 + [2] * (STEPS - 5) if method == "selora" else [1] * STEPS)
+
+class Checkpointed(Block):
+    def forward(self, x):
+        return checkpoint(super().forward, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_selora_test_steps_compile_once_and_give_the_eager_tests(checkpointed):
+    """SeLoRA tested every 3 steps until its layers reach rank 8: the first test step (3) runs uncompiled, the next
+    (6) compiles one more graph, which the five test steps after it reuse, with no graph break, also under gradient
+    checkpointing; their Fisher scores, ratios and decisions are the eager run's."""
+    _, ranks, _, tests = run_steps("selora", compile_=False, checkpointed=checkpointed)
+    _, ranks_c, graphs, tests_c = run_steps("selora", compile_=True, checkpointed=checkpointed)
+    assert graphs == [1] * 5 + [2] * (STEPS - 5) and not counters["graph_break"]
+    assert sorted({t.step for t in tests_c}) == [3, 6, 9, 12, 15, 18, 21] and ranks_c == ranks
     assert [(t.step, t.layer, t.rank, t.expanded) for t in tests_c] == [(t.step, t.layer, t.rank, t.expanded)
                                                                         for t in tests]
     for t, t_c in zip(tests, tests_c):
