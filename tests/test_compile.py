@@ -1,6 +1,7 @@
 """train.py --compile on the CPU (torch.compile with inductor, which builds C++ kernels; compiling takes seconds to a
 minute here the first time, then comes from inductor's cache on disk): for every method, compiled training gives the
-eager losses while ranks change, and no change of rank recompiles; end to end through train.py, across resumes
+eager losses while ranks change, and no change of rank recompiles; SeLoRA's test steps run compiled from the second
+on, in one more graph, with the eager Fisher scores and decisions; end to end through train.py, across resumes
 with and without --compile.
 
 Every method is compiled on a small attention block (test_selora.Block, six adapted layers), which compiles in
@@ -127,9 +128,9 @@ def log_lines(run):
 
 
 def test_train_compile_end_to_end_and_across_resumes(tmp_path, monkeypatch, capsys):
-    """SeLoRA, tested every 4 steps (the first test step eager, inside the compiled run): compiled for steps 1-5, resumed from its step-4
-    checkpoint without --compile to step 8, then with --compile to the end, gives the eager run's losses, ranks and
-    adapters; a run without --max-rank cannot be resumed compiled."""
+    """SeLoRA, tested every 4 steps (step 4, the run's first test step, uncompiled inside the compiled run): compiled
+    for steps 1-5, resumed from its step-4 checkpoint without --compile to step 8, then with --compile to the end,
+    gives the eager run's losses, ranks and adapters; a run without --max-rank cannot be resumed compiled."""
     monkeypatch.setattr(train, "load_model", lambda model, tokenizer=None, seed=0: small_sd15(seed))
     common = ["--size", "16", "--batch", "7", "--epochs", "1", "--samples", "0", "--t", "4"]  # 77 images, 11 steps
     eager, part = tmp_path / "eager", tmp_path / "part"
