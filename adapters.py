@@ -115,7 +115,7 @@ class Controller:
     metadata(): settings written into saved adapter files.
     state() / load_state(tensors): what an exact resume needs besides adapters and optimizer (none here).
     ranks(): every layer's current rank, the same format for every method (for rank heatmaps).
-    capacity(name), hooks_forward(step): what a compiled run needs to know (train.py --compile).
+    capacity(name), needs_uncompiled(step): what a compiled run needs to know (train.py --compile).
     second_pass(step): whether the loop runs the same batch forward and backward again after optimizer.step(),
     inside capture(step), before step() (SeLoRA's script rule, selora_script.py); False here.
     reduce(tensors): the tensors summed over the processes of a data-parallel run (`distributed.all_reduce_sums`,
@@ -165,10 +165,10 @@ class Controller:
     def second_pass(self, step: int) -> bool:
         return False
 
-    def hooks_forward(self, step: int) -> bool:
-        """Whether capture(step) hooks Python code into the adapters' forward (SeLoRA's test steps). A compiled
-        model would skip those hooks (TorchDynamo does not guard on hooks added after compiling), so the
-        training step runs such a step through the uncompiled modules (diffusion.train_step)."""
+    def needs_uncompiled(self, step: int) -> bool:
+        """Whether capture(step) needs the uncompiled modules, which the training step then runs
+        (diffusion.train_step): SeLoRA's first test step, whose probes make tensors in the forward that a compiled
+        model cannot (selora.Probe)."""
         return False
 
 

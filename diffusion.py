@@ -6,8 +6,8 @@ The latents are cached once per image (`cached_latents`) and sampled afresh from
 which is exact since the crop is deterministic. Every random draw of a batch (latent sample, noise, t) comes from
 one generator on the CPU, so a seed gives the same batches on every device and in every process.
 
-With train.py --compile the step runs a compiled view of the model (`compiled`), except where the method hooks
-Python code into the adapters' forward (SeLoRA's test steps, adapters.Controller.hooks_forward).
+With train.py --compile the step runs a compiled view of the model (`compiled`), except where the method's capture
+needs the uncompiled modules (SeLoRA's first test step, adapters.Controller.needs_uncompiled).
 """
 from __future__ import annotations
 
@@ -129,9 +129,19 @@ def compiled(sd: SD15, mode: str = "default") -> SD15:
     The adapters must be at a fixed capacity first (adapters.fix_capacity), or every change of rank would
     recompile (and, with CUDA graphs, record again)."""
     view = copy.copy(sd)
-    view.unet, view.text_encoder = (torch.compile(part, dynamic=False, mode=mode)
-                                    for part in (sd.unet, sd.text_encoder))
+    view.unet, view.text_encoder = (compiled_module(part, mode) for part in (sd.unet, sd.text_encoder))
     return view
+
+
+def compiled_module(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """torch.compile for fixed shapes (`compiled`). SeLoRA's test steps keep each tested layer's input in the forward
+    (probe.Probe.tap), a Python side effect, which TorchDynamo refuses inside a checkpointed block (--gradient-
+    checkpointing) unless told not to repeat it when backward recomputes the block: so it is told, and keeps each
+    call's input once, as the uncompiled step does (where the recomputed call gets no gradient, probe.Probe.seen).
+    Without it, a compiled test step would run every checkpointed block uncompiled."""
+    # process-wide; it changes only forward code with side effects inside checkpointed blocks: the probes
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return torch.compile(module, dynamic=False, mode=mode)
 
 
 def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[torch.nn.Parameter], autocast,
@@ -139,8 +149,8 @@ def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[t
     """Forward and backward of this process's rows of the global batch (all of it in a single process),
     inside the method's capture; returns the global batch's mean loss, with every adapter's gradient that
     of the global batch (distributed.average_gradients). With `compiled_sd` (`compiled(sd)`) the step runs
-    compiled, except a step whose capture hooks the adapters' forward, which a compiled model would skip."""
-    if compiled_sd is not None and not controller.hooks_forward(step):
+    compiled, except a step whose capture needs the uncompiled modules (Controller.needs_uncompiled)."""
+    if compiled_sd is not None and not controller.needs_uncompiled(step):
         sd = compiled_sd
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (--compile-mode reduce-overhead): a new step
     part = distributed.shard(batch)
@@ -156,8 +166,8 @@ def train_step(sd: SD15, batch, step: int, controller, optimizer, params: list[t
 
 def second_pass(sd: SD15, batch, step: int, controller, params: list[torch.nn.Parameter], autocast) -> None:
     """The same batch forward and backward again, after optimizer.step(), inside the controller's capture: SeLoRA's
-    script rule reads its gradients at the new weights (selora_script.py; the script's lines 634-647). Uncompiled,
-    since the capture hooks the adapters; the gradients are dropped after, as the script's next zero_grad does."""
+    script rule reads its gradients at the new weights (selora_script.py; the script's lines 634-647). Uncompiled
+    (one step in t, on the model train.py passes); the gradients are dropped after, as the script's next zero_grad does."""
     part = distributed.shard(batch)
     with controller.capture(step, len(part[0])):
         if len(part[0]):

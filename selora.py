@@ -49,6 +49,7 @@ from torch import nn
 
 import distributed
 from adapters import Adapter, Controller, draw_candidate, lora_factors
+from probe import Probe
 
 BLOCK = 8  # ranks per matmul block in SeLoRALinear's forward; see `low_rank`
 FISHER_MODES = ("sample", "batch")
@@ -72,6 +73,7 @@ class SeLoRALinear(Adapter):
         super().__init__(base)
         self.A, self.B = lora_factors(base, 1, generator)  # rank 1: A Kaiming-uniform, B zero
         self.register_buffer("scale", self.A.new_tensor(float(scale)))
+        self.probe: Probe | None = None
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """x A B (eq. 1): in real arithmetic exactly the plain `(x @ A) @ B`, computed here as a sum over blocks of
@@ -95,7 +97,8 @@ class SeLoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + (self.scale * self.low_rank(self.factor_input(x))).to(y.dtype).view_as(y)
+        y = y + (self.scale * self.low_rank(self.factor_input(x))).to(y.dtype).view_as(y)
+        return y if self.probe is None else self.probe.tap(x, y)  # a test step's probe (SeLoRA.capture)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, s): the update s A B (eq. 1)."""
@@ -268,10 +271,10 @@ class SeLoRA(Controller):
 
         selora = SeLoRA(adapters, optimizer, lam=1.1, t=40)
         for step, batch in enumerate(loader, start=1):
-            with selora.capture(step, batch_size=len(batch)):   # test steps: hooks, then each layer's Fisher sums
+            with selora.capture(step, batch_size=len(batch)):   # test steps: probes, then each layer's Fisher sums
                 loss = mse(model(batch), target)                 # batch mean of per-sample MSE
                 optimizer.zero_grad()
-                loss.backward()                                  # hooks keep each layer's x and g
+                loss.backward()                                  # probes keep each layer's x and g
             optimizer.step()
             selora.step()                                        # test steps: FI-ratios, expand, log
 
@@ -325,12 +328,14 @@ class SeLoRA(Controller):
         self._tested_step = None
         self._candidates: dict[str, torch.Tensor] = {}  # the layers tested this step, with their K
         self._sums: dict[str, list[torch.Tensor]] = {}  # each tested layer's count and Fisher sums (`_fisher_sums`)
+        self._shapes: dict[str, list[tuple]] | None = None  # each tested layer's outputs' shapes, per sample
 
     def is_test_step(self, step: int) -> bool:
         return step % self.t == 0
 
-    def hooks_forward(self, step: int) -> bool:
-        return self.is_test_step(step)
+    def needs_uncompiled(self, step: int) -> bool:
+        """The run's first test step: its probes make their zeros in the forward (probe.Probe)."""
+        return self.is_test_step(step) and self._shapes is None
 
     def capacity(self, name: str) -> int | None:
         return self.max_rank
@@ -342,9 +347,9 @@ class SeLoRA(Controller):
 
     @contextmanager
     def capture(self, step: int, batch_size: int) -> Iterator[None]:
-        """Around the forward and backward of training step `step` (counted from 1): on test steps, hook
+        """Around the forward and backward of training step `step` (counted from 1): on test steps, probe
         every adapter below max_rank so that backward shows it its input x and output gradient g, and after
-        backward reduce them to each layer's Fisher sums (`_hooked`). Other steps: nothing."""
+        backward reduce them to each layer's Fisher sums (`_probed`). Other steps: nothing."""
         self.last_step = step
         if not self.is_test_step(step):
             yield
@@ -352,45 +357,33 @@ class SeLoRA(Controller):
         self._tested_step = step
         self._candidates = {name: self.candidate(name, step) for name, a in self.adapters.items()
                             if self.max_rank is None or a.rank < self.max_rank}
-        with self._hooked(batch_size):
+        with self._probed(batch_size):
             yield
 
     @contextmanager
-    def _hooked(self, batch_size: int) -> Iterator[None]:
-        """Every layer in `_candidates` hooked (`_hook`) for one forward and backward; after them, in `_sums`,
-        every such layer's Fisher sums at the weights of that backward (`_fisher_sums`)."""
-        seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        handles = [self.adapters[name].register_forward_hook(self._hook(name, batch_size, seen))
-                   for name in self._candidates]
+    def _probed(self, batch_size: int) -> Iterator[None]:
+        """A `Probe` on every layer in `_candidates` for one forward and backward; after them, in `_sums`, every such
+        layer's Fisher sums at the weights of that backward (`_fisher_sums`), and in `_shapes` its outputs' shapes."""
+        anchor = next(iter(self.adapters.values())).A.new_zeros((), requires_grad=True)  # for every `Probe`'s zeros
+        probes = {name: Probe(name, batch_size, anchor, [((batch_size, *shape), dtype) for shape, dtype in
+                                                         (self._shapes or {}).get(name, [])])
+                  for name in self._candidates}
+        for name, probe in probes.items():
+            self.adapters[name].probe = probe
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
-        self._sums = self._fisher_sums(seen, batch_size)
-
-    @staticmethod
-    def _hook(name: str, batch_size: int, seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]):
-        def forward_hook(layer, inputs, output):
-            x = inputs[0]
-            if x.shape[0] != batch_size:
-                raise ValueError(f"layer '{name}': input of shape {tuple(x.shape)} does not have the batch size "
-                                 f"{batch_size} first; the per-sample Fisher needs samples along dimension 0")
-            if not output.requires_grad:
-                return
-            # Under gradient checkpointing this hook runs again when backward recomputes the layer; that grad_hook
-            # sits on the recomputed output, which backward never passes through, so each call counts once.
-
-            def grad_hook(g):  # g: dL/dy of the batch-mean loss; batch_size g is each sample's own (module doc)
-                seen.setdefault(name, []).append((x, g))
-            output.register_hook(grad_hook)
-        return forward_hook
+            for name in probes:
+                self.adapters[name].probe = None
+        self._shapes = {name: [(P.shape[1:], P.dtype) for P in probe.zeros] for name, probe in probes.items()}
+        seen = {name: probe.seen() for name, probe in probes.items()}
+        self._sums = self._fisher_sums({name: calls for name, calls in seen.items() if calls}, batch_size)
 
     @torch.no_grad()
     def _fisher_sums(self, seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
                      batch_size: int) -> dict[str, list[torch.Tensor]]:
         """[number of samples, fisher_sums of A, B and of the candidate row] of this process's batch for every
-        tested layer, from the inputs x and output gradients g that its hooks saw (a layer called twice: both
+        tested layer, from the inputs x and output gradients g that its probe saw (a layer called twice: both
         calls' tokens). The per-sample gradients are computed for all layers of equal shapes at once
         (`per_sample_grads_of_layers`), one group at a time; a layer that received no gradient gets zero samples
         and zero sums. In the order of `_candidates`, the same in every process (`SeLoRA.reduce`)."""
@@ -404,7 +397,7 @@ class SeLoRA(Controller):
         for group in groups.values():
             names, x, g = zip(*group)
             L, d_in, d_out = len(names), x[0].shape[-1], g[0].shape[-1]
-            K = torch.stack([self._candidates[name].reshape(d_in) for name in names])
+            K = torch.stack([self._candidates[name] for name in names]).reshape(L, d_in)  # each K: d_in x 1
             grads = per_sample_grads_of_layers([self.adapters[name] for name in names],
                                                torch.stack(x).reshape(L, batch_size, -1, d_in),
                                                torch.stack(g).reshape(L, batch_size, -1, d_out), K, batch_size)

@@ -22,7 +22,7 @@ decides differently, and this module repeats its decision exactly, every line ci
 
 Our layout is the paper's (A is d_in x r, B is r x d_out; the script stores the transposes), so the script's
 rows of `lora_A` are columns of our A. The temp weights are not materialised: their forward equals the model's
-(B's new row is zero) and their gradients are those of A and B plus the candidate row of B, which the hooks of
+(B's new row is zero) and their gradients are those of A and B plus the candidate row of B, which the probes of
 `SeLoRA` compute from each layer's input and output gradient (`per_sample_grads`, summed over the samples:
 `fisher="batch"`). Draws are seeded by (seed, step, layer) as in `SeLoRA`, so resumed and data-parallel runs
 grow alike; the script's draws come from the global torch generator and cannot be repeated.
@@ -84,7 +84,7 @@ class ScriptSeLoRA(SeLoRA):
                 yield
             self._before = self._sums
             return
-        with self._hooked(batch_size):  # the second backward, at the temp weights (script:639-647)
+        with self._probed(batch_size):  # the second backward, at the temp weights (script:639-647)
             yield
         # before the step: [samples, sums of A, B]; after it: [samples, sums of A, B, the candidate row]
         self._sums = {name: self._before[name][:3] + after for name, after in self._sums.items()}

@@ -9,11 +9,11 @@ A step is train.py's: text encoder and UNet forward, the diffusion loss, backwar
 method's controller (diffusion.train_step, then optimizer.step and controller.step), the same function on both
 sides (peft's side gets thin wrappers with our models' call signatures). Both sides share one set of frozen
 weights (the same tensors), so their first losses agree. Configurations: peft's LoRA; each --method of ours
-(SeLoRA at rank 1, grown to rank 8, and a test step at rank 8, where the capture hooks compute per-sample
-gradients); with lora, ours again with --gradient-checkpointing; with --mode compiled, ours again as train.py
+(SeLoRA at rank 1, grown to rank 8, and a test step at rank 8, where the capture's probes keep what the per-sample
+gradients need); with lora, ours again with --gradient-checkpointing; with --mode compiled, ours again as train.py
 --compile runs it (adapters at a fixed capacity, UNet and text encoder torch.compile'd; SeLoRA at rank 8 in a
-capacity of 16; no compiled test step: it runs uncompiled); with --mode cudagraphs (CUDA only), as train.py
---compile --compile-mode reduce-overhead runs it.
+capacity of 16; not its test step: docs/performance.md measures a compiled test step on the tiny model); with
+--mode cudagraphs (CUDA only), as train.py --compile --compile-mode reduce-overhead runs it.
 
 Each configuration reports the aten ops it dispatches per step (tests/op_count.py's TorchDispatchMode counter, also
 tests/test_op_counts.py's; --op-names writes them by name), its FLOPs per step

@@ -1,6 +1,7 @@
 """train.py --compile on the CPU (torch.compile with inductor, which builds C++ kernels; compiling takes seconds to a
 minute here the first time, then comes from inductor's cache on disk): for every method, compiled training gives the
-eager losses while ranks change, and no change of rank recompiles; end to end through train.py, across resumes
+eager losses while ranks change, and no change of rank recompiles; SeLoRA's test steps run compiled from the second
+on, in one more graph, with the eager Fisher scores and decisions; end to end through train.py, across resumes
 with and without --compile.
 
 Every method is compiled on a small attention block (test_selora.Block, six adapted layers), which compiles in
@@ -15,6 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import adapters
+import diffusion
 import methods
 import train
 import weights
@@ -23,6 +25,7 @@ from sd15 import SD15, byte_tokenizer
 from sd_unet import UNet, UNetConfig
 from test_methods import data
 from test_selora import Block
+from torch.utils.checkpoint import checkpoint
 from vae import VAE, VAEConfig
 
 STEPS = 30
@@ -44,12 +47,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run_steps(method: str, compile_: bool):
+def run_steps(method: str, compile_: bool, checkpointed: bool = False):
     """STEPS steps of `method` on Block in float32, the loop of adapters.Controller with diffusion.train_step's
-    choice of model (the uncompiled one where capture hooks the adapters): the losses, each step's ranks
-    (DyLoRA: its b), and how many graphs had been compiled after each step."""
+    choice of model (the uncompiled one where capture needs it: SeLoRA's first test step): the losses, each step's
+    ranks (DyLoRA: its b), how many graphs had been compiled after each step, and SeLoRA's tests (its log).
+    `checkpointed`: Block under gradient checkpointing (as sd_unet's blocks with --gradient-checkpointing)."""
     torch.manual_seed(0)
-    model = Block()
+    model = Checkpointed() if checkpointed else Block()
     built = methods.build(method, **CHANGING[method])
     named = adapters.inject(model, built.make_adapter)
     args = train.parser().parse_args(["--method", method, "--rate-lr", "0.1"])
@@ -60,31 +64,51 @@ def run_steps(method: str, compile_: bool):
         torch._dynamo.reset()
         counters.clear()
         adapters.fix_capacity(controller, optimizer)
-        compiled = torch.compile(model, dynamic=False)
+        compiled = diffusion.compiled_module(model)
     losses, ranks, graphs = [], [], []
     for step in range(1, STEPS + 1):
         x, y = (t.float() for t in data(step))
         with controller.capture(step, batch_size=len(x)):
             optimizer.zero_grad()
-            loss = ((model if controller.hooks_forward(step) else compiled)(x) - y).square().mean()
+            loss = ((model if controller.needs_uncompiled(step) else compiled)(x) - y).square().mean()
             (loss + controller.penalty()).backward()
         optimizer.step()
         controller.step()
         losses.append(loss.item())
         ranks.append(controller.b if method == "dylora" else controller.ranks())
         graphs.append(counters["stats"]["unique_graphs"])
-    return losses, ranks, graphs
+    return losses, ranks, graphs, getattr(controller, "log", [])
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
 def test_compiled_training_gives_the_eager_losses_and_changing_ranks_never_recompile(method):
-    losses, ranks, _ = run_steps(method, compile_=False)
-    losses_c, ranks_c, graphs = run_steps(method, compile_=True)
+    losses, ranks, _, _ = run_steps(method, compile_=False)
+    losses_c, ranks_c, graphs, _ = run_steps(method, compile_=True)
     assert losses_c == pytest.approx(losses, rel=1e-5)
     assert ranks_c == ranks
     assert (ranks[-1] != ranks[0]) == (method not in ("lora", "dylora"))  # grown, truncated, grown and shrunk
     assert (len({str(r) for r in ranks}) > 1) == (method != "lora")  # DyLoRA: several b
-    assert graphs == [1] * STEPS  # compiled at step 1, never again
+    # compiled at step 1, never again; SeLoRA's test steps add one graph at step 6 (the next test)
+    assert graphs == ([1] * 5 + [2] * (STEPS - 5) if method == "selora" else [1] * STEPS)
+
+class Checkpointed(Block):
+    def forward(self, x):
+        return checkpoint(super().forward, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_selora_test_steps_compile_once_and_give_the_eager_tests(checkpointed):
+    """SeLoRA tested every 3 steps until its layers reach rank 8: the first test step (3) runs uncompiled, the next
+    (6) compiles one more graph, which the five test steps after it reuse, with no graph break, also under gradient
+    checkpointing; their Fisher scores, ratios and decisions are the eager run's."""
+    _, ranks, _, tests = run_steps("selora", compile_=False, checkpointed=checkpointed)
+    _, ranks_c, graphs, tests_c = run_steps("selora", compile_=True, checkpointed=checkpointed)
+    assert graphs == [1] * 5 + [2] * (STEPS - 5) and not counters["graph_break"]
+    assert sorted({t.step for t in tests_c}) == [3, 6, 9, 12, 15, 18, 21] and ranks_c == ranks
+    assert [(t.step, t.layer, t.rank, t.expanded) for t in tests_c] == [(t.step, t.layer, t.rank, t.expanded)
+                                                                        for t in tests]
+    for t, t_c in zip(tests, tests_c):
+        assert (t_c.score, t_c.ratio) == pytest.approx((t.score, t.ratio), rel=1e-5), (t.step, t.layer)
 
 
 def small_sd15(seed: int = 0) -> SD15:
@@ -104,9 +128,9 @@ def log_lines(run):
 
 
 def test_train_compile_end_to_end_and_across_resumes(tmp_path, monkeypatch, capsys):
-    """SeLoRA, tested every 4 steps (eager, inside the compiled run): compiled for steps 1-5, resumed from its step-4
-    checkpoint without --compile to step 8, then with --compile to the end, gives the eager run's losses, ranks and
-    adapters; a run without --max-rank cannot be resumed compiled."""
+    """SeLoRA, tested every 4 steps (step 4, the run's first test step, uncompiled inside the compiled run): compiled
+    for steps 1-5, resumed from its step-4 checkpoint without --compile to step 8, then with --compile to the end,
+    gives the eager run's losses, ranks and adapters; a run without --max-rank cannot be resumed compiled."""
     monkeypatch.setattr(train, "load_model", lambda model, tokenizer=None, seed=0: small_sd15(seed))
     common = ["--size", "16", "--batch", "7", "--epochs", "1", "--samples", "0", "--t", "4"]  # 77 images, 11 steps
     eager, part = tmp_path / "eager", tmp_path / "part"
@@ -114,7 +138,9 @@ def test_train_compile_end_to_end_and_across_resumes(tmp_path, monkeypatch, caps
     torch._dynamo.reset()
     counters.clear()
     assert train.main(["--out", str(part), *common, "--compile", "--stop-after", "5", "--checkpoint-every", "4"]) == 0
-    assert counters["stats"]["unique_graphs"] == 2  # the UNet's and the text encoder's; step 4 ran uncompiled
+    # the UNet's and the text encoder's: step 4, the run's first test step, ran uncompiled (a compiled test step would
+    # add one graph per model: test_compiled_training_gives_the_eager_losses_and_changing_ranks_never_recompile)
+    assert counters["stats"]["unique_graphs"] == 2
     options = json.loads((part / "config.json").read_text())["options"]
     assert options["compile"] is True and options["max_rank"] == 16
     assert train.main(["--resume", str(part), "--no-compile", "--stop-after", "8"]) == 0

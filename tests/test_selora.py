@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import adapters
 import selora
@@ -443,3 +444,21 @@ def test_candidate_K_does_not_depend_on_the_default_dtype():
     finally:
         torch.set_default_dtype(old)
     assert drawn.dtype == torch.float32 and torch.equal(drawn, expected)
+
+
+def test_later_test_steps_probe_as_the_first_does_and_gradient_checkpointing_counts_each_call_once():
+    """The first test step's probes make their zeros in the forward; later ones get them made before it, in the
+    shapes the first saw (what a compiled test step needs). Both give the same Fisher scores and ratios, bit for
+    bit, and so does a forward under gradient checkpointing, whose backward calls every layer again."""
+    model, ads = make("block")
+    randomise(ads)
+    x, y = batch("block", 3)
+    control = SeLoRA(ads, lam=1e9, t=40, seed=3)
+    logs = []
+    for forward in (model, model, lambda x: checkpoint(model, x, use_reentrant=False)):
+        assert control.needs_uncompiled(40) == (not logs)
+        with control.capture(40, batch_size=3):
+            model.zero_grad()
+            (forward(x) - y).square().flatten(1).mean(1).mean().backward()
+        logs.append(control.step())
+    assert len(logs[0]) == len(ads) and logs[1] == logs[0] and logs[2] == logs[0]

@@ -22,7 +22,7 @@ import methods  # noqa: E402
 from sd15 import tiny_sd15  # noqa: E402
 
 TOUR = ROOT / "docs" / "tour.md"
-MODULES = ("diffusion", "distributed", "selora", "adapters")  # the training step's and SeLoRA's own code
+MODULES = ("diffusion", "distributed", "selora", "probe", "adapters")  # the training step's and SeLoRA's own code
 ACCESSORS = {"distributed.world_size", "distributed.rank", "adapters.Adapter.rank"}  # one-line lookups, left out
 ENTRY = re.compile(r"^\d+\. `([\w.]+)` \((\w+\.py):(\d+)\)", re.M)
 
