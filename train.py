@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
            "same --max-rank. SeLoRA has no maximum rank unless given, so --compile sets --max-rank 16, which "
            "changes growth for any layer that would pass 16 (said when the run starts; give --max-rank to choose). "
            "It pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
-           "docs/performance.md). SeLoRA's test steps run uncompiled. --no-compile resumes a compiled run without")
+           "docs/launch-bound.md). A run's first SeLoRA test step runs uncompiled, later ones compiled. --no-compile resumes a compiled run without")
     a("--compile-mode", default="default", choices=diffusion.COMPILE_MODES,
       help="with --compile: default (inductor's kernels), or reduce-overhead: the same kernels with each step's "
            "launches recorded once as CUDA graphs and replayed (CUDA only; the same results; pays where a step is "
