@@ -191,6 +191,13 @@ def stacked(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.stack([tensors[i] for i in group]) for group in by_shape(tensors)]
 
 
+def factors_in_use(adapters: dict[str, AdaLoRALinear]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's A and B at its rank: sliced only where capacity.py stores more (a slice is a dispatched op)."""
+    layers = list(adapters.values())
+    return ([a.A if a.A.shape[1] == a.rank else a.A[:, :a.rank] for a in layers],
+            [a.B if a.B.shape[0] == a.rank else a.B[:a.rank] for a in layers])
+
+
 def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
     """R(P, Q) = mean over all P and Q of ||P^T P - I||_F and ||Q Q^T - I||_F (peft's form).
 
@@ -201,10 +208,8 @@ def orthogonal_regulariser(adapters: dict[str, AdaLoRALinear]) -> torch.Tensor:
     x r x r < 400) torch's CPU bmm sums in another order than mm, a difference of rounding
     (docs/performance.md). The mean adds the norms in another order, which moves its value by rounding only.
     """
-    factors = [(a.A, a.B) if a.A.shape[1] == a.rank else (a.A[:, :a.rank], a.B[:a.rank])  # capacity.py stores more
-               for a in adapters.values()]
-    grams = [A.mT @ A for A in stacked([A for A, _ in factors])]
-    grams += [B @ B.mT for B in stacked([B for _, B in factors])]
+    As, Bs = factors_in_use(adapters)
+    grams = [A.mT @ A for A in stacked(As)] + [B @ B.mT for B in stacked(Bs)]
     return torch.cat([torch.linalg.matrix_norm(g - torch.eye(g.shape[-1], device=g.device, dtype=g.dtype))
                       for g in grams]).mean()
 
@@ -294,8 +299,7 @@ class AdaLoRA(Controller):
         """penalty()'s gradient added to every A's and B's, for all layers at once: `orthogonal_gradient` of each
         stack of equal shapes (P = A, and P = B^T), times orth_reg_weight over the 2n matrices of the mean."""
         layers = list(self.adapters.values())
-        As = [a.A if a.A.shape[1] == a.rank else a.A[:, :a.rank] for a in layers]  # capacity.py stores more
-        Bs = [a.B if a.B.shape[0] == a.rank else a.B[:a.rank] for a in layers]
+        As, Bs = factors_in_use(self.adapters)
         grads = per_shape(orthogonal_gradient, As) + per_shape(lambda B: orthogonal_gradient(B.mT).mT.contiguous(), Bs)
         add_to_grads([a.A for a in layers] + [a.B for a in layers], grads,
                      alpha=self.orth_reg_weight / (2 * len(layers)))

@@ -35,13 +35,12 @@ follow in the points cited below; the LoRA^2 paper itself is not available here,
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from contextlib import contextmanager
-from typing import Iterator
 
 from adapters import Adapter, Controller, add_to_grads, draw_candidate, lora_factors
 from baselines import stacked
@@ -212,6 +211,10 @@ class LoRA2(Controller):
             for layer in layers:
                 layer.step_weights = None
 
+    def rates(self) -> torch.Tensor:
+        """Every layer's nu: inside capture the step's (those of the forward), else computed (`rates`)."""
+        return rates(list(self.adapters.values())) if self.step_rates is None else self.step_rates
+
     def penalty(self) -> torch.Tensor:
         """The negative log prior over n_obs (constants dropped): Gaussian on each rate and on A, B. The squares of
         factors of equal shape are summed stacked (baselines.stacked): the same gradients as one at a time. Inside
@@ -219,7 +222,7 @@ class LoRA2(Controller):
         layers = list(self.adapters.values())
         factors = [a.A for a in layers] + [a.B for a in layers]  # ranks not in use (capacity.py) are zero
         weights = sum(X.square().sum() for X in stacked(factors))
-        nu = rates(layers) if self.step_rates is None else self.step_rates
+        nu = self.rates()
         rate_term = (nu - self.rate_prior_mean).square().sum() / (2 * self.rate_prior_scale ** 2)
         return (rate_term + weights / (2 * self.weight_prior_scale ** 2)) / self.n_obs
 
@@ -227,12 +230,12 @@ class LoRA2(Controller):
     def add_penalty_gradient(self) -> None:
         """penalty()'s gradient added to every A's, B's and rho's, for all layers at once, in closed form: the
         weights' Gaussian gives A / (sigma_theta^2 n_obs) (one op for all A and B), the rates' gives
-        (nu - mu) / sigma_nu^2 * sigmoid(rho) / n_obs (d softplus(rho) / d rho = sigmoid(rho))."""
+        (nu - mu) / sigma_nu^2 * sigmoid(rho) / n_obs (d softplus(rho) / d rho = sigmoid(rho) = 1 - exp(-nu))."""
         layers = list(self.adapters.values())
         factors = [a.A for a in layers] + [a.B for a in layers]
         add_to_grads(factors, factors, alpha=1 / (self.weight_prior_scale ** 2 * self.n_obs))
-        rho = torch.stack([a.rho for a in layers])
-        d_rho = (F.softplus(rho) - self.rate_prior_mean) * torch.sigmoid(rho)
+        nu = self.rates()
+        d_rho = (nu - self.rate_prior_mean) * -torch.expm1(-nu)
         add_to_grads([a.rho for a in layers], list(d_rho.unbind()), alpha=1 / (self.rate_prior_scale ** 2 * self.n_obs))
 
     def capacity(self, name: str) -> int:
