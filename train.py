@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{when} fine-tuning: phantom-FID {v['FID-phantoms']:.2f}, KID {v['KID']:.4f}, adherence "
                           f"{v['adherence']:.3f} ({v['images']} images of drawn phantom captions)")
                 print(f"done: {run} (best epoch {summary['best_epoch']}, total rank {summary['total_rank']})")
+            distributed.barrier()  # the other processes wait for the main one's export, then all shut down together
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
