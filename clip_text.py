@@ -1,4 +1,4 @@
-"""CLIP's text encoder as Stable Diffusion 1.5 uses it (its byte-level BPE tokenizer is clip_tokenizer.py).
+"""CLIP's text encoder as Stable Diffusion 1.5 uses it (its byte-level BPE tokenizer is model/clip_tokenizer.py).
 
 SD 1.5 conditions its UNet on the last hidden state [B, 77, 768] of OpenAI CLIP ViT-L/14's text tower
 (Radford et al. 2021): a 12-layer pre-LayerNorm transformer with a causal mask, quick-GELU MLPs and a final
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from weights import load_file, load_strict, part_config, resolve_component
+from model.weights import load_file, load_strict, part_config, resolve_component
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text encoder
@@ -94,7 +94,7 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 class CLIPAttention(nn.Module):
     """Multi-head self-attention; causal for text (each token sees itself and the tokens before it),
-    unmasked for CLIP's image tower (clip_image.py), where every patch sees every patch."""
+    unmasked for CLIP's image tower (metrics/clip_image.py), where every patch sees every patch."""
 
     def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()

@@ -4,7 +4,7 @@ FID (Heusel et al. 2017) fits a Gaussian to the Inception features of each image
     FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))
 equal to pytorch-fid's figure within 1e-6 relative, so numbers are comparable with papers that used it:
 float64 statistics, and the trace of the square root from the eigenvalues of a symmetric matrix
-(fid_kid.py: `trace_sqrt_product`), about 1 s at 2048 dimensions where pytorch-fid's scipy sqrtm takes 10 s or more;
+(metrics/fid_kid.py: `trace_sqrt_product`), about 1 s at 2048 dimensions where pytorch-fid's scipy sqrtm takes 10 s or more;
 `--fid-sqrtm exact` computes it as pytorch-fid does (`trace_sqrtm`). FID is biased upwards for small sets and its
 covariance is singular when there are no more images than feature dimensions: we warn then, and also report
 KID (Binkowski et al. 2018), the unbiased squared MMD with the cubic polynomial kernel, averaged over random
@@ -12,7 +12,7 @@ subsets, as torchmetrics computes it.
 
 For the tiny pretrained model's phantoms, `--reader assets/readers/phantoms.safetensors` takes the features of a
 small classifier of the domain instead of Inception's (phantom-FID), and reads each image's attributes back to
-score caption adherence, the CLIP score's analogue (readback.py).
+score caption adherence, the CLIP score's analogue (metrics/readback.py).
 
 CLIP score (Hessel et al. 2021): 100 * cos(image embedding, text embedding) with CLIP ViT-L/14, per pair,
 averaged. torchmetrics clamps the mean at 0, the CLIPScore paper clamps each pair (with weight 2.5 there,
@@ -41,19 +41,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import cli
-import clip_image
+from metrics import clip_image, inception, readback
+from metrics.fid_kid import FID_SQRTM, fid_kid
+from model import clip_tokenizer, sampling
+from model.sd15 import generate
+from model.weights import atomic_write
+from study import heldout, tables
+from training import cli, run_folder
 import clip_text
-import clip_tokenizer
-import heldout
-import inception
-import readback
-import run_folder
-import sampling
-import tables
-from fid_kid import FID_SQRTM, fid_kid
-from sd15 import generate
-from weights import atomic_write
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
 NOT_SAMPLES = ("grid.png",)  # the contact sheet sample.py writes beside its images
@@ -124,7 +119,7 @@ def inception_features(model: inception.InceptionV3, files: list[Path], dims: tu
 @torch.no_grad()
 def reader_features(reader: readback.Reader, files: list[Path], batch_size: int = 50,
                     device: str | torch.device = "cpu", desc: str = "reader") -> tuple[dict[str, np.ndarray], torch.Tensor]:
-    """({domain: (n, 64) float64 array} of a reader's penultimate features (readback.py), and the images
+    """({domain: (n, 64) float64 array} of a reader's penultimate features (metrics/readback.py), and the images
     as read, for adherence."""
     images = torch.stack([readback.to_tensor(read_image(f).resize((readback.SIZE, readback.SIZE), Image.BICUBIC))
                           for _, chunk in batches(files, batch_size, desc) for f in chunk])
@@ -139,7 +134,7 @@ def reader_features(reader: readback.Reader, files: list[Path], batch_size: int 
 def domain_scores(sd, reader: readback.Reader, real: torch.Tensor, prompts: list[str], seed: int, size: int,
                   steps: int = 50, scheduler: str = "pndm", guidance: float = sampling.GUIDANCE) -> dict:
     """Phantom-FID, KID and caption adherence of `sd`'s images of `prompts` against `real` images (N, 3, H, W)
-    in [-1, 1], all by `reader` (readback.py): what train.py reports for the embedded default before and after
+    in [-1, 1], all by `reader` (metrics/readback.py): what train.py reports for the embedded default before and after
     fine-tuning."""
     images = generate(sd, prompts, steps, guidance, seed=seed, size=size, batch=32, progress=False, scheduler=scheduler)
     feats = [{reader.domain: reader.features(x.to(sd.device)).double().cpu().numpy()} for x in (real, images)]
@@ -274,7 +269,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fake", help="folder of generated images")
     p.add_argument("--runs", nargs="+", help="run folders: score RUN/samples/ of each (instead of --fake)")
     p.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a safetensors copy")
-    p.add_argument("--reader", help="instead of --inception: a domain reader (readback.py, e.g. "
+    p.add_argument("--reader", help="instead of --inception: a domain reader (metrics/readback.py, e.g. "
                                     "assets/readers/phantoms.safetensors): FID and KID on its features "
                                     "(phantom-FID) and, with prompts, caption adherence in place of the CLIP score")
     p.add_argument("--dims", type=int, nargs="+", default=[2048], choices=inception.DIMS,

@@ -9,7 +9,7 @@ images generated and scored, and OUT/report.md with the paper's tables and the a
 
 Runs: each method x seed, then SeLoRA's threshold ablation (table 3: lambda 1, 1.1, 1.3 at t = --t) and a sweep
 of t (20, 40, 80 at lambda = --lam), over --ablation-seeds; a run both need is trained once. SeLoRA grows by
-one rule, --expansion-test: the paper's (default) or the authors' script's (selora_script.py), each with its
+one rule, --expansion-test: the paper's (default) or the authors' script's (methods/selora_script.py), each with its
 own lambda and ablation grid (LAMBDAS). Under the paper's rule lambda = 1 grows every layer at every test, so
 those runs stop at --cap-rank (16), and the report says so. Every run is a
 train.py run folder, OUT/runs/NAME/, trained in its own process (so its memory readings are its own) with the
@@ -24,7 +24,7 @@ an error, not silently mixed in.
 Scoring needs weights the user downloads: --inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) for
 FID and KID, --clip (openai/clip-vit-large-patch14) for the CLIP score. Without them the report says so and
 gives every other section. On generated phantoms, --reader assets/readers/phantoms.safetensors (--mini's default)
-scores instead by the phantom reader (readback.py): phantom-FID, KID and caption adherence.
+scores instead by the phantom reader (metrics/readback.py): phantom-FID, KID and caption adherence.
 """
 from __future__ import annotations
 
@@ -39,21 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import adapters
-import cli
-import data
+from data import datasets, phantoms
+from methods import adapters
+from metrics import fid_kid, inception, readback
+from model import sampling
+from model.sd15 import load_model
+from study import heldout, report
+from training import cli, method_table, run_folder
 import eval_fid
-import fid_kid
-import heldout
-import inception
-import methods
-import phantoms
-import readback
-import report
-import run_folder
-import sampling
 import train
-from sd15 import load_model
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("lora", "dylora", "adalora", "selora", "lora2")  # the paper's tables' order
@@ -108,11 +102,11 @@ def parser() -> argparse.ArgumentParser:
     a("--model", help="SD 1.5 (diffusers folder or single file); default: train.py's embedded tiny model pretrained on shapes")
     a("--tokenizer", help="with a single-file --model: its tokenizer")
     a("--data", help="data folder (required unless --smoke or --mini)")
-    a("--dataset", default="folder", choices=sorted(data.PAPER_SPLITS), help="layout of --data")
+    a("--dataset", default="folder", choices=sorted(datasets.PAPER_SPLITS), help="layout of --data")
     a("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
     a("--seeds", nargs="+", type=int, help="training seeds (default: 0 1 2)")
     a("--data-seed", type=int, default=0, help="seed of the one split every run uses (default 0)")
-    a("--expansion-test", default="paper", choices=methods.EXPANSION_TESTS,
+    a("--expansion-test", default="paper", choices=method_table.EXPANSION_TESTS,
       help="SeLoRA's growth rule for every SeLoRA run: the paper's (default) or the authors' script's (train.py "
            "--expansion-test); the report names it")
     a("--lam", type=float, help="SeLoRA lambda of the main runs and the t sweep (default: the rule's, paper 1.1, "
@@ -141,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     a("--sample-steps", type=cli.integer(1, sampling.MAX_STEPS), help="sampler steps for the test images (default 50)")
     a("--guidance", type=cli.number(0.0), help=f"classifier-free guidance of the test images (default "
                                                f"{sampling.GUIDANCE:g}, the paper's; --mini: {MINI['guidance']:g})")
-    a("--reader", help="instead of --inception and --clip: a domain reader (readback.py; --mini's default: "
+    a("--reader", help="instead of --inception and --clip: a domain reader (metrics/readback.py; --mini's default: "
                        "assets/readers/phantoms.safetensors): FID and KID on its features, and caption adherence")
     a("--grid-prompts", type=int, default=6, help="test prompts in the real-vs-generated figure")
     size = p.add_mutually_exclusive_group()
@@ -175,7 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.ablation_seeds is None:
         args.ablation_seeds = args.seeds
-    args.lam = methods.rule_defaults(args.expansion_test)["lam"] if args.lam is None else args.lam
+    args.lam = method_table.rule_defaults(args.expansion_test)["lam"] if args.lam is None else args.lam
     args.lambdas = list(LAMBDAS[args.expansion_test]) if args.lambdas is None else args.lambdas
     args.out = Path(args.out).resolve()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -295,7 +289,7 @@ def trainable_at_end(run_dir: Path) -> dict:
     counts them at the start (adapters.trainable_fraction), and the UNet's layers per block for the heatmaps."""
     options = run_folder.read_options(run_dir)
     sd = load_model(options["model"], options["tokenizer"])
-    methods.load_adapter(sd, run_dir / "last.safetensors")
+    method_table.load_adapter(sd, run_dir / "last.safetensors")
     percent = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
     return {"trainable_end": percent, "layers_per_block": sd.unet.config.num_res_blocks}
 

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-import cli
-import methods
-import plots
-import sampling
-from sd15 import generate, load_model
+from model import sampling
+from model.sd15 import generate, load_model
+from training import cli, method_table, plots
 
 def main(argv: list[str] | None = None) -> int:
     """Generate; 2 for input a user must fix (a bad option, file or adapter), said in one line."""
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.adapter:
             if not Path(args.adapter).is_file():
                 raise ValueError(f"--adapter {args.adapter}: no such file")
-            methods.load_adapter(sd, args.adapter, args.force)
+            method_table.load_adapter(sd, args.adapter, args.force)
     except (ValueError, OSError) as err:  # the message names the option or file
         print(f"error: {err}", file=sys.stderr)
         return 2

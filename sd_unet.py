@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from weights import load_file, load_strict, part_config, resolve_component
+from model.weights import load_file, load_strict, part_config, resolve_component
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,18 @@ text encoder, trained on image-report pairs with the diffusion loss.
     python train.py --model SD15 --data IU_XRAY --dataset iu-xray --method selora --out runs/iu-selora
     python train.py --resume runs/iu-selora
 
-Each step: encode the prompts with the text encoder, draw t uniformly from the 1000 training timesteps and noise,
-and minimise the MSE between the UNet's predicted and the true noise (the batch mean of per-sample MSEs). The
-method's controller does its work around that step (SeLoRA: an expansion test every t steps, section 3.2).
-After each epoch the validation loss is measured and the best adapter kept.
+This file holds the run's options, their checks and its set-up (`start`) and end (`export_best`). The loop of steps
+is training/train_loop.py, one step training/diffusion.py's `train_step`: encode the prompts with the text
+encoder, draw t uniformly from the 1000 training timesteps and noise, and minimise the MSE between the UNet's
+predicted and the true noise (the batch mean of per-sample MSEs). The method's controller does its work around that
+step (SeLoRA, selora.py: an expansion test every t steps, section 3.2). After each epoch the validation loss is
+measured and the best adapter kept.
 
 The run folder gets config.json, split.json, log.jsonl, summary.json, figures (PNG), best/last adapters, a
 kohya-format export, checkpoints for --resume, and a few samples.
 
 Several processes (GPUs, machines) train one run data-parallel when torchrun launches it; --batch is then each
-process's batch (distributed.py):
+process's batch (fast/distributed.py):
 
     torchrun --nproc_per_node 4 train.py --model SD15 --data IU_XRAY --dataset iu-xray --batch 2
 """
@@ -29,24 +31,17 @@ from pathlib import Path
 
 import torch
 
-import adapters
-import checkpoint
-import cli
-import data
-import diffusion
-import distributed
+from data import datasets, phantoms, splits
+from fast import capacity, distributed, torch_compile
+from methods import adapters
+from methods.kohya import export_kohya
+from metrics import readback
+from model import sampling, weights
+from model.sampling import GUIDANCE, MAX_STEPS, SCHEDULERS
+from model.sd15 import SD15, generate, load_model
+from training import checkpoint, cli, diffusion, method_table, plots, run_folder
+from training.train_loop import Training, TrainingError, base_metadata, finish, fit
 import eval_fid
-import methods
-import phantoms
-import plots
-import readback
-import run_folder
-import sampling
-import weights
-from kohya import export_kohya
-from sampling import GUIDANCE, MAX_STEPS, SCHEDULERS
-from sd15 import SD15, generate, load_model
-from train_loop import Training, TrainingError, base_metadata, finish, fit
 
 PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 3.5 (paper:148); other data sets default to 10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,13 +59,13 @@ def parser() -> argparse.ArgumentParser:
     a("--data", help="data folder (default: generated phantoms, see phantoms.make_phantom_folder)")
     a("--phantoms", type=cli.integer(2), help=f"without --data: how many phantoms to generate (default "
                                               f"{EMBEDDED['images']})")
-    a("--dataset", default="folder", choices=sorted(data.PAPER_SPLITS), help="layout of --data (default: folder)")
+    a("--dataset", default="folder", choices=sorted(datasets.PAPER_SPLITS), help="layout of --data (default: folder)")
     a("--split", help="train,validation,test percentages (default: the paper's for the data set, e.g. 80,16,4)")
     a("--empty-findings", default="skip", choices=("skip", "impression"), help="IU X-Ray reports without findings")
     a("--per-subtype", type=cli.integer(1), help="PatchGastric: sample this many pairs per subtype (appendix C.2: 1000)")
-    a("--method", default="selora", choices=methods.METHODS, help="adapter method (default: selora)")
+    a("--method", default="selora", choices=method_table.METHODS, help="adapter method (default: selora)")
     a("--targets", nargs="+", help="glob patterns of linear layers to adapt (default: every nn.Linear, as the paper)")
-    methods.add_options(p)  # each method's own: --lam, --t, --fisher (SeLoRA), --rank, --init-r, ...
+    method_table.add_options(p)  # each method's own: --lam, --t, --fisher (SeLoRA), --rank, --init-r, ...
     a("--size", type=cli.image_size, help="image size in pixels, a multiple of 8 (paper: 224, 384 as an option; embedded "
                                 f"default: {EMBEDDED['size']})")
     a("--epochs", type=cli.integer(1), help="epochs (paper: 10 for IU X-Ray, 100 for Montgomery)")
@@ -83,25 +78,7 @@ def parser() -> argparse.ArgumentParser:
     a("--optimizer", default="adam", choices=("adam", "adamw"),
       help="Adam: the authors' script's (its line 450; the paper's table 4 was lost)")
     a("--weight-decay", type=cli.number(0.0), default=0.0)
-    a("--precision", default="fp32", choices=sorted(PRECISIONS),
-      help="frozen weights' precision; adapters and optimizer stay fp32 (default fp32)")
-    a("--gradient-checkpointing", action="store_true",
-      help="recompute the activations of the UNet's blocks and the text encoder's layers in backward instead of "
-           "keeping them: less memory, more time, the same results")
-    a("--compile", action=argparse.BooleanOptionalAction, default=False,
-      help="train through a torch.compile'd UNet and text encoder (inductor; on a CPU it needs g++), the adapters "
-           "stored at a fixed capacity (--max-rank) so that changing ranks never recompile: the same results at the "
-           "same --max-rank. SeLoRA has no maximum rank unless given, so --compile sets --max-rank 16, which "
-           "changes growth for any layer that would pass 16 (said when the run starts; give --max-rank to choose). "
-           "It pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
-           "docs/launch-bound.md). A run's first SeLoRA test step runs uncompiled, later ones compiled. --no-compile resumes a compiled run without")
-    a("--compile-mode", default="default", choices=diffusion.COMPILE_MODES,
-      help="with --compile: default (inductor's kernels), or reduce-overhead: the same kernels with each step's "
-           "launches recorded once as CUDA graphs and replayed (CUDA only; the same results; pays where a step is "
-           "bound by kernel launches). A resumed run may change it")
-    a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
-    a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
-      help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")
+    add_hardware_options(a)  # precision, memory and speed: --precision ... --timeout
     a("--seed", type=cli.integer(0, cli.SEEDS - 1), default=0)
     a("--data-seed", type=cli.integer(0, cli.SEEDS - 1),
       help="seed of the split and of the data's sampling (default: --seed); reproduce.py gives all its runs one, so "
@@ -128,6 +105,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_hardware_options(a) -> None:
+    """The options of how a run uses its machine (precision, memory, compiling, processes), which change its speed
+    and memory but not what it learns (beyond rounding)."""
+    a("--precision", default="fp32", choices=sorted(PRECISIONS),
+      help="frozen weights' precision; adapters and optimizer stay fp32 (default fp32)")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute the activations of the UNet's blocks and the text encoder's layers in backward instead of "
+           "keeping them: less memory, more time, the same results")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="train through a torch.compile'd UNet and text encoder (inductor; on a CPU it needs g++), the adapters "
+           "stored at a fixed capacity (--max-rank) so that changing ranks never recompile: the same results at the "
+           "same --max-rank. SeLoRA has no maximum rank unless given, so --compile sets --max-rank 16, which "
+           "changes growth for any layer that would pass 16 (said when the run starts; give --max-rank to choose). "
+           "It pays where steps are bound by kernel launches, as on a GPU (on a CPU it was slower: "
+           "docs/launch-bound.md). A run's first SeLoRA test step runs uncompiled, later ones compiled. --no-compile resumes a compiled run without")
+    a("--compile-mode", default="default", choices=torch_compile.COMPILE_MODES,
+      help="with --compile: default (inductor's kernels), or reduce-overhead: the same kernels with each step's "
+           "launches recorded once as CUDA graphs and replayed (CUDA only; the same results; pays where a step is "
+           "bound by kernel launches). A resumed run may change it")
+    a("--fast-test-step", action=argparse.BooleanOptionalAction, default=False,
+      help="SeLoRA's test step the fast way (fast/fisher.py): the per-sample gradients of all layers of equal shapes "
+           "at once, probes in place of hooks; the same decisions as the literal test step of selora.py, which runs "
+           "by default (the FI-ratios agree to rounding). --compile and torchrun take it always. A resumed run may "
+           "change it")
+    a("--device", type=cli.device, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    a("--timeout", type=cli.number(0.0, inclusive=False), default=30.0,
+      help="torchrun: minutes a process waits for the others in a collective before the run fails (default 30)")
+
+
 # ------------------------------------------------------------------------------------------ set-up
 
 def given_options(p: argparse.ArgumentParser, argv: list[str] | None) -> dict:
@@ -150,9 +156,9 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--phantoms {args.phantoms}: the number of generated phantoms, which --data replaces; give one")
     if args.compile_mode != "default" and not args.compile:
         raise ValueError(f"--compile-mode {args.compile_mode} goes with --compile")
-    foreign = methods.not_taken(args.method, given_options(p, argv))
+    foreign = method_table.not_taken(args.method, given_options(p, argv))
     if foreign:
-        own = ", ".join(map(cli.flag, methods.taken(args.method))) or "none"
+        own = ", ".join(map(cli.flag, method_table.taken(args.method))) or "none"
         raise ValueError(f"{', '.join(map(cli.flag, foreign))}: not an option of --method {args.method}, which "
                          f"would ignore it (its own: {own})")
     embedded = args.model is None
@@ -168,11 +174,11 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or ("runs/default" if phantoms_default
                             else f"runs/{args.method}-{args.dataset}-seed{args.seed}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for key, value in methods.rule_defaults(args.expansion_test).items():  # SeLoRA's, recorded in config.json
+    for key, value in method_table.rule_defaults(args.expansion_test).items():  # SeLoRA's, recorded in config.json
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.compile and args.max_rank is None:  # a fixed capacity needs a maximum rank (SeLoRA: none by default)
-        args.max_rank = methods.TABLE[args.method].compiled_max_rank
+        args.max_rank = method_table.TABLE[args.method].compiled_max_rank
         if args.method == "selora" and distributed.is_main():
             print(f"--compile: SeLoRA's layers stop growing at --max-rank {args.max_rank} (a fixed capacity needs a "
                   "limit; the paper sets none), so a layer that would pass it grows otherwise than without "
@@ -214,7 +220,7 @@ def per_process_batch(run: Path, global_batch: int) -> int:
     return global_batch // processes
 
 
-def load_data(args: argparse.Namespace, run: Path, sd: SD15) -> tuple[data.DataSet, dict, diffusion.Examples, diffusion.Examples]:
+def load_data(args: argparse.Namespace, run: Path, sd: SD15) -> tuple[datasets.DataSet, dict, diffusion.Examples, diffusion.Examples]:
     """The data set, its split (a new one written to RUN/split.json; a resumed run reads its own) and the
     training and validation parts as diffusion.Examples. The main process goes first: it writes the split, the
     phantoms and the latent cache, which the others then read."""
@@ -225,21 +231,21 @@ def load_data(args: argparse.Namespace, run: Path, sd: SD15) -> tuple[data.DataS
         root = Path(args.data) if args.data else run / "phantoms"
         if not args.data and distributed.is_main() and not (args.resume and (root / "metadata.jsonl").is_file()):
             phantoms.make_phantom_folder(root, args.phantoms, args.size, args.data_seed)  # a resumed run's are kept
-        dataset = data.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
+        dataset = datasets.load_dataset(args.dataset, root, empty_findings=args.empty_findings,
                                     per_subtype=args.per_subtype, seed=args.data_seed)
         if (run / run_folder.SPLIT).is_file():
-            split = data.read_split(run / run_folder.SPLIT)
+            split = splits.read_split(run / run_folder.SPLIT)
             if distributed.is_main():
                 run_folder.check_data(run, dataset, split, args.allow_data_change)
         else:
-            fractions = data.parse_split(args.split) if args.split else data.PAPER_SPLITS[args.dataset]
-            split = data.make_split(dataset.examples, fractions, args.data_seed)
-            data.write_split(run / run_folder.SPLIT, split, {"data": str(root), "dataset": args.dataset,
+            fractions = splits.parse_split(args.split) if args.split else datasets.PAPER_SPLITS[args.dataset]
+            split = splits.make_split(dataset.examples, fractions, args.data_seed)
+            splits.write_split(run / run_folder.SPLIT, split, {"data": str(root), "dataset": args.dataset,
                                                              "seed": args.data_seed, "fractions": list(fractions),
-                                                             "fingerprints": data.fingerprints(dataset.examples)})
+                                                             "fingerprints": splits.fingerprints(dataset.examples)})
         cache = Path(args.latent_cache) if args.latent_cache else run.parent / ".latent-cache"
         try:
-            parts = [diffusion.Examples(sd, data.select(dataset, split[part], run / run_folder.SPLIT), args.size,
+            parts = [diffusion.Examples(sd, splits.select(dataset, split[part], run / run_folder.SPLIT), args.size,
                                         cache) for part in ("train", "validation")]
         except OSError as err:
             if err.filename is None or Path(err.filename).parent != cache:
@@ -255,10 +261,11 @@ def start(args: argparse.Namespace) -> Training:
     """The set-up: run folder, model, adapters, data and cached latents, optimizer, controller, and a resumed
     run's checkpoint. Every problem with the user's input surfaces here, before the first step; the
     run counts as started (config.json "started") only once all of it has succeeded."""
-    method = methods.build(args.method, **methods.options(args.method, args))  # refuses options that clash
+    fast = args.fast_test_step or args.compile or distributed.world_size() > 1  # SeLoRA's fast test step
+    method = method_table.build(args.method, fast, **method_table.options(args.method, args))  # refuses clashes
     device = distributed.init(args.device, args.timeout)  # under torchrun; else torch.device(args.device)
     if args.compile:
-        diffusion.check_compiler(device, args.compile_mode)
+        torch_compile.check_compiler(device, args.compile_mode)
     is_main = distributed.is_main()
     run = Path(args.out)
     if is_main and not args.resume:
@@ -289,8 +296,8 @@ def start(args: argparse.Namespace) -> Training:
                 p.data = p.data.to(PRECISIONS[args.precision])
     parts.to(device)
     params = [p for p in parts.parameters() if p.requires_grad]
-    groups = methods.param_groups(args.method, named, args.lr, args)
-    optimizer = methods.optimizer(groups, args.optimizer, args.lr, args.weight_decay)
+    groups = method_table.param_groups(args.method, named, args.lr, args)
+    optimizer = method_table.optimizer(groups, args.optimizer, args.lr, args.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / (args.batch * distributed.world_size()))
     total_steps = steps_per_epoch * args.epochs
     controller = method.controller(named, optimizer, total_steps, distributed.all_reduce_sums)
@@ -303,20 +310,20 @@ def start(args: argparse.Namespace) -> Training:
         counters.setdefault("trainable_percent", fractions)  # checkpoints written before it was carried
     compiled = None
     if args.compile:  # after loading: checkpoints hold the true ranks, which fix_capacity pads
-        adapters.fix_capacity(controller, optimizer)
-        compiled = diffusion.compiled(sd, args.compile_mode)
+        capacity.fix_capacity(controller, optimizer)
+        compiled = torch_compile.compiled(sd, args.compile_mode)
     autocast = torch.autocast(device.type, PRECISIONS[args.precision], enabled=args.precision != "fp32")
-    tr = Training(args, run, device, is_main, sd, dataset, split, train_ex, val_ex, named, params, compiled,
+    training = Training(args, run, device, is_main, sd, dataset, split, train_ex, val_ex, named, params, compiled,
                   optimizer, controller, autocast, gen, counters, steps_per_epoch, total_steps)
     if is_main:
-        open_run(tr, fractions, resumed_from=ckpt)
-    return tr
+        open_run(training, fractions, resumed_from=ckpt)
+    return training
 
 
-def open_run(tr: Training, fractions: dict[str, float], resumed_from: Path | None) -> None:
+def open_run(training: Training, fractions: dict[str, float], resumed_from: Path | None) -> None:
     """The main process's last step of the set-up: log.jsonl cut back to the step it starts from, summary.json
     removed, config.json marked started, and the run described (its notes, layers, trainable share and data)."""
-    args, run, step = tr.args, tr.run, tr.counters["step"]
+    args, run, step = training.args, training.run, training.counters["step"]
     if args.resume:
         print(f"resuming {run} at step {step}" if resumed_from else
               f"resuming {run}: it has no checkpoint yet, so it starts again from step 0 with its saved options")
@@ -325,40 +332,40 @@ def open_run(tr: Training, fractions: dict[str, float], resumed_from: Path | Non
         f.writelines(json.dumps(line) + "\n" for line in log)
     (run / "summary.json").unlink(missing_ok=True)  # the run is unfinished until it writes it again
     run_folder.write_config(run, vars(args), True, distributed.world_size())
-    for note in methods.notes(args.method, args, tr.total_steps):
+    for note in method_table.notes(args.method, args, training.total_steps):
         print(f"note: {note}")
-    print(f"{args.method}: {len(tr.named)} adapted layers; trainable {fractions['unet']:.3f}% of the UNet, "
-          f"{fractions['text_encoder']:.3f}% of the text encoder; {len(tr.train_ex)} training images, "
-          f"{len(tr.val_ex)} validation; {tr.train_ex.truncated + tr.val_ex.truncated} captions truncated to 77 tokens"
+    print(f"{args.method}: {len(training.named)} adapted layers; trainable {fractions['unet']:.3f}% of the UNet, "
+          f"{fractions['text_encoder']:.3f}% of the text encoder; {len(training.train_ex)} training images, "
+          f"{len(training.val_ex)} validation; {training.train_ex.truncated + training.val_ex.truncated} captions truncated to 77 tokens"
           + (f"; {distributed.world_size()} processes of batch {args.batch}" if distributed.world_size() > 1 else ""))
 
 
-def export_best(args: argparse.Namespace, run: Path, dataset: data.DataSet, split: dict[str, list[str]]) -> dict:
+def export_best(args: argparse.Namespace, run: Path, dataset: datasets.DataSet, split: dict[str, list[str]]) -> dict:
     """Load the best adapter into a fresh model; export it in the kohya format, and generate a few images from
     held-out prompts, by the base model and by the fine-tuned one, beside the real images (run/previews/, one row
     each; eval_fid.py --runs generates the whole test split). On generated phantoms (no --data), returns their
     phantom-FID, KID and adherence before and after fine-tuning (`phantom_scorer`); else, or with --samples 0, {}."""
     sd = load_model(args.model, args.tokenizer).to(args.device)
     names = (split["test"] or split["validation"] or split["train"])[:args.samples]
-    examples = data.select(dataset, names, run / "split.json")
+    examples = splits.select(dataset, names, run / "split.json")
     prompts = [e.caption for e in examples]
     score = phantom_scorer(args) if args.data is None and args.samples else None
     scores, rows = {}, []
 
-    def look(when: str) -> None:  # the model as it is now: its phantom scores and its row of previews
+    def score_and_preview(when: str) -> None:  # the model as it is now: its phantom scores and previews
         if score:
             scores[when] = score(sd)
         if args.samples:
             rows.append(generate(sd, prompts, args.sample_steps, args.guidance, seed=args.seed, size=args.size,
                                  batch=args.batch, scheduler=args.scheduler, progress=False))
 
-    look("before")
-    best = methods.load_adapter(sd, run / "best.safetensors")
+    score_and_preview("before")
+    best = method_table.load_adapter(sd, run / "best.safetensors")
     export_kohya(best, sd.unet.config, run / "best.kohya.safetensors", base_metadata(sd))
     sd.to(args.device)
-    look("after")
+    score_and_preview("after")
     if args.samples:
-        real = torch.stack([data.load_image(e.path, args.size) for e in examples])
+        real = torch.stack([datasets.load_image(e.path, args.size) for e in examples])
         plots.write_images(torch.cat([real, *rows]), run / "previews", columns=len(examples))
         sampling.write_settings(run / "previews", args.scheduler, args.sample_steps, args.guidance, 0.0, args.seed,
                                 args.size)
@@ -389,14 +396,14 @@ def main(argv: list[str] | None = None) -> int:
                 args = resolve(argv)
                 if distributed.is_main():
                     held.enter_context(run_folder.lock(args.out, "train.py" + (" --resume" if args.resume else "")))
-                tr = start(args)
+                training = start(args)
             except (ValueError, OSError) as err:  # bad options, files, folders: the message names them
                 print(f"error: {err}", file=sys.stderr)
                 return 2
-            if fit(tr) and tr.is_main:
-                summary = finish(tr)
-                run, dataset, split = tr.run, tr.dataset, tr.split
-                del tr  # the trained model's memory, before export_best loads a fresh one
+            if fit(training) and training.is_main:
+                summary = finish(training)
+                run, dataset, split = training.run, training.dataset, training.split
+                del training  # the trained model's memory, before export_best loads a fresh one
                 scores = export_best(args, run, dataset, split)
                 run_folder.write_json(run / "summary.json", {**summary, "phantom_scores": scores} if scores else summary)
                 for when, v in scores.items():

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import load_file, load_strict, part_config, resolve_component
+from model.weights import load_file, load_strict, part_config, resolve_component
 
 LATENT_SCALE = 0.18215  # SD 1.5's `scale_factor`: 1 / std of the VAE's latents over its training images
 

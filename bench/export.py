@@ -25,11 +25,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import weights  # noqa: E402
-from adapters import inject  # noqa: E402
-from baselines import LoRALinear  # noqa: E402
+from methods.adapters import inject  # noqa: E402
+from methods.baselines import LoRALinear  # noqa: E402
+from methods.kohya import export_kohya, kohya_module_name  # noqa: E402
+from model import weights  # noqa: E402
 from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from kohya import export_kohya, kohya_module_name  # noqa: E402
 from sd_unet import UNet, UNetConfig, unet_diffusers_names  # noqa: E402
 
 RANK = 8

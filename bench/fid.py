@@ -25,7 +25,7 @@ import scipy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fid_kid  # noqa: E402
+from metrics import fid_kid  # noqa: E402
 
 GOAL = 10
 

@@ -27,10 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import sampling  # noqa: E402
+from model import sampling  # noqa: E402
+from model.clip_tokenizer import load_tokenizer  # noqa: E402
+from model.sd15 import SD15, generate  # noqa: E402
 from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from clip_tokenizer import load_tokenizer  # noqa: E402
-from sd15 import SD15, generate  # noqa: E402
 from sd_pipeline import GZ, sd15_scheduler, write_tokenizer  # noqa: E402
 from sd_unet import UNet, UNetConfig, unet_diffusers_names  # noqa: E402
 from unet_helpers import diffusers_config, randomize_  # noqa: E402

@@ -50,14 +50,13 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import adapters  # noqa: E402
-import diffusion  # noqa: E402
-import lora2  # noqa: E402
-import methods  # noqa: E402
+from fast import capacity, torch_compile  # noqa: E402
+from methods import adapters, lora2  # noqa: E402
+from model.sampling import NUM_TRAIN_TIMESTEPS, add_noise  # noqa: E402
+from training import diffusion, method_table  # noqa: E402
+from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
 import selora  # noqa: E402
 import train  # noqa: E402
-from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from sampling import NUM_TRAIN_TIMESTEPS, add_noise  # noqa: E402
 from op_count import OpCounter  # noqa: E402
 from sd_unet import UNet, UNetConfig, unet_diffusers_names  # noqa: E402
 from unet_helpers import diffusers_config, randomize_  # noqa: E402
@@ -67,7 +66,7 @@ LR = 1e-4
 GOALS = {"ops": 0.90, "flops": 1.000, "seconds": 0.75}  # ours / peft for LoRA, CPU at 224 px, batch 1 (issue 17)
 # compiled: as train.py --compile; cudagraphs: as train.py --compile --compile-mode reduce-overhead (CUDA only)
 MODES = ("eager", "compiled", "cudagraphs")
-COMPILE_MODES = {"compiled": "default", "cudagraphs": "reduce-overhead"}  # diffusion.compiled's mode
+COMPILE_MODES = {"compiled": "default", "cudagraphs": "reduce-overhead"}  # torch_compile.compiled's mode
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ def our_side(cfg: Config, weights: nn.ModuleDict, device: str):
     options = ["--method", cfg.method, "--rank", str(RANK)]
     options += ["--t", "1", "--lam", "1e30"] if cfg.test_step else ["--t", str(10 ** 9)]
     options += ["--max-rank", "16"] if cfg.mode != "eager" and cfg.method == "selora" else []  # --compile's default
-    method = methods.build(cfg.method, **methods.options(cfg.method, train.parser().parse_args(options)))
+    method = method_table.build(cfg.method, **method_table.options(cfg.method, train.parser().parse_args(options)))
     named = adapters.inject(parts, method.make_adapter)
     for layer in named.values():
         for _ in range(cfg.rank - 1):
@@ -214,18 +213,18 @@ def build(cfg: Config, weights: nn.ModuleDict, args: argparse.Namespace) -> Side
     if cfg.method is None:
         sd, parts, controller, layers = peft_side(weights, args.device)
         params = [p for p in parts.parameters() if p.requires_grad]
-        optimizer = methods.optimizer(params, lr=LR)  # as ours: train.py's (foreach, as torch's default on a GPU)
+        optimizer = method_table.optimizer(params, lr=LR)  # as ours: train.py's (foreach, as torch's default on a GPU)
     else:
         sd, parts, method, named = our_side(cfg, weights, args.device)
         params = [p for p in parts.parameters() if p.requires_grad]
-        optimizer = methods.optimizer(lora2.param_groups(named, LR, 1e-2) if cfg.method == "lora2" else params, lr=LR)
+        optimizer = method_table.optimizer(lora2.param_groups(named, LR, 1e-2) if cfg.method == "lora2" else params, lr=LR)
         controller, layers = method.controller(named, optimizer, 10 ** 6), len(named)
     autocast = torch.autocast(torch.device(args.device).type, train.PRECISIONS[args.precision],
                               enabled=args.precision != "fp32")
     trainable, compiled = sum(p.numel() for p in params), None
     if cfg.mode != "eager":
-        adapters.fix_capacity(controller, optimizer)
-        compiled = diffusion.compiled(sd, COMPILE_MODES[cfg.mode])
+        capacity.fix_capacity(controller, optimizer)
+        compiled = torch_compile.compiled(sd, COMPILE_MODES[cfg.mode])
     return Side(cfg, sd, params, optimizer, controller, autocast, layers, trainable, compiled)
 
 
@@ -255,7 +254,7 @@ def rss_mib() -> float:
 
 def memory_child(args: argparse.Namespace) -> None:
     """--memory-of NAME: build that configuration alone, take two steps, print its memory (CPU)."""
-    cfg = next(c for c in configurations(methods.METHODS) if c.name == args.memory_of)
+    cfg = next(c for c in configurations(method_table.METHODS) if c.name == args.memory_of)
     side = build(cfg, frozen_weights(args.precision, args.device), args)
     built = rss_mib()
     batch = make_batch(args.size, args.batch)
@@ -352,7 +351,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--size", type=int, default=224, help="image size in pixels (latents: size / 8)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--method", nargs="+", default=["lora"], choices=(*methods.METHODS, "all"),
+    p.add_argument("--method", nargs="+", default=["lora"], choices=(*method_table.METHODS, "all"),
                    help="our methods to measure against peft's LoRA (all: every one)")
     p.add_argument("--mode", nargs="+", default=["eager"], choices=MODES,
                    help="eager (train.py's default); compiled: each of ours also as train.py --compile runs it; "
@@ -374,7 +373,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.memory_of:
         return memory_child(args)
-    chosen = list(methods.METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
+    chosen = list(method_table.METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     configs = configurations(chosen, args.mode)
     memory = {}
     if args.device == "cpu" and not (args.no_memory or args.ops_only):  # first, before this process holds the models

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import diffusion  # noqa: E402
+from training import diffusion  # noqa: E402
 import train  # noqa: E402
 
 kill_rank, kill_step = int(sys.argv[1]), int(sys.argv[2])

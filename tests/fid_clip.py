@@ -53,7 +53,7 @@ def random_clip(config: dict) -> transformers.CLIPModel:
 
 def save_clip(model: transformers.CLIPModel, folder: Path) -> Path:
     """save_pretrained, plus vocab.json and merges.txt converted from CLIP's BPE file as the Hub's were made."""
-    import clip_tokenizer
+    from model import clip_tokenizer
 
     model.save_pretrained(folder)
     vocab, merges = clip_tokenizer.read_bpe_gz(CLIP_GZ)

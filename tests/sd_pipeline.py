@@ -10,7 +10,7 @@ import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, \
     StableDiffusionPipeline, UNet2DConditionModel
 
-from clip_tokenizer import read_bpe_gz
+from model.clip_tokenizer import read_bpe_gz
 
 GZ = Path(__file__).resolve().parent.parent / ".cache" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json: a PNDM config with no timestep_spacing, so each

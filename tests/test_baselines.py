@@ -1,4 +1,4 @@
-"""LoRA, DyLoRA and AdaLoRA (baselines.py): each method's defining property on small torch models,
+"""LoRA, DyLoRA and AdaLoRA (methods/baselines.py): each method's defining property on small torch models,
 and AdaLoRA against peft's `adalora` tuner (the test-only oracle) step by step."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import inject, merge, resize_parameter, select_parameter
-from baselines import (AdaLoRA, AdaLoRALinear, DyLoRA, DyLoRALinear, LoRALinear, budget_schedule, draw_rank,
+from methods.adapters import inject, merge, resize_parameter, select_parameter
+from methods.baselines import (AdaLoRA, AdaLoRALinear, DyLoRA, DyLoRALinear, LoRALinear, budget_schedule, draw_rank,
                        orthogonal_gradient, orthogonal_regulariser)
 from test_selora import MLP, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
 

@@ -5,7 +5,7 @@ import torch
 import transformers
 from PIL import Image
 
-import clip_image
+from metrics import clip_image
 import eval_fid
 from fid_clip import TINY, VIT_L14, random_clip, save_clip, torchmetrics_clip_score
 from fid_reference import inception_file, inception_state, write_images  # noqa: F401 (fixtures)

@@ -1,4 +1,4 @@
-"""clip_text.py and clip_tokenizer.py against the references: transformers' CLIPTextModel / CLIPModel with random
+"""clip_text.py and model/clip_tokenizer.py against the references: transformers' CLIPTextModel / CLIPModel with random
 weights saved in every key layout we read, and, on CLIP's real 49,408-token vocabulary, OpenAI's reference tokenizer
 and transformers' CLIPTokenizer."""
 import gzip
@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import clip_corpus
+from model.clip_tokenizer import Tokenizer, load_tokenizer, split
 from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder
-from clip_tokenizer import Tokenizer, load_tokenizer, split
 
 transformers.logging.set_verbosity_error()
 

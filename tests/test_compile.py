@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import adapters
-import diffusion
-import methods
-import train
-import weights
+from fast import capacity, torch_compile
+from methods import adapters
+from model import weights
+from model.sd15 import SD15, byte_tokenizer
+from training import method_table
 from clip_text import CLIPTextConfig, CLIPTextModel
-from sd15 import SD15, byte_tokenizer
 from sd_unet import UNet, UNetConfig
+import train
 from test_methods import data
 from test_selora import Block
 from torch.utils.checkpoint import checkpoint
@@ -54,17 +54,17 @@ def run_steps(method: str, compile_: bool, checkpointed: bool = False):
     `checkpointed`: Block under gradient checkpointing (as sd_unet's blocks with --gradient-checkpointing)."""
     torch.manual_seed(0)
     model = Checkpointed() if checkpointed else Block()
-    built = methods.build(method, **CHANGING[method])
+    built = method_table.build(method, compile_, **CHANGING[method])  # compiled: SeLoRA's fast test step
     named = adapters.inject(model, built.make_adapter)
     args = train.parser().parse_args(["--method", method, "--rate-lr", "0.1"])
-    optimizer = torch.optim.Adam(methods.param_groups(method, named, 1e-2, args), lr=1e-2)
+    optimizer = torch.optim.Adam(method_table.param_groups(method, named, 1e-2, args), lr=1e-2)
     controller = built.controller(named, optimizer, STEPS)
     compiled = model
     if compile_:
         torch._dynamo.reset()
         counters.clear()
-        adapters.fix_capacity(controller, optimizer)
-        compiled = diffusion.compiled_module(model)
+        capacity.fix_capacity(controller, optimizer)
+        compiled = torch_compile.compiled_module(model)
     losses, ranks, graphs = [], [], []
     for step in range(1, STEPS + 1):
         x, y = (t.float() for t in data(step))
@@ -72,6 +72,7 @@ def run_steps(method: str, compile_: bool, checkpointed: bool = False):
             optimizer.zero_grad()
             loss = ((model if controller.needs_uncompiled(step) else compiled)(x) - y).square().mean()
             (loss + controller.penalty()).backward()
+        controller.after_backward()
         optimizer.step()
         controller.step()
         losses.append(loss.item())
@@ -80,7 +81,7 @@ def run_steps(method: str, compile_: bool, checkpointed: bool = False):
     return losses, ranks, graphs, getattr(controller, "log", [])
 
 
-@pytest.mark.parametrize("method", methods.METHODS)
+@pytest.mark.parametrize("method", method_table.METHODS)
 def test_compiled_training_gives_the_eager_losses_and_changing_ranks_never_recompile(method):
     losses, ranks, _, _ = run_steps(method, compile_=False)
     losses_c, ranks_c, graphs, _ = run_steps(method, compile_=True)

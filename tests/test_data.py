@@ -1,16 +1,14 @@
-"""data.py: each layout on fixtures that copy the real files' names and columns, preprocessing, split, bad input."""
+"""data/datasets.py: each layout on fixtures that copy the real files' names and columns, preprocessing, split, bad input."""
 import csv
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import data
-import diffusion
-import phantoms
+from data import datasets, phantoms
+from training import diffusion
 
 
 def gray_png(path, size=(40, 30), value=None, mode="L"):
@@ -84,7 +82,7 @@ def gastric_root(tmp_path):
     root = tmp_path / "PatchGastricADC22"
     patches = root / "patches_captions" / "patches_captions"
     rows = []
-    subtypes = list(data.GASTRIC_SUBTYPES) + ["Papillary adenocarcinoma"]
+    subtypes = list(datasets.GASTRIC_SUBTYPES) + ["Papillary adenocarcinoma"]
     for k, subtype in enumerate(subtypes):
         for slide in range(2):
             sid = f"{k:02d}{slide:02d}a619f6ccc449f915b44bdc0d6d8f0"
@@ -106,14 +104,14 @@ def test_folder_metadata_jsonl_csv_and_txt(tmp_path):
     (jsonl / "metadata.jsonl").write_text(
         json.dumps({"file_name": "a.png", "text": "  first\ncaption "}) + "\n\n"
         + json.dumps({"file_name": "sub/b.png", "text": "second"}) + "\n")
-    ds = data.load_dataset("folder", jsonl)
+    ds = datasets.load_dataset("folder", jsonl)
     assert [(e.name, e.caption) for e in ds.examples] == [("a.png", "first caption"), ("sub/b.png", "second")]
 
     csv_root = tmp_path / "csv"
     gray_png(csv_root / "x.jpg")
     write_csv(csv_root / "metadata.csv", ["file_name", "text", "extra"],
               [["x.jpg", "a, quoted caption", "1"], ["x.jpg", "again", "2"]])
-    ds = data.load_dataset("folder", csv_root)
+    ds = datasets.load_dataset("folder", csv_root)
     assert [e.caption for e in ds.examples] == ["a, quoted caption"]
     assert ds.skipped == [(str(csv_root / "x.jpg"), "listed twice (kept the first)")]
 
@@ -121,13 +119,13 @@ def test_folder_metadata_jsonl_csv_and_txt(tmp_path):
     gray_png(kohya / "10_xray" / "img1.png")
     (kohya / "10_xray" / "img1.txt").write_text("opacity\n")
     gray_png(kohya / "10_xray" / "img2.png")  # no caption beside it
-    ds = data.load_dataset("folder", kohya)
+    ds = datasets.load_dataset("folder", kohya)
     assert [(e.name, e.caption) for e in ds.examples] == [("10_xray/img1.png", "opacity")]
     assert ds.skipped == [(str(kohya / "10_xray" / "img2.png"), "no caption file (img2.txt)")]
 
 
 def test_iu_xray_frontal_findings_and_empty_findings_policy(iu_root):
-    ds = data.load_dataset("iu-xray", iu_root)
+    ds = datasets.load_dataset("iu-xray", iu_root)
     names = [e.name for e in ds.examples]
     assert all("-4001" in n or n.endswith("1001.dcm.png") for n in names)          # frontal only
     assert len(names) == 9                                                            # 10 + 1 frontal, minus 2 empty
@@ -137,7 +135,7 @@ def test_iu_xray_frontal_findings_and_empty_findings_policy(iu_root):
     assert one.caption == "The heart size is normal. Case 1."
     assert {e.group for e in ds.examples if e.name.startswith("images/images_normalized/2_")} == {"uid2"}
 
-    ds = data.load_dataset("iu-xray", iu_root, empty_findings="impression")
+    ds = datasets.load_dataset("iu-xray", iu_root, empty_findings="impression")
     captions = {e.name.split("/")[-1]: e.caption for e in ds.examples}
     assert captions["3_IM-0003-4001.dcm.png"] == "No acute disease."
     assert "7_IM-0007-4001.dcm.png" not in captions                                  # both empty
@@ -146,7 +144,7 @@ def test_iu_xray_frontal_findings_and_empty_findings_policy(iu_root):
 
 def test_iu_xray_authors_image_path(iu_root):
     (iu_root / "images" / "images_normalized").rename(iu_root / "images" / "images")
-    ds = data.load_dataset("iu-xray", iu_root)
+    ds = datasets.load_dataset("iu-xray", iu_root)
     assert len(ds.examples) == 9 and ds.examples[0].name.startswith("images/images/")
 
 
@@ -157,7 +155,7 @@ def test_iu_xray_openi_names_and_unknown_uid(iu_root):
     text = (iu_root / "indiana_projections.csv").read_text().replace("1_IM-0001-4001.dcm.png", "CXR1_1_IM-0001-4001.png")
     gray_png(images / "99_IM-0099-4001.dcm.png")
     (iu_root / "indiana_projections.csv").write_text(text + "99,99_IM-0099-4001.dcm.png,Frontal\n")
-    ds = data.load_dataset("iu-xray", iu_root)
+    ds = datasets.load_dataset("iu-xray", iu_root)
     assert "images/images_normalized/CXR1_1_IM-0001-4001.png" in [e.name for e in ds.examples]
     assert ds.skipped_counts() == {"empty findings": 2, "uid not in indiana_reports.csv": 1}
 
@@ -168,12 +166,12 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6                                  # "rotate 90 degrees clockwise to display"
     Image.fromarray(a).save(tmp_path / "photo.jpg", exif=exif, quality=100)
-    x = data.load_image(tmp_path / "photo.jpg", 20)
+    x = datasets.load_image(tmp_path / "photo.jpg", 20)
     assert x[0, :5].mean() > 0.8 and x[0, -5:].mean() < -0.8  # displayed tall: bright on top
 
 
 def test_montgomery_prompt_as_in_figure_7(montgomery_root):
-    ds = data.load_dataset("montgomery", montgomery_root)
+    ds = datasets.load_dataset("montgomery", montgomery_root)
     captions = {e.name: e.caption for e in ds.examples}
     assert captions == {
         "CXR_png/MCUCXR_0001_0.png": "age:27, gender:Female, findings:normal",
@@ -191,7 +189,7 @@ def test_montgomery_prompt_as_in_figure_7(montgomery_root):
 def test_montgomery_bad_reading_is_skipped_with_its_name(montgomery_root):
     (montgomery_root / "ClinicalReadings" / "MCUCXR_0002_0.txt").write_text("normal\n")
     (montgomery_root / "ClinicalReadings" / "MCUCXR_0005_0.txt").unlink()
-    ds = data.load_dataset("montgomery", montgomery_root)
+    ds = datasets.load_dataset("montgomery", montgomery_root)
     assert len(ds.examples) == 3
     reasons = dict(ds.skipped)
     assert reasons[str(montgomery_root / "CXR_png" / "MCUCXR_0002_0.png")].startswith(
@@ -201,29 +199,29 @@ def test_montgomery_bad_reading_is_skipped_with_its_name(montgomery_root):
 
 
 def test_patchgastric_all_and_appendix_c2_sampling(gastric_root):
-    ds = data.load_dataset("patchgastric", gastric_root)
+    ds = datasets.load_dataset("patchgastric", gastric_root)
     assert len(ds.examples) == 6 * 2 * 3
     assert all(e.caption.startswith("Tumor tissue") for e in ds.examples)
     first = ds.examples[0]
     assert first.group == first.path.stem.rsplit("_", 1)[0]
 
-    sample = data.load_dataset("patchgastric", gastric_root, per_subtype=4, seed=1)
+    sample = datasets.load_dataset("patchgastric", gastric_root, per_subtype=4, seed=1)
     assert len(sample.examples) == 5 * 4
     kinds = [int(e.caption.split("kind ")[1][0]) for e in sample.examples]
     assert sorted(set(kinds)) == [0, 1, 2, 3, 4] and all(kinds.count(k) == 4 for k in range(5))  # papillary left out
-    again = data.load_dataset("patchgastric", gastric_root, per_subtype=4, seed=1)
-    other = data.load_dataset("patchgastric", gastric_root, per_subtype=4, seed=2)
+    again = datasets.load_dataset("patchgastric", gastric_root, per_subtype=4, seed=1)
+    other = datasets.load_dataset("patchgastric", gastric_root, per_subtype=4, seed=2)
     assert [e.name for e in again.examples] == [e.name for e in sample.examples]
     assert [e.name for e in other.examples] != [e.name for e in sample.examples]
     with pytest.raises(ValueError, match="has 6 usable patches, 7 requested"):
-        data.load_dataset("patchgastric", gastric_root, per_subtype=7)
+        datasets.load_dataset("patchgastric", gastric_root, per_subtype=7)
 
 
 def test_patchgastric_flat_folder(gastric_root):
     nested = gastric_root / "patches_captions" / "patches_captions"
     for p in nested.iterdir():
         p.rename(gastric_root / "patches_captions" / p.name)
-    assert len(data.load_dataset("patchgastric", gastric_root).examples) == 36
+    assert len(datasets.load_dataset("patchgastric", gastric_root).examples) == 36
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -234,7 +232,7 @@ def test_preprocess_matches_torchvision_resize_and_centre_crop():
     rng = np.random.default_rng(0)
     for shape in ((50, 80), (81, 47), (20, 20)):
         im = Image.fromarray(rng.integers(0, 256, shape).astype(np.uint8), "L")
-        ours = data.preprocess(im, 32)
+        ours = datasets.preprocess(im, 32)
         ref = transforms.Compose([transforms.Grayscale(3), transforms.ToTensor(), transforms.Resize(32),
                                   transforms.CenterCrop(32), transforms.Normalize([0.5] * 3, [0.5] * 3)])(im)
         assert ours.shape == (3, 32, 32) and ours.dtype == torch.float32
@@ -245,72 +243,22 @@ def test_preprocess_matches_torchvision_resize_and_centre_crop():
 def test_preprocess_range_rgb_and_16_bit(tmp_path):
     black_white = np.zeros((40, 60), np.uint8)
     black_white[:, 30:] = 255
-    x = data.preprocess(Image.fromarray(black_white), 20)
+    x = datasets.preprocess(Image.fromarray(black_white), 20)
     assert x.min() == -1 and x.max() == 1
 
     rgb = np.zeros((24, 24, 3), np.uint8)
     rgb[..., 0] = 255
-    x = data.preprocess(Image.fromarray(rgb), 24)
+    x = datasets.preprocess(Image.fromarray(rgb), 24)
     assert torch.allclose(x[0], torch.ones(24, 24)) and torch.allclose(x[1], -torch.ones(24, 24))
 
     # a 16-bit ramp: values above 255 must be scaled by 65535, not clipped at 255
     ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
     assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
-    x = data.load_image(tmp_path / "ramp16.png", 32)
+    x = datasets.load_image(tmp_path / "ramp16.png", 32)
     expected = torch.from_numpy(ramp.astype(np.float32) / 65535 * 2 - 1)
     assert (x[0] - expected).abs().max() < 1e-6
     assert len(torch.unique(x[0, 0])) == 32
-
-
-# ---------------------------------------------------------------- split
-
-def test_parse_split():
-    assert data.parse_split("80,16,4") == pytest.approx((0.8, 0.16, 0.04))
-    assert data.parse_split("70,10,20") == pytest.approx((0.7, 0.1, 0.2))
-    assert data.parse_split("80,20") == pytest.approx((0.8, 0.0, 0.2))
-    for bad in ("80,10", "a,b,c", "100", "0,50,50", "50,-10,60"):
-        with pytest.raises(ValueError, match="split"):
-            data.parse_split(bad)
-
-
-def test_split_fractions_groups_seed_and_round_trip(tmp_path):
-    examples = [data.Example(tmp_path / f"{i}.png", "c", f"{i:04d}.png", f"g{i // 2 if i < 200 else i}")
-                for i in range(1000)]
-    split = data.make_split(examples, (0.8, 0.16, 0.04), seed=0)
-    sizes = {k: len(v) for k, v in split.items()}
-    assert abs(sizes["train"] - 800) <= 2 and abs(sizes["validation"] - 160) <= 2 and abs(sizes["test"] - 40) <= 2
-    assert sorted(sum(split.values(), [])) == sorted(e.name for e in examples)       # a partition
-    where = {n: k for k, names in split.items() for n in names}
-    for i in range(0, 200, 2):                                                         # pairs stay together
-        assert where[f"{i:04d}.png"] == where[f"{i + 1:04d}.png"]
-    assert data.make_split(examples[::-1], (0.8, 0.16, 0.04), seed=0) == split         # order does not matter
-    assert data.make_split(examples, (0.8, 0.16, 0.04), seed=1) != split
-    no_val = data.make_split(examples, (0.8, 0.0, 0.2), seed=0)
-    assert no_val["validation"] == [] and abs(len(no_val["test"]) - 200) <= 2
-
-    data.write_split(tmp_path / "run" / "split.json", split, {"dataset": "folder", "seed": 0})
-    assert data.read_split(tmp_path / "run" / "split.json") == split
-    assert json.loads((tmp_path / "run" / "split.json").read_text())["seed"] == 0
-
-
-def test_split_select_reloads_exactly_the_held_out_images(iu_root, tmp_path):
-    ds = data.load_dataset("iu-xray", iu_root)
-    split = data.make_split(ds.examples, data.parse_split("50,25,25"), seed=3)
-    data.write_split(tmp_path / "split.json", split)
-    test = data.select(data.load_dataset("iu-xray", iu_root), data.read_split(tmp_path / "split.json")["test"])
-    assert [e.name for e in test] == split["test"] and test
-    (iu_root / "images" / "images_normalized" / split["test"][0].split("/")[-1]).unlink()
-    with pytest.raises(ValueError, match="not usable"):
-        data.select(data.load_dataset("iu-xray", iu_root), split["test"], tmp_path / "split.json")
-
-
-def test_read_split_rejects_bad_files(tmp_path):
-    (tmp_path / "a.json").write_text("{not json")
-    (tmp_path / "b.json").write_text(json.dumps({"splits": {"train": ["x"]}}))
-    for name in ("a.json", "b.json", "missing.json"):
-        with pytest.raises(ValueError, match=name):
-            data.read_split(tmp_path / name)
 
 
 # ---------------------------------------------------------------- bad input
@@ -323,7 +271,7 @@ def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path):
     Image.fromarray(np.ones((8, 8), np.float32)).save(root / "float.tif")
     (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "c"}) + "\n"
                                                  for n in ("good.png", "truncated.png", "text.png", "gone.png", "float.tif")))
-    ds = data.load_dataset("folder", root)
+    ds = datasets.load_dataset("folder", root)
     assert [e.name for e in ds.examples] == ["good.png"]
     reasons = dict(ds.skipped)
     assert reasons[str(root / "gone.png")] == "image missing"
@@ -331,18 +279,18 @@ def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path):
     assert reasons[str(root / "text.png")].startswith("unreadable image")
     assert "mode F" in reasons[str(root / "float.tif")]
     with pytest.raises(ValueError, match=r"truncated\.png: cannot read the image"):
-        data.load_image(root / "truncated.png", 32)
+        datasets.load_image(root / "truncated.png", 32)
 
     (root / "good.png").unlink()
     with pytest.raises(ValueError, match=r"no usable.*3 x unreadable image; 2 x image missing"):
-        data.load_dataset("folder", root)
+        datasets.load_dataset("folder", root)
 
 
 def test_empty_caption_is_skipped_with_the_file_name(tmp_path):
     gray_png(tmp_path / "a.png")
     gray_png(tmp_path / "b.png")
     write_csv(tmp_path / "metadata.csv", ["file_name", "text"], [["a.png", "   "], ["b.png", "ok"]])
-    ds = data.load_dataset("folder", tmp_path)
+    ds = datasets.load_dataset("folder", tmp_path)
     assert ds.skipped == [(str(tmp_path / "a.png"), "empty caption")] and len(ds.examples) == 1
 
 
@@ -352,7 +300,7 @@ def test_file_name_outside_the_folder_is_rejected(tmp_path, name):
     gray_png(root / "a.png")
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "c"}) + "\n")
     with pytest.raises(ValueError, match=r"metadata\.jsonl.*must be a relative path inside"):
-        data.load_dataset("folder", root)
+        datasets.load_dataset("folder", root)
 
 
 def test_symlink_out_of_the_folder_is_rejected(tmp_path):
@@ -362,38 +310,38 @@ def test_symlink_out_of_the_folder_is_rejected(tmp_path):
     (root / "link.png").symlink_to(tmp_path / "secret.png")
     write_csv(root / "metadata.csv", ["file_name", "text"], [["link.png", "c"]])
     with pytest.raises(ValueError, match="resolves outside"):
-        data.load_dataset("folder", root)
+        datasets.load_dataset("folder", root)
 
 
 def test_csv_without_expected_columns(tmp_path, iu_root, gastric_root):
     write_csv(tmp_path / "metadata.csv", ["image", "caption"], [["a.png", "c"]])
     with pytest.raises(ValueError, match=r"metadata\.csv: missing column\(s\) file_name, text.*found image, caption"):
-        data.load_dataset("folder", tmp_path)
+        datasets.load_dataset("folder", tmp_path)
     write_csv(iu_root / "indiana_reports.csv", ["uid", "impression"], [[1, "x"]])
     with pytest.raises(ValueError, match=r"indiana_reports\.csv: missing column\(s\) findings"):
-        data.load_dataset("iu-xray", iu_root)
+        datasets.load_dataset("iu-xray", iu_root)
     write_csv(gastric_root / "captions.csv", ["id", "text"], [])
     with pytest.raises(ValueError, match=r"captions\.csv: missing column\(s\) subtype"):
-        data.load_dataset("patchgastric", gastric_root)
+        datasets.load_dataset("patchgastric", gastric_root)
 
 
 def test_empty_or_missing_data_sets(tmp_path, iu_root, montgomery_root):
     write_csv(tmp_path / "metadata.csv", ["file_name", "text"], [])
     with pytest.raises(ValueError, match=r"no usable image-caption pairs.*\(no entries\)"):
-        data.load_dataset("folder", tmp_path)
+        datasets.load_dataset("folder", tmp_path)
     with pytest.raises(ValueError, match="data folder not found"):
-        data.load_dataset("folder", tmp_path / "nope")
+        datasets.load_dataset("folder", tmp_path / "nope")
     with pytest.raises(ValueError, match="no metadata.jsonl, metadata.csv or .txt"):
-        data.load_dataset("folder", gray_png(tmp_path / "only" / "a.png").parent)
+        datasets.load_dataset("folder", gray_png(tmp_path / "only" / "a.png").parent)
     (iu_root / "indiana_projections.csv").unlink()
     with pytest.raises(ValueError, match=r"indiana_projections\.csv: file not found"):
-        data.load_dataset("iu-xray", iu_root)
+        datasets.load_dataset("iu-xray", iu_root)
     for p in (montgomery_root / "CXR_png").iterdir():
         p.unlink()
     with pytest.raises(ValueError, match="MontgomerySet: no usable"):
-        data.load_dataset("montgomery", montgomery_root)
+        datasets.load_dataset("montgomery", montgomery_root)
     with pytest.raises(ValueError, match="unknown data set kind 'mimic'"):
-        data.load_dataset("mimic", tmp_path)
+        datasets.load_dataset("mimic", tmp_path)
 
 
 # ---------------------------------------------------------------- embedded phantoms
@@ -404,7 +352,7 @@ def test_phantoms_are_seeded_and_show_the_stated_opacity(tmp_path):
     assert (root / "metadata.jsonl").read_text() == (tmp_path / "b" / "metadata.jsonl").read_text()
     assert (root / "phantom_0007.png").read_bytes() == (tmp_path / "b" / "phantom_0007.png").read_bytes()
 
-    ds = data.load_dataset("folder", root)
+    ds = datasets.load_dataset("folder", root)
     captions = [e.caption for e in ds.examples]
     assert len(ds.examples) == 128 and len(set(captions)) >= 8
     # the stated lobe is the brightest of the four lobe regions in the image
@@ -421,7 +369,7 @@ def test_phantoms_are_seeded_and_show_the_stated_opacity(tmp_path):
 
 def test_latent_cache_encodes_once_and_is_keyed_by_file_size_and_model(tmp_path):
     root = phantoms.make_phantom_folder(tmp_path / "ph", n=5, size=48)
-    examples = data.load_dataset("folder", root).examples
+    examples = datasets.load_dataset("folder", root).examples
     calls = []
 
     def encode(images):
@@ -433,7 +381,7 @@ def test_latent_cache_encodes_once_and_is_keyed_by_file_size_and_model(tmp_path)
     first = diffusion.cached_latents(examples, 32, encode, cache, "vae-a", batch_size=2)
     assert calls == [2, 2, 1] and len(list(cache.glob("*.safetensors"))) == 5
     mean, logvar = first[examples[3].name]
-    expected = encode(data.load_image(examples[3].path, 32)[None])
+    expected = encode(datasets.load_image(examples[3].path, 32)[None])
     assert torch.equal(mean, expected[0][0]) and torch.equal(logvar, expected[1][0]) and mean.shape == (4, 4, 4)
 
     calls.clear()
@@ -453,7 +401,7 @@ def test_txt_caption_that_is_not_utf8_is_skipped_and_counted(tmp_path):
     gray_png(tmp_path / "b.png")
     (tmp_path / "a.txt").write_bytes("opacit\xe9 in the right lobe".encode("latin-1"))
     (tmp_path / "b.txt").write_text("opacité in the left lobe", encoding="utf-8")
-    ds = data.load_dataset("folder", tmp_path)
+    ds = datasets.load_dataset("folder", tmp_path)
     assert [e.caption for e in ds.examples] == ["opacité in the left lobe"]
     assert ds.skipped_counts() == {"caption not UTF-8": 1} and ds.skipped[0][0] == str(tmp_path / "a.png")
 
@@ -463,11 +411,11 @@ def test_invalid_utf8_in_metadata_names_the_file_and_line(tmp_path, iu_root):
     lines = [json.dumps({"file_name": "a.png", "text": "ok"}).encode(), b'{"file_name": "a.png", "text": "caf\xe9"}']
     (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(ValueError, match=r"metadata\.jsonl: line 2 is not valid UTF-8"):
-        data.load_dataset("folder", tmp_path)
+        datasets.load_dataset("folder", tmp_path)
     reports = (iu_root / "indiana_reports.csv").read_text(encoding="utf-8").replace("Case 4.", "Caf\xe9 4.")
     (iu_root / "indiana_reports.csv").write_bytes(reports.encode("latin-1"))  # a latin-1 export of the CSV
     with pytest.raises(ValueError, match=r"indiana_reports\.csv: line 5 is not valid UTF-8"):
-        data.load_dataset("iu-xray", iu_root)
+        datasets.load_dataset("iu-xray", iu_root)
 
 
 def test_txt_layout_symlink_out_of_the_folder_is_rejected(tmp_path):
@@ -478,10 +426,10 @@ def test_txt_layout_symlink_out_of_the_folder_is_rejected(tmp_path):
     (root / "link.png").symlink_to(tmp_path / "secret.png")
     (root / "link.txt").write_text("points out")
     with pytest.raises(ValueError, match=r"link\.png: resolves outside"):
-        data.load_dataset("folder", root)
+        datasets.load_dataset("folder", root)
     (root / "link.png").unlink()
     (tmp_path / "secret.txt").write_text("a caption from elsewhere")
     gray_png(root / "b.png")
     (root / "b.txt").symlink_to(tmp_path / "secret.txt")
     with pytest.raises(ValueError, match=r"b\.txt: resolves outside"):
-        data.load_dataset("folder", root)
+        datasets.load_dataset("folder", root)

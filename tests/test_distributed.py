@@ -1,4 +1,4 @@
-"""Data-parallel training (distributed.py) on the CPU with gloo: torchrun launches 2 processes of train.py on the
+"""Data-parallel training (fast/distributed.py) on the CPU with gloo: torchrun launches 2 processes of train.py on the
 embedded tiny model and phantoms, on 127.0.0.1 only.
 
 A 2-process run with per-process batch 4 must train what a 1-process run with batch 8 trains: the same losses
@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed
+from fast import distributed
+from fast.fisher import FastSeLoRA
+from methods.adapters import inject
+from model import weights
 import selora
 import train
-import weights
-from adapters import inject
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--phantoms", "96", "--epochs", "2", "--t", "4", "--split", "43,11,46", "--samples", "0", "--checkpoint-every", "4"]
@@ -148,10 +149,12 @@ def selora_step(x: torch.Tensor, y: torch.Tensor, fisher: str, reduce=None) -> s
         with torch.no_grad():
             a.B.copy_(0.3 * torch.randn(a.B.shape, generator=g))
     # lambda between the whole batch's ratio and a half's for some layer: the decision depends on the reduction
-    control = selora.SeLoRA(ads, lam=1.144, t=4, fisher=fisher, seed=3, reduce=reduce)
+    controller = selora.SeLoRA if reduce is None else FastSeLoRA  # the sums over processes: the fast test step's
+    control = controller(ads, lam=1.144, t=4, fisher=fisher, seed=3, reduce=reduce)
     with control.capture(4, len(x)):
         if len(x):
             (model(x) - y).square().flatten(1).mean(1).mean().backward()
+    control.after_backward()
     return control
 
 
@@ -159,8 +162,8 @@ def selora_step(x: torch.Tensor, y: torch.Tensor, fisher: str, reduce=None) -> s
 @pytest.mark.parametrize("rows", [4, 7])  # of the 7 samples, the first process's; the second gets the rest
 def test_selora_tests_the_global_batch_once_its_sums_are_reduced(fisher, rows):
     """Two simulated processes: the second's Fisher sums are added to the first's where
-    distributed.all_reduce_sums would add them (SeLoRA's `reduce`). The first then scores, and decides,
-    exactly as one process holding the whole batch."""
+    distributed.all_reduce_sums would add them (the fast test step's `reduce`). The first then scores, and decides,
+    exactly as one process holding the whole batch with the literal test step."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
     whole = selora_step(x, y, fisher)

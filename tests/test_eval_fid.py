@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from metrics import fid_kid
 import eval_fid
-import fid_kid
 from fid_reference import inception_file, inception_state, pytorch_fid_inception, write_images  # noqa: F401
 
 

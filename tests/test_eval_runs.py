@@ -3,9 +3,9 @@ scored against that run's own held-out images, and tabulated by method; made aga
 one is asked for."""
 import json
 
+from model import weights
 import eval_fid
 import train
-import weights
 from fid_reference import inception_file, inception_state  # noqa: F401  (pytest fixtures)
 
 

@@ -5,13 +5,12 @@ import json
 import pytest
 import torch
 
-import checkpoint
-import methods
+from methods.adapters import inject, save_adapters
+from methods.kohya import export_kohya
+from model import weights
+from model.sd15 import tiny_sd15
+from training import checkpoint, method_table
 import sample
-import weights
-from adapters import inject, save_adapters
-from kohya import export_kohya
-from sd15 import tiny_sd15
 
 COMMAND = ["--prompt", "small opacity", "--steps", "1", "--size", "16"]
 
@@ -22,7 +21,7 @@ def files(tmp_path_factory):
     sample.py uses without --model), and a training state file."""
     root = tmp_path_factory.mktemp("adapters")
     sd = tiny_sd15(0)
-    named = inject(sd.adaptable(), methods.build("lora", r=2).make_adapter, ["unet.*attn2.to_q"])
+    named = inject(sd.adaptable(), method_table.build("lora", r=2).make_adapter, ["unet.*attn2.to_q"])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for a in named.values():
@@ -98,7 +97,7 @@ def test_hostile_values_are_refused_naming_the_key(files, tmp_path, capsys, sour
 def test_the_unchanged_files_are_accepted(files):
     layers = len(json.loads(weights.load_metadata(files / "ours.safetensors")["ranks"]))
     for source in ("kohya.safetensors", "ours.safetensors"):
-        assert len(methods.load_adapter(tiny_sd15(0), files / source)) == layers > 0
+        assert len(method_table.load_adapter(tiny_sd15(0), files / source)) == layers > 0
 
 
 def peft_file(files, tmp_path):
@@ -140,7 +139,7 @@ def test_a_file_of_another_method_name_keeps_its_message(files, tmp_path):
     metadata = {**weights.load_metadata(path), "method": "dora"}
     weights.save_file(dict(weights.load_file(path)), path, metadata)
     with pytest.raises(ValueError, match="metadata 'method' is 'dora', expected one of"):
-        methods.load_adapter(tiny_sd15(0), path)
+        method_table.load_adapter(tiny_sd15(0), path)
     assert json.loads(metadata["ranks"])  # the file is otherwise an adapter
 
 
@@ -148,12 +147,12 @@ def test_an_adalora_layer_pruned_to_rank_0_is_no_hostile_value(tmp_path):
     """AdaLoRA's budget may take every rank of a layer (its A is d_in x 0): the file loads, that layer adds nothing.
     (The mini study's AdaLoRA runs stopped here with a ZeroDivisionError in kohya.check_update.)"""
     sd = tiny_sd15(0)
-    method = methods.build("adalora", init_r=2, target_r=1)
+    method = method_table.build("adalora", init_r=2, target_r=1)
     named = inject(sd.adaptable(), method.make_adapter, ["unet.*attn2.to_*"])
     pruned, kept = sorted(named)[:2]
     named[pruned].select(torch.zeros(0, dtype=torch.long))
     save_adapters(named, tmp_path / "adalora.safetensors", method.controller(named, None, 10, None).metadata())
-    loaded = methods.load_adapter(tiny_sd15(0), tmp_path / "adalora.safetensors")
+    loaded = method_table.load_adapter(tiny_sd15(0), tmp_path / "adalora.safetensors")
     assert loaded[pruned].rank == 0 and loaded[kept].rank == 2
     x = torch.randn(3, loaded[pruned].base.in_features)
     assert torch.equal(loaded[pruned](x), loaded[pruned].base(x))

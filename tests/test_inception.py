@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import inception
+from metrics import inception
 from fid_reference import inception_file, inception_state, pytorch_fid_inception  # noqa: F401 (fixtures)
-from weights import save_file
+from model.weights import save_file
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The kohya format (kohya.py): every method's factors are its update, the export writes them at the rank really
+"""The kohya format (methods/kohya.py): every method's factors are its update, the export writes them at the rank really
 used without forming a dense matrix, a file read back gives the adapted model's outputs, bad files are refused,
 and sample.py --adapter takes a kohya file. diffusers' reading of the same files is in test_pipeline.py."""
 import itertools
@@ -10,14 +10,14 @@ from PIL import Image
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from methods.adapters import Adapter, inject, merge, save_adapters
+from methods.baselines import AdaLoRALinear, DyLoRALinear, LoRALinear
+from methods.kohya import export_kohya, load_kohya, read_kohya
+from methods.lora2 import LoRA2Linear
+from model import weights
+from model.sd15 import load_embedded, tiny_sd15
+from training.method_table import METHODS
 import sample
-import weights
-from adapters import Adapter, inject, merge, save_adapters
-from baselines import AdaLoRALinear, DyLoRALinear, LoRALinear
-from kohya import export_kohya, load_kohya, read_kohya
-from lora2 import LoRA2Linear
-from methods import METHODS
-from sd15 import load_embedded, tiny_sd15
 from selora import SeLoRALinear, expand
 from test_selora import _one_thread  # noqa: F401  (tiny tensors: one thread avoids synchronisation costs)
 

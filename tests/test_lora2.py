@@ -1,4 +1,4 @@
-"""LoRA^2 (lora2.py): the distribution over rank positions, the quantile rank, growth and truncation
+"""LoRA^2 (methods/lora2.py): the distribution over rank positions, the quantile rank, growth and truncation
 that follow the rate, gradient to the rate, and the prior."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import inject, merge
-from lora2 import LoRA2, LoRA2Linear, inverse_softplus, normaliser, param_groups, quantile_rank, rate_for_rank, resize
+from methods.adapters import inject, merge
+from methods.lora2 import LoRA2, LoRA2Linear, inverse_softplus, normaliser, param_groups, quantile_rank, rate_for_rank, resize
 from test_selora import MLP, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
 
 

@@ -1,4 +1,4 @@
-"""The method table (methods.py): every method behind one interface trains, saves, loads, merges, reports
+"""The method table (training/method_table.py): every method behind one interface trains, saves, loads, merges, reports
 its ranks in one format and resumes exactly from its saved state."""
 import json
 
@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-import weights
-from adapters import Adapter, fix_capacity, inject, load_adapters, merge, save_adapters
-from baselines import AdaLoRA, AdaLoRALinear, DyLoRALinear, LoRALinear
-from capacity import in_use
-from checkpoint import load_checkpoint, optimizer_tensors, save_checkpoint
-from lora2 import LoRA2, LoRA2Linear
-from methods import METHODS, adapter_for_file, build
+from fast.capacity import fix_capacity
+from fast.capacity import in_use
+from methods.adapters import Adapter, inject, load_adapters, merge, save_adapters
+from methods.baselines import AdaLoRA, AdaLoRALinear, DyLoRALinear, LoRALinear
+from methods.lora2 import LoRA2, LoRA2Linear
+from model import weights
+from training.checkpoint import load_checkpoint, optimizer_tensors, save_checkpoint
+from training.method_table import METHODS, adapter_for_file, build
 from selora import SeLoRA, SeLoRALinear
 from test_selora import Block, _one_thread  # noqa: F401  (the SeLoRA tests' small model, and their one-thread fixture)
 
@@ -51,6 +52,7 @@ def train(model, opt, control, steps):
             loss = (model(x) - y).square().mean() + control.penalty()
             opt.zero_grad()
             loss.backward()
+        control.after_backward()
         opt.step()
         events += control.step()
     return events
@@ -151,7 +153,7 @@ CAPACITY = {"selora": {"max_rank": 3}}  # SeLoRA sets no maximum rank by default
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_fixed_capacity_trains_saves_and_checkpoints_as_the_true_ranks_do(name, tmp_path):
-    """adapters.fix_capacity (train.py --compile): the factors keep one shape from the start, the ranks change in
+    """fast.capacity.fix_capacity (train.py --compile): the factors keep one shape from the start, the ranks change in
     place, and the run is the one without: the same outputs and events, and saved files and optimizer state
     at the true ranks."""
     runs = []
@@ -281,6 +283,7 @@ def test_half_precision_base_keeps_float32_factors(name):
             loss = out.float().square().mean() + control.penalty()
             opt.zero_grad()
             loss.backward()
+        control.after_backward()
         opt.step()
         control.step()
     assert out.dtype == torch.bfloat16 and control.penalty().dtype == torch.float32

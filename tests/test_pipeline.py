@@ -16,15 +16,14 @@ from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, con
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import plots
-import sample
-import sampling
-import weights
+from methods.kohya import export_kohya, load_kohya
+from model import sampling, weights
+from model.clip_tokenizer import load_tokenizer
+from model.sd15 import SD15, generate, load_sd15
+from training import plots
+from training.method_table import METHODS
 from clip_text import CLIPTextConfig, load_text_encoder
-from clip_tokenizer import load_tokenizer
-from kohya import export_kohya, load_kohya
-from methods import METHODS
-from sd15 import SD15, generate, load_sd15
+import sample
 from sd_pipeline import make_pipeline, sd15_scheduler
 from sd_unet import UNetConfig, load_unet
 from test_kohya import adapt

@@ -1,10 +1,10 @@
-"""plots.py: layouts of figures 3 and 4 from our module names, heatmap colours, line plots that follow the data."""
+"""training/plots.py: layouts of figures 3 and 4 from our module names, heatmap colours, line plots that follow the data."""
 import math
 
 import numpy as np
 import pytest
 
-import plots
+from training import plots
 
 SD15_TRANSFORMERS = ([f"input_blocks.{i}.1" for i in (1, 2, 4, 5, 7, 8)] + ["middle_block.1"]
                      + [f"output_blocks.{i}.1" for i in range(3, 12)])

@@ -5,13 +5,12 @@ import json
 import pytest
 import torch
 
-import methods
-import phantoms
-import run_folder
+from data import phantoms
+from model import weights
+from model.sd15 import load_sd15
+from training import method_table, run_folder
 import sample
 import train
-import weights
-from sd15 import load_sd15
 from sd_pipeline import make_pipeline
 
 TINY = ["--epochs", "1", "--batch", "8", "--t", "4", "--samples", "0", "--checkpoint-every", "100"]
@@ -208,7 +207,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
 
 def test_an_adapter_is_refused_on_another_base_model_unless_forced(tmp_path, capsys):
     out = tmp_path / "run"
-    from sd15 import load_embedded, load_sd15, save_sd15
+    from model.sd15 import load_embedded, load_sd15, save_sd15
     other = tmp_path / "other-model"  # the embedded model's shape with other weights: not the one sample.py uses
     sd = load_embedded()
     with torch.no_grad():
@@ -223,7 +222,7 @@ def test_an_adapter_is_refused_on_another_base_model_unless_forced(tmp_path, cap
     assert "trained on another base model" in err and "--force" in err
     assert not (tmp_path / "img").exists()
     assert sample.main([*command, "--force"]) == 0 and (tmp_path / "img" / "grid.png").is_file()
-    assert len(methods.load_adapter(load_sd15(other), adapter)) > 0  # the model it was trained on takes it
+    assert len(method_table.load_adapter(load_sd15(other), adapter)) > 0  # the model it was trained on takes it
 
 
 def test_sample_py_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):

@@ -15,15 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-import adapters
-import checkpoint
-import data
+from data import datasets, splits
+from methods import adapters
+from model import weights
+from study import heldout
+from training import checkpoint, method_table, run_folder
 import eval_fid
-import heldout
-import methods
-import run_folder
 import train
-import weights
 from test_reliability import exits_2, make_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +141,7 @@ def training_state():
     """A small model with LoRA adapters after one Adam step: the arguments of checkpoint.save_training_state."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"unet": nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))})
-    method = methods.build("lora", r=2)
+    method = method_table.build("lora", r=2)
     named = adapters.inject(model, method.make_adapter)
     optimizer = torch.optim.Adam([p for a in named.values() for p in a.parameters() if p.requires_grad], lr=0.1)
     controller = method.controller(named, optimizer, 10)
@@ -264,7 +262,7 @@ def test_a_finite_loss_with_an_infinite_gradient_stops_before_the_update(tmp_pat
 
 def test_non_finite_names_the_first_parameter_or_gradient_that_is_not_finite():
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
-    named = adapters.inject(model, methods.build("lora", r=1).make_adapter)
+    named = adapters.inject(model, method_table.build("lora", r=1).make_adapter)
     assert checkpoint.non_finite(named, "the update made") is None
     with torch.no_grad():
         named["1"].A[0, 0] = float("nan")
@@ -295,7 +293,7 @@ def test_resume_refuses_changed_data_unless_allowed_and_records_it(tmp_path, cap
     assert train.main(["--resume", str(out), "--allow-data-change"]) == 0
     recorded = json.loads((out / "split.json").read_text())
     assert len(recorded["data_changes"]) == 1 and len(recorded["data_changes"][0]["changes"]) == 3
-    assert recorded["fingerprints"] == data.fingerprints(data.load_dataset("folder", data_dir).examples)
+    assert recorded["fingerprints"] == splits.fingerprints(datasets.load_dataset("folder", data_dir).examples)
     assert run_folder.read_config(out)["options"]["allow_data_change"] is False  # one invocation's, not the run's
     assert "no expansion test comes, so this run trains a fixed rank-1 LoRA" in printed  # said at the start (--t 4)
 
@@ -381,8 +379,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_folder_and_the_r
 
 def test_selora_options_that_make_it_a_fixed_rank_1_lora_are_said(tmp_path):
     args = train.parser().parse_args(["--max-rank", "1"])
-    assert "fixed rank-1 LoRA" in methods.notes("selora", args, 1000)[0]
+    assert "fixed rank-1 LoRA" in method_table.notes("selora", args, 1000)[0]
     args = train.parser().parse_args(["--t", "40"])
-    assert methods.notes("selora", args, 40) == [] and "--t 40 is more than the run's 39 steps" in \
-        methods.notes("selora", args, 39)[0]
-    assert methods.notes("lora", train.parser().parse_args([]), 1) == []
+    assert method_table.notes("selora", args, 40) == [] and "--t 40 is more than the run's 39 steps" in \
+        method_table.notes("selora", args, 39)[0]
+    assert method_table.notes("lora", train.parser().parse_args([]), 1) == []

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sampling import ALPHAS_CUMPROD, MAX_STEPS, SCHEDULERS, add_noise, ddim_step, ddim_timesteps, guided_eps, \
+from model.sampling import ALPHAS_CUMPROD, MAX_STEPS, SCHEDULERS, add_noise, ddim_step, ddim_timesteps, guided_eps, \
     sample, timesteps
 from sd_pipeline import sd15_scheduler
 

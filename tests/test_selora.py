@@ -1,4 +1,4 @@
-"""SeLoRA (selora.py) and the adapter plumbing (adapters.py) on small torch models.
+"""SeLoRA (selora.py), its literal and its fast test step (fast/fisher.py), on small torch models.
 
 Two models: a 2-layer MLP on [b, d] inputs, and a tiny attention block on [b, N, d] tokens whose
 feed-forward pair is applied twice (a layer called twice in one forward).
@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import adapters
 import selora
-from adapters import draw_candidate, inject, load_adapters, merge, resize_parameter, save_adapters, trainable_fraction
+from fast import capacity
+from fast.fisher import FastSeLoRA
+from methods.adapters import draw_candidate, inject
 from selora import SeLoRA, SeLoRALinear, expand, literal_fi_ratios, literal_fisher_scores
 
 
@@ -107,13 +108,13 @@ def test_expansion_keeps_the_output_bit_for_bit(kind):
 
 
 def test_expansion_at_a_fixed_capacity_writes_K_into_a_free_column_and_keeps_the_output_bit_for_bit():
-    """adapters.fix_capacity (train.py --compile): A and B keep their shapes, K fills A's next column, B's row
+    """fast.capacity.fix_capacity (train.py --compile): A and B keep their shapes, K fills A's next column, B's row
     stays zero, Adam's moments of the new entries are zero, and the output does not change at all."""
     model, ads = make("block", dtype=torch.float32)
     randomise(ads)
     optimizer = torch.optim.Adam([p for a in ads.values() for p in (a.A, a.B)], lr=0.1)
     control = SeLoRA(ads, optimizer, max_rank=11)
-    adapters.fix_capacity(control, optimizer)
+    capacity.fix_capacity(control, optimizer)
     x, y = batch("block", 3, dtype=torch.float32)
     (model(x) - y).square().mean().backward()
     optimizer.step()
@@ -148,24 +149,29 @@ def test_expand_is_eq_2():
 
 # ---------------------------------------------------------------- Fisher, FI-score, FI-ratio
 
-def fast_tests(model, ads, x, y, step, fisher="sample", lam=1e9):
-    """The training-loop path: capture during the step's own backward, then test (lam huge: no growth)."""
-    control = SeLoRA(ads, lam=lam, t=step, fisher=fisher, seed=3)
+def training_tests(model, ads, x, y, step, fisher="sample", lam=1e9, controller=SeLoRA):
+    """The training loop's test step: capture during the step's own backward, the FI-scores after it, then the
+    test (lam huge: no growth)."""
+    control = controller(ads, lam=lam, t=step, fisher=fisher, seed=3)
     with control.capture(step, batch_size=x.shape[0]):
         model.zero_grad()
         per_sample_mse(model, x, y).mean().backward()
+    control.after_backward()
     control.step()
     return {t.layer: t for t in control.log}
 
 
+@pytest.mark.parametrize("controller", [SeLoRA, FastSeLoRA])
 @pytest.mark.parametrize("fisher", ["sample", "batch"])
 @pytest.mark.parametrize("kind, b, n", [("mlp", 1, 1), ("mlp", 4, 1), ("mlp", 7, 1),
                                         ("block", 1, 3), ("block", 3, 1), ("block", 3, 6), ("block", 5, 4)])
-def test_fast_fisher_equals_literal_fisher(kind, b, n, fisher):
+def test_the_training_steps_fisher_equals_the_fisher_by_definition(kind, b, n, fisher, controller):
+    """Both test steps, the literal one (selora.SeLoRA) and the fast one (fast.fisher.FastSeLoRA), against one
+    backward per sample on an expanded copy of the model (literal_fi_ratios)."""
     model, ads = make(kind)
     randomise(ads)
     x, y = batch(kind, b, n)
-    tests = fast_tests(model, ads, x, y, step=40, fisher=fisher)
+    tests = training_tests(model, ads, x, y, step=40, fisher=fisher, controller=controller)
     losses = lambda m: per_sample_mse(m, x, y)
     scores = literal_fisher_scores(model, ads, losses, fisher)
     candidates = {name: draw_candidate(a.base.in_features, 3, 40, name) for name, a in ads.items()}
@@ -182,7 +188,7 @@ def test_fisher_modes_differ():
     model, ads = make("block")
     randomise(ads)
     x, y = batch("block", 4)
-    sample, batch_ = fast_tests(model, ads, x, y, 40, "sample"), fast_tests(model, ads, x, y, 40, "batch")
+    sample, batch_ = training_tests(model, ads, x, y, 40, "sample"), training_tests(model, ads, x, y, 40, "batch")
     for name in ads:  # mean of squares >= square of mean, strictly for differing samples
         assert sample[name].score > batch_[name].score * 1.01
 
@@ -216,6 +222,7 @@ def test_ratio_by_hand_on_a_two_layer_toy():
     control = SeLoRA(ads, lam=1e9, t=1)
     with control.capture(1, batch_size=3):
         per_sample_mse(model, x, y).mean().backward()
+    control.after_backward()
     control.step()
     tests = {t.layer: t for t in control.log}
     for n in "01":
@@ -244,6 +251,7 @@ def train(kind, seed, steps=12, lam=1.5, t=3, opt=torch.optim.Adam):
         with control.capture(step, batch_size=4):
             optimizer.zero_grad()
             per_sample_mse(model, x, y).mean().backward()
+        control.after_backward()
         optimizer.step()
         control.step()
     return model, ads, control
@@ -310,41 +318,6 @@ def test_grown_layer_trains_on_as_if_the_optimizer_always_held_the_larger_shape(
     assert o_opt.param_groups[0]["lr"] == 0.05 and ours_ads["l1"].rank == 2
 
 
-def test_resize_keeps_the_leading_block_and_refuses_unknown_state():
-    p = nn.Parameter(torch.randn(4, 3))
-    optimizer = torch.optim.Adam([p])
-    p.grad = torch.randn(4, 3)
-    optimizer.step()
-    m = optimizer.state[p]["exp_avg"].clone()
-    resize_parameter(p, p.detach()[:, :2].clone(), optimizer)  # truncation, as a shrinking method does
-    assert p.shape == (4, 2) and p.grad is None and torch.equal(optimizer.state[p]["exp_avg"], m[:, :2])
-    with pytest.raises(ValueError, match="not in the optimizer"):
-        resize_parameter(nn.Parameter(torch.zeros(2)), torch.zeros(3), optimizer)
-    optimizer.state[p]["row_var"] = torch.zeros(4)
-    with pytest.raises(ValueError, match="'row_var'.*not element-wise"):
-        resize_parameter(p, torch.zeros(4, 3), optimizer)
-
-
-# ---------------------------------------------------------------- injection, saving, merging
-
-def test_inject_wraps_every_linear_or_the_matching_ones():
-    model = Block()
-    ads = inject(model, SeLoRALinear)
-    assert list(ads) == ["to_q", "to_k", "to_v", "to_out", "ff1", "ff2"]
-    assert inject(model, SeLoRALinear) == {}  # the linear layers inside adapters are not wrapped again
-    trainable, total, percent = trainable_fraction(model)
-    lora = sum(d_in + d_out for d_in, d_out in [(8, 8)] * 4 + [(8, 12), (12, 8)])  # rank 1: d_in + d_out
-    assert trainable == lora and total == 4 * (64 + 8) + (96 + 12) + 96 + lora
-    assert percent == pytest.approx(100 * lora / total)
-    assert all(p.requires_grad == (n.endswith((".A", ".B"))) for n, p in model.named_parameters())
-    model = Block()
-    assert list(inject(model, SeLoRALinear, ["to_*", "ff2"])) == ["to_q", "to_k", "to_v", "to_out", "ff2"]
-    nested = nn.ModuleDict({"down": Block(), "up": Block()})
-    assert list(inject(nested, SeLoRALinear, ["up.to_q", "*ff1"])) == ["down.ff1", "up.to_q", "up.ff1"]
-    with pytest.raises(ValueError, match="'to_x' matches no nn.Linear of Block"):
-        inject(Block(), SeLoRALinear, ["to_q", "to_x"])
-
-
 def test_configuration_errors():
     _, ads = make("mlp")
     with pytest.raises(ValueError, match="lam = 0.9 < 1.*insist=True"):
@@ -362,59 +335,6 @@ def test_configuration_errors():
         SeLoRA(ads, torch.optim.Adam([ads["l1"].A]))
     default = SeLoRA(ads)
     assert (default.lam, default.t, default.fisher) == (1.1, 40, "sample")
-
-
-def test_save_load_same_outputs_and_ranks(tmp_path):
-    model, ads = make("block", dtype=torch.float32)
-    for a in ads.values():
-        a.scale.fill_(2.0)
-    randomise(ads, grow=(0, 3, 9))
-    control = SeLoRA(ads)
-    control.last_step = 120
-    path = tmp_path / "adapters.safetensors"
-    save_adapters(ads, path, {**control.metadata(), "base_model": "tiny-block"})
-    x, _ = batch("block", 2, dtype=torch.float32)
-    fresh = Block()
-    fresh.load_state_dict({k.replace(".base", ""): v for k, v in model.state_dict().items() if ".base." in k})
-    loaded, meta = load_adapters(fresh, path, SeLoRALinear)
-    assert {n: a.rank for n, a in loaded.items()} == {n: a.rank for n, a in ads.items()}
-    assert sorted({a.rank for a in loaded.values()}) == [1, 4, 10]
-    assert torch.equal(fresh(x), model(x)) and float(loaded["to_k"].scale) == 2.0
-    assert (meta["lambda"], meta["t"], meta["step"], meta["base_model"], meta["method"]) == ("1.1", "40", "120", "tiny-block", "selora")
-    assert all(a.A.requires_grad and not a.base.weight.requires_grad for a in loaded.values())
-    with pytest.raises(ValueError, match="holds selora adapters, asked to load them as other"):
-        load_adapters(Block(), path, type("Other", (SeLoRALinear,), {"method": "other"}))
-    with pytest.raises(ValueError, match="has no layer 'to_q'"):
-        load_adapters(MLP(), path, SeLoRALinear)
-    with pytest.raises(ValueError, match="metadata key 'ranks'"):
-        save_adapters(ads, tmp_path / "x.safetensors", {"ranks": "{}"})
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
-def test_merge_equals_the_unmerged_forward(dtype, tol):
-    model, ads = make("block", dtype=dtype)
-    randomise(ads, grow=(1, 9))
-    x, _ = batch("block", 3, dtype=dtype)
-    with torch.no_grad():
-        before = model(x)
-        for layer, adapter in ads.items():
-            parent, _, attr = layer.rpartition(".")
-            setattr(model.get_submodule(parent), attr, merge(adapter))
-        after = model(x)
-    assert not any(isinstance(m, adapters.Adapter) for m in model.modules())
-    assert all(type(model.get_submodule(n)) is nn.Linear for n in ads)
-    torch.testing.assert_close(after, before, rtol=tol, atol=tol)
-
-
-def test_low_precision_base_keeps_fp32_adapters():
-    base = nn.Linear(16, 8).to(torch.bfloat16)
-    layer = SeLoRALinear(base)
-    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
-    with torch.no_grad():
-        layer.B.normal_()
-    assert layer.A.dtype == layer.B.dtype == torch.float32 and layer(x).dtype == torch.bfloat16
-    expected = base(x).float() + 8.0 * (x.float() @ layer.A @ layer.B)
-    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.full
@@ -447,18 +367,21 @@ def test_candidate_K_does_not_depend_on_the_default_dtype():
 
 
 def test_later_test_steps_probe_as_the_first_does_and_gradient_checkpointing_counts_each_call_once():
-    """The first test step's probes make their zeros in the forward; later ones get them made before it, in the
-    shapes the first saw (what a compiled test step needs). Both give the same Fisher scores and ratios, bit for
-    bit, and so does a forward under gradient checkpointing, whose backward calls every layer again."""
+    """The fast test step: the first test step's probes make their zeros in the forward; later ones get them made
+    before it, in the shapes the first saw (what a compiled test step needs). Both give the same Fisher scores and
+    ratios, bit for bit, and so does a forward under gradient checkpointing, whose backward calls every layer
+    again. The literal test step's hooks too count each call once under checkpointing."""
     model, ads = make("block")
     randomise(ads)
     x, y = batch("block", 3)
-    control = SeLoRA(ads, lam=1e9, t=40, seed=3)
-    logs = []
-    for forward in (model, model, lambda x: checkpoint(model, x, use_reentrant=False)):
-        assert control.needs_uncompiled(40) == (not logs)
-        with control.capture(40, batch_size=3):
-            model.zero_grad()
-            (forward(x) - y).square().flatten(1).mean(1).mean().backward()
-        logs.append(control.step())
-    assert len(logs[0]) == len(ads) and logs[1] == logs[0] and logs[2] == logs[0]
+    for controller in (FastSeLoRA, SeLoRA):
+        control = controller(ads, lam=1e9, t=40, seed=3)
+        logs = []
+        for forward in (model, model, lambda x: checkpoint(model, x, use_reentrant=False)):
+            assert control.needs_uncompiled(40) == (controller is FastSeLoRA and not logs)
+            with control.capture(40, batch_size=3):
+                model.zero_grad()
+                (forward(x) - y).square().flatten(1).mean(1).mean().backward()
+            control.after_backward()
+            logs.append(control.step())
+        assert len(logs[0]) == len(ads) and logs[1] == logs[0] and logs[2] == logs[0]

@@ -1,4 +1,4 @@
-"""SeLoRA's expansion test as the authors' script runs it (selora_script.py, train.py --expansion-test script).
+"""SeLoRA's expansion test as the authors' script runs it (methods/selora_script.py, train.py --expansion-test script).
 
 Each property the script's code has (docs/paper-vs-code.md, points 3-5 and 8) is checked against an oracle that
 does what the script does: a deep copy of the model with the script's temp weights (A and B after the step, the
@@ -13,19 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import methods
-import train
-import weights
-from adapters import draw_candidate, inject
+from fast.fisher import FastScriptSeLoRA
+from methods.adapters import draw_candidate, inject
+from methods.selora_script import ScriptSeLoRA
+from model import weights
+from training import method_table
 from selora import SeLoRA, SeLoRALinear
-from selora_script import ScriptSeLoRA
+import train
 from tests.test_distributed import RUN, assert_same_training, torchrun
 from tests.test_selora import MLP
 
 B = 8
 
 
-def setup(lam=1.3):
+def setup(lam=1.3, controller=ScriptSeLoRA):
     torch.manual_seed(0)
     model = MLP(d=6, h=9, o=4).double()
     layers = inject(model, SeLoRALinear)
@@ -33,7 +34,7 @@ def setup(lam=1.3):
         layer.B.data.normal_(0, 0.3)
     optimizer = torch.optim.Adam([p for a in layers.values() for p in (a.A, a.B)], lr=1e-2)
     x, y = torch.randn(B, 6, dtype=torch.float64), torch.randn(B, 4, dtype=torch.float64)
-    rule = ScriptSeLoRA(layers, optimizer, t=1)
+    rule = controller(layers, optimizer, t=1)
     rule.lam = lam  # any threshold, infinite included, to watch the ratios without growth
     return model, layers, optimizer, rule, x, y
 
@@ -61,21 +62,24 @@ def script_step(model, layers, optimizer, rule, x, y, step):
     with rule.capture(step, B):
         optimizer.zero_grad()
         F.mse_loss(model(x), y).backward()
+    rule.after_backward()
     recorded = {name: sum_square([a.A.grad, a.B.grad]) for name, a in layers.items()}  # script:278
     optimizer.step()
     oracle = None
     if rule.second_pass(step):
-        oracle = temp_gradients(model, layers, {n: rule.candidate(n, step) for n in layers}, x, y)
+        oracle = temp_gradients(model, layers, {n: rule.candidate(n) for n in layers}, x, y)
         with rule.capture(step, B):
             F.mse_loss(model(x), y).backward()
+        rule.after_backward()
         optimizer.zero_grad()
     return recorded, oracle, rule.step()
 
 
-def test_first_test_ratio_is_the_post_step_over_the_pre_step_squared_gradient_norm():
-    model, layers, optimizer, rule, x, y = setup(lam=math.inf)
+@pytest.mark.parametrize("controller", [ScriptSeLoRA, FastScriptSeLoRA])
+def test_first_test_ratio_is_the_post_step_over_the_pre_step_squared_gradient_norm(controller):
+    model, layers, optimizer, rule, x, y = setup(lam=math.inf, controller=controller)
     for name in layers:
-        assert torch.count_nonzero(rule.candidate(name, 1)) == 0  # the temp row is never initialised
+        assert torch.count_nonzero(rule.candidate(name)) == 0  # the temp row is never initialised
     recorded, oracle, events = script_step(model, layers, optimizer, rule, x, y, 1)
     twin = copy.deepcopy(model)  # the same weights, unexpanded: the squared gradient norm after the step
     F.mse_loss(twin(x), y).backward()
@@ -89,22 +93,23 @@ def test_first_test_ratio_is_the_post_step_over_the_pre_step_squared_gradient_no
     assert any(abs(e["ratio"] - 1) > 1e-3 for e in events)  # the step moved the gradient
 
 
-def grow_once(lam=0.0):
+def grow_once(lam=0.0, controller=ScriptSeLoRA):
     """A run whose every layer grows at its first test (lambda 0 accepts any ratio), then tests at step 2."""
-    model, layers, optimizer, rule, x, y = setup()
+    model, layers, optimizer, rule, x, y = setup(controller=controller)
     rule.lam = lam
     _, _, first = script_step(model, layers, optimizer, rule, x, y, 1)
     assert all(e["expanded"] for e in first)
     return model, layers, optimizer, rule, x, y
 
 
-def test_a_candidate_appears_only_after_the_first_expansion_and_stays_until_the_next():
-    model, layers, optimizer, rule, x, y = grow_once()
+@pytest.mark.parametrize("controller", [ScriptSeLoRA, FastScriptSeLoRA])
+def test_a_candidate_appears_only_after_the_first_expansion_and_stays_until_the_next(controller):
+    model, layers, optimizer, rule, x, y = grow_once(controller=controller)
     for name, layer in layers.items():
-        K = rule.candidate(name, 2)
+        K = rule.candidate(name)
         bound = math.sqrt(6 / layer.base.in_features)  # Kaiming-uniform, script:319
         assert torch.count_nonzero(K) == K.numel() and K.abs().max() <= bound
-        assert torch.equal(K, rule.candidate(name, 7))  # fixed until the next expansion
+        assert torch.equal(K, draw_candidate(layer.base.in_features, 0, 1, name + "/candidate"))  # drawn at step 1
     rule.lam = math.inf
     recorded, oracle, events = script_step(model, layers, optimizer, rule, x, y, 2)
     for e in events:  # the candidate now feeds B's new row: the ratio is the temp copy's, candidate included
@@ -113,8 +118,8 @@ def test_a_candidate_appears_only_after_the_first_expansion_and_stays_until_the_
 
 def test_the_rule_is_greater_or_equal():
     _, layers, optimizer, rule, _, _ = setup(lam=1.3)
-    assert rule.passes(1.3) and not rule.passes(math.nextafter(1.3, 0))
-    assert not SeLoRA(layers, optimizer, lam=1.3).passes(1.3)  # the paper's "exceeds"
+    assert rule.exceeds(1.3, rule.lam) and not rule.exceeds(math.nextafter(1.3, 0), rule.lam)
+    assert not SeLoRA(layers, optimizer, lam=1.3).exceeds(1.3, 1.3)  # the paper's "exceeds": >
     _, _, events = script_step(*setup(lam=math.inf), 1)
     ratio = events[0]["ratio"]  # the same computation again (setup seeds), with lambda exactly that ratio
     model, layers, optimizer, rule, x, y = setup(lam=ratio)
@@ -125,15 +130,17 @@ def test_the_rule_is_greater_or_equal():
 def test_a_fresh_row_is_drawn_at_expansion_and_the_adam_state_of_A_and_B_is_reset():
     model, layers, optimizer, rule, x, y = grow_once()
     rule.lam = 0.0
-    tested = {name: rule.candidate(name, 2) for name in layers}
+    tested = {name: rule.candidate(name) for name in layers}
     before = {name: (layer.A.detach().clone(), layer.B.detach().clone()) for name, layer in layers.items()}
     with rule.capture(2, B):
         optimizer.zero_grad()
         F.mse_loss(model(x), y).backward()
+    rule.after_backward()
     optimizer.step()
     after_step = {name: (layer.A.detach().clone(), layer.B.detach().clone()) for name, layer in layers.items()}
     with rule.capture(2, B):
         F.mse_loss(model(x), y).backward()
+    rule.after_backward()
     assert all(e["expanded"] for e in rule.step())
     for name, layer in layers.items():
         assert layer.rank == 3 and torch.equal(layer.A[:, :2], after_step[name][0])
@@ -157,11 +164,11 @@ def test_a_fresh_row_is_drawn_at_expansion_and_the_adam_state_of_A_and_B_is_rese
 
 def test_the_paper_rule_is_the_default_and_fisher_sample_is_refused_under_the_script_rule():
     _, layers, optimizer, _, _, _ = setup()
-    assert type(methods.build("selora").controller(layers, optimizer)) is SeLoRA
-    script = methods.build("selora", expansion_test="script").controller(layers, optimizer)
+    assert type(method_table.build("selora").controller(layers, optimizer)) is SeLoRA
+    script = method_table.build("selora", expansion_test="script").controller(layers, optimizer)
     assert type(script) is ScriptSeLoRA and script.lam == 1.3 and script.t == 40 and script.fisher == "batch"
     with pytest.raises(ValueError, match="script:266-274"):
-        methods.build("selora", expansion_test="script", fisher="sample").controller(layers, optimizer)
+        method_table.build("selora", expansion_test="script", fisher="sample").controller(layers, optimizer)
 
 
 SCRIPT = ["--expansion-test", "script", "--lam", "1.0"]  # 1.0: some layers grow, some do not, on the tiny model

@@ -1,4 +1,4 @@
-"""The tiny SD 1.5 pretrained here (assets/tiny-sd, tools/pretrain_tiny.py) and its domain metrics (readback.py):
+"""The tiny SD 1.5 pretrained here (assets/tiny-sd, tools/pretrain_tiny.py) and its domain metrics (metrics/readback.py):
 the committed folder in its real diffusers layout, read by ours and by diffusers/transformers alike; the
 pretraining script end to end at a few steps; the base model's adherence to held-out captions; the readers;
 eval_fid.py --reader; and a missing or damaged asset folder."""
@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from data import phantoms, shapes
+from metrics import fid_kid, readback
+from model import sd15
+from model.sd15 import EMBEDDED_MODEL, generate, load_sd15
 import eval_fid
-import fid_kid
-import phantoms
-import readback
-import sd15
-import shapes
 import train
-from sd15 import EMBEDDED_MODEL, generate, load_sd15
 
 ROOT = EMBEDDED_MODEL.parent.parent
 READERS = readback.ASSETS

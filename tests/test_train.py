@@ -6,13 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-import adapters
-import diffusion
-import methods
+from methods import adapters
+from model import weights
+from model.sampling import add_noise
+from model.sd15 import tiny_sd15
+from training import diffusion, method_table
 import train
-import weights
-from sampling import add_noise
-from sd15 import tiny_sd15
 
 FAST = ["--epochs", "2", "--batch", "8", "--t", "4", "--samples", "2", "--sample-steps", "3"]
 
@@ -123,8 +122,8 @@ def test_existing_folder_is_not_overwritten(tmp_path, capsys):
 def test_adapters_of_a_run_load_for_sampling(tmp_path):
     out, code = run(tmp_path, "s", "--samples", "0")
     assert code == 0 and not (out / "previews").exists()
-    from sd15 import load_embedded
-    loaded = methods.load_adapter(load_embedded(), out / "best.safetensors")
+    from model.sd15 import load_embedded
+    loaded = method_table.load_adapter(load_embedded(), out / "best.safetensors")
     ranks = json.loads(weights.load_metadata(out / "best.safetensors")["ranks"])
     assert {n: a.rank for n, a in loaded.items()} == ranks
     assert all(isinstance(a, adapters.Adapter) for a in loaded.values())
@@ -162,7 +161,7 @@ def steps_of(method, checkpointing, steps=3):
     the text encoder's first layer started per step."""
     sd = tiny_sd15(0)
     sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = checkpointing
-    method_ = methods.build(method, **methods.options(method, train.parser().parse_args(["--method", method, "--t", "1"])))
+    method_ = method_table.build(method, **method_table.options(method, train.parser().parse_args(["--method", method, "--t", "1"])))
     torch.manual_seed(0)  # the adapters' initialisation
     named = adapters.inject(sd.adaptable(), method_.make_adapter)
     params = [p for p in sd.adaptable().parameters() if p.requires_grad]
@@ -185,7 +184,7 @@ def steps_of(method, checkpointing, steps=3):
     return losses, grads, events, len(starts) / steps
 
 
-@pytest.mark.parametrize("method", methods.METHODS)
+@pytest.mark.parametrize("method", method_table.METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients_and_selora_tests(method):
     losses, grads, events, starts = steps_of(method, checkpointing=False)
     losses_c, grads_c, events_c, starts_c = steps_of(method, checkpointing=True)

@@ -11,7 +11,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from vae import (LATENT_SCALE, VAE, VAEConfig, latents_to_images, load_vae, posterior_to_latents,
                  sample_latents)
-from weights import load_file, save_file
+from model.weights import load_file, save_file
 
 TOL = 1e-5  # max |ours - diffusers| / max |diffusers|
 

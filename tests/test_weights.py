@@ -1,4 +1,4 @@
-"""weights.py against the safetensors library, both ways, and every malformed-file case."""
+"""model/weights.py against the safetensors library, both ways, and every malformed-file case."""
 import json
 import struct
 
@@ -7,7 +7,7 @@ import safetensors.torch as st
 from safetensors import safe_open
 import torch
 
-import weights
+from model import weights
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
               torch.int16, torch.int8, torch.uint8, torch.bool]

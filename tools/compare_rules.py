@@ -21,12 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import adapters  # noqa: E402
-import methods  # noqa: E402
-import plots  # noqa: E402
-import run_folder  # noqa: E402
+from methods import adapters  # noqa: E402
+from model.sd15 import load_model  # noqa: E402
+from training import method_table, plots, run_folder  # noqa: E402
 import train  # noqa: E402
-from sd15 import load_model  # noqa: E402
 
 RULES = ("paper", "script")
 PAPER = {"text_encoder": (0.121, 0.216), "unet": (0.368, 0.803)}  # SeLoRA and rank-4 LoRA trainable %, paper:178
@@ -64,7 +62,7 @@ def shares(run: Path) -> dict[str, dict[str, float]]:
     """Per part: trainable % with the final ranks, rank-4 LoRA's % on the same layers, their ratio, mean rank."""
     options = run_folder.read_options(run)
     sd = load_model(options["model"], options["tokenizer"])
-    named = methods.load_adapter(sd, run / "last.safetensors")
+    named = method_table.load_adapter(sd, run / "last.safetensors")
     out = {}
     for part in ("unet", "text_encoder"):
         layers = [a for name, a in named.items() if name.startswith(part + ".")]

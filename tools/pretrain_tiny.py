@@ -1,6 +1,6 @@
 """Pretrain the tiny Stable Diffusion that the embedded default, the tour and the mini-study fine-tune: SD 1.5's
 architecture at toy size (sd_unet.UNet, clip_text.CLIPTextModel with a BPE tokenizer in CLIP's format, vae.VAE),
-trained from scratch on the CPU on the base domain of coloured shapes (shapes.py), never on phantoms.
+trained from scratch on the CPU on the base domain of coloured shapes (data/shapes.py), never on phantoms.
 
     .venv/bin/python tools/pretrain_tiny.py --out assets/tiny-sd --readers assets/readers
 
@@ -12,7 +12,7 @@ In order, each stage deterministic for --seed (on one machine, with the same thr
    SD 1.5's do;
 3. the UNet and the text encoder together: the diffusion loss on the shapes' latents, one caption in ten
    dropped for classifier-free guidance, an EMA of the weights kept (what is saved);
-4. the readers (readback.py) of both domains, the instruments of caption adherence and phantom-FID;
+4. the readers (metrics/readback.py) of both domains, the instruments of caption adherence and phantom-FID;
 5. the check: images of the held-out captions (shapes.HELD_OUT, never drawn in pretraining) at the model's
    native size, read back by the shapes reader.
 It writes a diffusers pipeline folder (sd15.save_sd15, fp16) with pretrain.json (the command, the commit, the
@@ -36,14 +36,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import phantoms  # noqa: E402
-import plots  # noqa: E402
-import readback  # noqa: E402
-import shapes  # noqa: E402
+from data import phantoms, shapes  # noqa: E402
+from metrics import readback  # noqa: E402
+from model.clip_tokenizer import END, END_OF_WORD, START, Tokenizer, bytes_to_unicode, merge_pair  # noqa: E402
+from model.sampling import NUM_TRAIN_TIMESTEPS, add_noise  # noqa: E402
+from model.sd15 import SD15, generate, save_sd15  # noqa: E402
+from training import plots  # noqa: E402
 from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from clip_tokenizer import END, END_OF_WORD, START, Tokenizer, bytes_to_unicode, merge_pair  # noqa: E402
-from sampling import NUM_TRAIN_TIMESTEPS, add_noise  # noqa: E402
-from sd15 import SD15, generate, save_sd15  # noqa: E402
 from sd_unet import UNet, UNetConfig  # noqa: E402
 from vae import LATENT_SCALE, VAE, VAEConfig, posterior_to_latents  # noqa: E402
 

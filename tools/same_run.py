@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import weights  # noqa: E402
+from model import weights  # noqa: E402
 
 
 def bits(tensor):
