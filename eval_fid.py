@@ -46,7 +46,7 @@ from metrics.fid_kid import FID_SQRTM, fid_kid
 from model import clip_tokenizer, sampling
 from model.sd15 import generate
 from model.weights import atomic_write
-from study import heldout, tables
+from evaluation import heldout, tables
 from training import cli, run_folder
 import clip_text
 

@@ -44,7 +44,7 @@ from methods import adapters
 from metrics import fid_kid, inception, readback
 from model import sampling
 from model.sd15 import load_model
-from study import heldout, report
+from evaluation import heldout, report
 from training import cli, method_table, run_folder
 import eval_fid
 import train

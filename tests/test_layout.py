@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # from the bottom up; a module may import its own layer's and the layers below
 LAYERS = [("model", ["model", "sd_unet", "clip_text", "vae"]), ("data", ["data"]), ("methods", ["selora", "methods"]),
           ("fast", ["fast"]), ("metrics", ["metrics"]), ("training", ["training"]),
-          ("commands", ["train", "eval_fid", "sample", "reproduce", "study"])]
+          ("commands", ["train", "eval_fid", "sample", "reproduce", "evaluation"])]
 TOP = {"selora.py", "sd_unet.py", "clip_text.py", "vae.py", "train.py", "eval_fid.py", "sample.py", "reproduce.py"}
 MAX_FILE, MAX_FUNCTION = 450, 70
 

@@ -18,7 +18,7 @@ from torch import nn
 from data import datasets, splits
 from methods import adapters
 from model import weights
-from study import heldout
+from evaluation import heldout
 from training import checkpoint, method_table, run_folder
 import eval_fid
 import train

@@ -13,7 +13,7 @@ from PIL import Image
 from data import splits
 from metrics import readback
 from model import sampling, weights
-from study import heldout, tables
+from evaluation import heldout, tables
 from training import method_table, plots, run_folder
 import eval_fid
 
