@@ -119,6 +119,7 @@ def expand(layer: SeLoRALinear, K: torch.Tensor, optimizer: torch.optim.Optimize
                   "B": torch.cat([B.detach(), B.new_zeros(1, d_out)], dim=0)}, optimizer)
 
 
+@torch.no_grad()
 def per_sample_grads(x: torch.Tensor, g: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor,
                      s: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sample's gradients of A, B and of the row that eq. 2 appends to B, from one layer's input and output

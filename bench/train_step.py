@@ -9,8 +9,8 @@ A step is train.py's: text encoder and UNet forward, the diffusion loss, backwar
 method's controller (diffusion.train_step, then optimizer.step and controller.step), the same function on both
 sides (peft's side gets thin wrappers with our models' call signatures). Both sides share one set of frozen
 weights (the same tensors), so their first losses agree. Configurations: peft's LoRA; each --method of ours
-(SeLoRA at rank 1, grown to rank 8, and a test step at rank 8, where the capture's probes keep what the per-sample
-gradients need); with lora, ours again with --gradient-checkpointing; with --mode compiled, ours again as train.py
+(SeLoRA at rank 1, grown to rank 8, and a test step at rank 8, the literal one of selora.py and the fast one of
+fast/fisher.py, whose probes keep what the batched per-sample gradients need); with lora, ours again with --gradient-checkpointing; with --mode compiled, ours again as train.py
 --compile runs it (adapters at a fixed capacity, UNet and text encoder torch.compile'd; SeLoRA at rank 8 in a
 capacity of 16; not its test step: docs/performance.md measures a compiled test step on the tiny model); with
 --mode cudagraphs (CUDA only), as train.py --compile --compile-mode reduce-overhead runs it.
@@ -75,6 +75,7 @@ class Config:
     method: str | None = None  # None: peft's LoRA on diffusers + transformers
     rank: int = 1  # SeLoRA: every layer grown to this rank before the first step
     test_step: bool = False  # SeLoRA: every step an expansion test (t = 1, lambda so high that nothing grows)
+    fast: bool = False  # SeLoRA's fast test step (fast/fisher.py), which --compile always takes
     checkpointing: bool = False  # train.py --gradient-checkpointing
     mode: str = "eager"
 
@@ -85,10 +86,11 @@ def configurations(chosen: list[str], modes: list[str] = MODES) -> list[Config]:
     for method in chosen:
         if method == "selora":
             out += [Config("ours selora rank 1", "selora"), Config("ours selora rank 8", "selora", rank=8),
-                    Config("ours selora rank 8, test step", "selora", rank=8, test_step=True)]
+                    Config("ours selora rank 8, test step", "selora", rank=8, test_step=True),
+                    Config("ours selora rank 8, fast test step", "selora", rank=8, test_step=True, fast=True)]
         else:
             out.append(Config(f"ours {method}" + (f" r={RANK}" if method == "lora" else ""), method))
-        eager = out[-2] if method == "selora" else out[-1]  # SeLoRA: rank 8
+        eager = out[-3] if method == "selora" else out[-1]  # SeLoRA: rank 8
         for mode in ("compiled", "cudagraphs"):
             if mode in modes:
                 out.append(Config(f"{eager.name}, {mode}", method, rank=eager.rank, mode=mode))
@@ -175,7 +177,8 @@ def our_side(cfg: Config, weights: nn.ModuleDict, device: str):
     options = ["--method", cfg.method, "--rank", str(RANK)]
     options += ["--t", "1", "--lam", "1e30"] if cfg.test_step else ["--t", str(10 ** 9)]
     options += ["--max-rank", "16"] if cfg.mode != "eager" and cfg.method == "selora" else []  # --compile's default
-    method = method_table.build(cfg.method, **method_table.options(cfg.method, train.parser().parse_args(options)))
+    fast = cfg.fast or cfg.mode != "eager"  # as train.py: --compile takes the fast test step
+    method = method_table.build(cfg.method, fast, **method_table.options(cfg.method, train.parser().parse_args(options)))
     named = adapters.inject(parts, method.make_adapter)
     for layer in named.values():
         for _ in range(cfg.rank - 1):
@@ -336,9 +339,10 @@ def summary(lines: dict[str, dict]) -> dict:
             step, step_c = (line["peak_memory_mib"] - line["built_memory_mib"] for line in (lora, checkpointed))
             saving["step_memory_saving"] = round(1 - step_c / step, 3)
         out["gradient_checkpointing"] = saving
-    if "ours selora rank 8" in lines and "ours selora rank 8, test step" in lines:
-        out["selora_test_step_over_step"] = round(lines["ours selora rank 8, test step"]["seconds"]
-                                                  / lines["ours selora rank 8"]["seconds"], 3)
+    for kind in ("test step", "fast test step"):
+        if "ours selora rank 8" in lines and f"ours selora rank 8, {kind}" in lines:
+            out[f"selora_{kind.replace(' ', '_')}_over_step"] = round(lines[f"ours selora rank 8, {kind}"]["seconds"]
+                                                                     / lines["ours selora rank 8"]["seconds"], 3)
     if f"ours lora r={RANK}" in ratios:
         lora_ratios = ratios[f"ours lora r={RANK}"]
         out["goals_lora_at_most"] = GOALS
