@@ -141,6 +141,9 @@ class NoController:
     def add_penalty_gradient(self) -> None:
         pass
 
+    def after_backward(self) -> None:
+        pass
+
     def step(self) -> list:
         return []
 
