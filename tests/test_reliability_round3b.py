@@ -126,7 +126,7 @@ def test_eval_fid_checks_its_numbers_when_parsed(tmp_path, capsys, option, value
     images = phantoms.make_phantom_folder(tmp_path / "images", n=4, size=32, seed=1)
     with pytest.raises(SystemExit) as stop:
         eval_fid.main(["--real", str(images), "--fake", str(images), "--reader",
-                       str(eval_fid.readback.asset("phantoms")), option, value])
+                       str(eval_fid.readback.ASSETS / "phantoms.safetensors"), option, value])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and f"argument {option}: must be" in err and f"got {value}" in err
 
