@@ -282,7 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "sqrtm (10 s or more); equal within 1e-6 relative")
     p.add_argument("--kid-subsets", type=cli.integer(1), default=100)
     p.add_argument("--kid-subset-size", type=cli.integer(2), default=1000,
-                   help="images per KID subset, >= 2 (an MMD needs two); half the smaller set where a set is not larger than this")
+                   help="images per KID subset, >= 2 (an MMD needs two); half the smaller set where a set is not "
+                        "larger than this")
     p.add_argument("--seed", type=cli.integer(0, cli.SEEDS - 1), default=0, help="seed of the KID subsets")
     p.add_argument("--batch-size", type=cli.integer(1), default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

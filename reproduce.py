@@ -106,21 +106,23 @@ def parser() -> argparse.ArgumentParser:
     a("--dataset", default="folder", choices=sorted(datasets.PAPER_SPLITS), help="layout of --data")
     a("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
     a("--seeds", nargs="+", type=cli.integer(0, cli.SEEDS - 1), help="training seeds (default: 0 1 2)")
-    a("--data-seed", type=cli.integer(0, cli.SEEDS - 1), default=0, help="seed of the one split every run uses (default 0)")
+    a("--data-seed", type=cli.integer(0, cli.SEEDS - 1), default=0,
+      help="seed of the one split every run uses (default 0)")
     a("--expansion-test", default="paper", choices=method_table.EXPANSION_TESTS,
       help="SeLoRA's growth rule for every SeLoRA run: the paper's (default) or the authors' script's (train.py "
            "--expansion-test); the report names it")
-    a("--lam", type=cli.number(1.0), help="SeLoRA lambda of the main runs and the t sweep (default: the rule's, paper 1.1, "
-                                "script 1.3)")
+    a("--lam", type=cli.number(1.0), help="SeLoRA lambda of the main runs and the t sweep, >= 1 (default: the "
+                                          "rule's, paper 1.1, script 1.3)")
     a("--t", type=cli.integer(1), help="SeLoRA t of the main runs and the lambda ablation (paper: 40)")
-    a("--lambdas", nargs="*", type=cli.number(1.0), help="threshold ablation (table 3; default: the rule's grid, paper 1 1.1 "
-                                                "1.3, script 1 1.3 2); none: skip")
+    a("--lambdas", nargs="*", type=cli.number(1.0), help="threshold ablation, each >= 1 (table 3; default: the "
+                                                         "rule's grid, paper 1 1.1 1.3, script 1 1.3 2); none: skip")
     a("--cap-rank", type=cli.integer(1), default=16,
       help="under the paper's rule, runs at lambda <= 1 (every layer grows at every test: about 80 ranks per layer "
            "over IU X-Ray's 3,300 steps) stop growing at this rank (train.py --max-rank), said in the report "
            "(default 16); a --max-rank passed to train.py caps every run instead")
     a("--ts", nargs="*", type=cli.integer(1), help="sweep of t (default: 20 40 80); none: skip")
-    a("--ablation-seeds", nargs="*", type=cli.integer(0, cli.SEEDS - 1), help="seeds of the ablation runs (default: --seeds)")
+    a("--ablation-seeds", nargs="*", type=cli.integer(0, cli.SEEDS - 1),
+      help="seeds of the ablation runs (default: --seeds)")
     a("--epochs", type=cli.integer(1), help="default: train.py's (the paper's for the data set)")
     a("--size", type=cli.image_size, help="image size (default: train.py's, 224)")
     a("--batch", type=cli.integer(1), help="batch size (default: train.py's, 8)")
@@ -134,8 +136,8 @@ def parser() -> argparse.ArgumentParser:
     a("--scheduler", choices=sampling.SCHEDULERS,
       help="sampler of the test images (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, sampling.MAX_STEPS), help="sampler steps for the test images (default 50)")
-    a("--guidance", type=cli.guidance, help=f"classifier-free guidance of the test images (default "
-                                               f"{sampling.GUIDANCE:g}, the paper's; --mini: {MINI['guidance']:g})")
+    a("--guidance", type=cli.guidance, help=f"classifier-free guidance of the test images, 0 to 100 (default "
+                                            f"{sampling.GUIDANCE:g}, the paper's; --mini: {MINI['guidance']:g})")
     a("--reader", help="instead of --inception and --clip: a domain reader (metrics/readback.py; --mini's default: "
                        "assets/readers/phantoms.safetensors): FID and KID on its features, and caption adherence")
     a("--grid-prompts", type=cli.integer(1), default=6, help="test prompts in the real-vs-generated figure")

@@ -99,8 +99,8 @@ def parser() -> argparse.ArgumentParser:
     a("--scheduler", default="pndm", choices=SCHEDULERS,
       help="sampler of those samples (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, MAX_STEPS), default=50, help="sampler steps for those samples (default 50)")
-    a("--guidance", type=cli.guidance, help="classifier-free guidance of those samples (default 7.5: "
-                                               f"StableDiffusionPipeline's; embedded default {EMBEDDED['guidance']:g})")
+    a("--guidance", type=cli.guidance, help="classifier-free guidance of those samples, 0 to 100 (default 7.5: "
+                                            f"StableDiffusionPipeline's; embedded default {EMBEDDED['guidance']:g})")
     a("--stop-after", type=cli.integer(1), help=argparse.SUPPRESS)  # tests: interrupt after this many steps
     return p
 

@@ -230,6 +230,7 @@ def clear(run: Path) -> list[str]:
 
 
 def _holds_more_than_a_lock(run: Path) -> bool:
+    """Whether `run` is a folder holding anything but the lock's own files (LOCK_FILES)."""
     return run.is_dir() and any(not LOCK_FILES.fullmatch(e.name) for e in run.iterdir())
 
 
@@ -269,11 +270,10 @@ def _holder(path: Path) -> dict | None:
         return None
     except (UnicodeDecodeError, json.JSONDecodeError):
         holder = None
-    why = "" if isinstance(holder, dict) and isinstance(holder.get("host"), str) else " (no pid and host)"
-    pid = holder.get("pid") if not why else None
-    if not why and not (type(pid) is int and 0 < pid <= MAX_PID):  # os.kill would overflow, or signal a group
-        why = f" (pid {pid!r}: a process id is an integer from 1 to {MAX_PID})"
-    if why:
+    ours = isinstance(holder, dict) and isinstance(holder.get("host"), str)
+    pid = holder.get("pid") if ours else None
+    if not (type(pid) is int and 0 < pid <= MAX_PID):  # else os.kill would overflow, or signal a process group
+        why = f" (pid {pid!r}: a process id is an integer from 1 to {MAX_PID})" if ours else ""
         raise RunFolderError(f"{path}: a lock file that is not one this project wrote{why}; if no command is using "
                              f"{path.parent}, remove {path}")
     return holder
