@@ -280,11 +280,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fid-sqrtm", default="eigh", choices=FID_SQRTM,
                    help="FID's tr sqrt(S1 S2): from eigenvalues (about 1 s at 2048 dims), or pytorch-fid's scipy "
                         "sqrtm (10 s or more); equal within 1e-6 relative")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000,
-                   help="images per KID subset; half the smaller set where a set is not larger than this")
-    p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--kid-subsets", type=cli.integer(1), default=100)
+    p.add_argument("--kid-subset-size", type=cli.integer(2), default=1000,
+                   help="images per KID subset, >= 2 (an MMD needs two); half the smaller set where a set is not "
+                        "larger than this")
+    p.add_argument("--seed", type=cli.integer(0, cli.SEEDS - 1), default=0, help="seed of the KID subsets")
+    p.add_argument("--batch-size", type=cli.integer(1), default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--table", help="with --runs: write the table to TABLE.md and TABLE.csv")

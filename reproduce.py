@@ -29,6 +29,7 @@ scores instead by the phantom reader (metrics/readback.py): phantom-FID, KID and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -104,40 +105,42 @@ def parser() -> argparse.ArgumentParser:
     a("--data", help="data folder (required unless --smoke or --mini)")
     a("--dataset", default="folder", choices=sorted(datasets.PAPER_SPLITS), help="layout of --data")
     a("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
-    a("--seeds", nargs="+", type=int, help="training seeds (default: 0 1 2)")
-    a("--data-seed", type=int, default=0, help="seed of the one split every run uses (default 0)")
+    a("--seeds", nargs="+", type=cli.integer(0, cli.SEEDS - 1), help="training seeds (default: 0 1 2)")
+    a("--data-seed", type=cli.integer(0, cli.SEEDS - 1), default=0,
+      help="seed of the one split every run uses (default 0)")
     a("--expansion-test", default="paper", choices=method_table.EXPANSION_TESTS,
       help="SeLoRA's growth rule for every SeLoRA run: the paper's (default) or the authors' script's (train.py "
            "--expansion-test); the report names it")
-    a("--lam", type=float, help="SeLoRA lambda of the main runs and the t sweep (default: the rule's, paper 1.1, "
-                                "script 1.3)")
-    a("--t", type=int, help="SeLoRA t of the main runs and the lambda ablation (paper: 40)")
-    a("--lambdas", nargs="*", type=float, help="threshold ablation (table 3; default: the rule's grid, paper 1 1.1 "
-                                                "1.3, script 1 1.3 2); none: skip")
+    a("--lam", type=cli.number(1.0), help="SeLoRA lambda of the main runs and the t sweep, >= 1 (default: the "
+                                          "rule's, paper 1.1, script 1.3)")
+    a("--t", type=cli.integer(1), help="SeLoRA t of the main runs and the lambda ablation (paper: 40)")
+    a("--lambdas", nargs="*", type=cli.number(1.0), help="threshold ablation, each >= 1 (table 3; default: the "
+                                                         "rule's grid, paper 1 1.1 1.3, script 1 1.3 2); none: skip")
     a("--cap-rank", type=cli.integer(1), default=16,
       help="under the paper's rule, runs at lambda <= 1 (every layer grows at every test: about 80 ranks per layer "
            "over IU X-Ray's 3,300 steps) stop growing at this rank (train.py --max-rank), said in the report "
            "(default 16); a --max-rank passed to train.py caps every run instead")
-    a("--ts", nargs="*", type=int, help="sweep of t (default: 20 40 80); none: skip")
-    a("--ablation-seeds", nargs="*", type=int, help="seeds of the ablation runs (default: --seeds)")
-    a("--epochs", type=int, help="default: train.py's (the paper's for the data set)")
-    a("--size", type=int, help="image size (default: train.py's, 224)")
-    a("--batch", type=int, help="batch size (default: train.py's, 8)")
+    a("--ts", nargs="*", type=cli.integer(1), help="sweep of t (default: 20 40 80); none: skip")
+    a("--ablation-seeds", nargs="*", type=cli.integer(0, cli.SEEDS - 1),
+      help="seeds of the ablation runs (default: --seeds)")
+    a("--epochs", type=cli.integer(1), help="default: train.py's (the paper's for the data set)")
+    a("--size", type=cli.image_size, help="image size (default: train.py's, 224)")
+    a("--batch", type=cli.integer(1), help="batch size (default: train.py's, 8)")
     a("--device", help="cuda, cpu, ... (default: cuda when available)")
     a("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth: FID and KID")
     a("--clip", help="openai/clip-vit-large-patch14 folder: CLIP score")
     a("--dims", nargs="+", type=int, default=[2048, 192, 64], choices=inception.DIMS, help="FID feature widths")
-    a("--kid-subsets", type=int, default=100)
+    a("--kid-subsets", type=cli.integer(1), default=100)
     a("--fid-sqrtm", default="eigh", choices=fid_kid.FID_SQRTM,
       help="FID's tr sqrt(S1 S2): from eigenvalues, or pytorch-fid's scipy sqrtm (fid_kid.frechet_distance)")
     a("--scheduler", choices=sampling.SCHEDULERS,
       help="sampler of the test images (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, sampling.MAX_STEPS), help="sampler steps for the test images (default 50)")
-    a("--guidance", type=cli.number(0.0), help=f"classifier-free guidance of the test images (default "
-                                               f"{sampling.GUIDANCE:g}, the paper's; --mini: {MINI['guidance']:g})")
+    a("--guidance", type=cli.guidance, help=f"classifier-free guidance of the test images, 0 to 100 (default "
+                                            f"{sampling.GUIDANCE:g}, the paper's; --mini: {MINI['guidance']:g})")
     a("--reader", help="instead of --inception and --clip: a domain reader (metrics/readback.py; --mini's default: "
                        "assets/readers/phantoms.safetensors): FID and KID on its features, and caption adherence")
-    a("--grid-prompts", type=int, default=6, help="test prompts in the real-vs-generated figure")
+    a("--grid-prompts", type=cli.integer(1), default=6, help="test prompts in the real-vs-generated figure")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true",
                       help="the whole study on the embedded tiny model and generated data, in minutes")
@@ -190,7 +193,7 @@ def generated_study(p: argparse.ArgumentParser, args: argparse.Namespace, extra:
                             for o in (key, str(value))), *extra]
     args.data = str(Path(args.out) / "data")
     if args.mini and not (args.reader or args.inception or args.clip):
-        args.reader = str(readback.ASSETS / "phantoms.safetensors")
+        args.reader = str(readback.asset("phantoms"))
     return args.generated
 
 
@@ -279,7 +282,9 @@ def train_run(args: argparse.Namespace, run: Run) -> str:
     command, status = (["--resume", str(run_dir)], "resumed") if resumable else ([*argv, "--overwrite"], "trained")
     print(f"\n== {run.name}: {'resuming' if resumable else 'training'}", flush=True)
     code = subprocess.run([sys.executable, str(ROOT / "train.py"), *command]).returncode
-    return status if code == 0 and (run_dir / "summary.json").is_file() else "failed"
+    if (run_dir / "summary.json").is_file():  # finished, here or (refused here) by the command holding its lock
+        return status if code == 0 else "done"
+    return "failed"
 
 
 # ------------------------------------------------------------------------------------------ test images and scores
@@ -408,16 +413,24 @@ def run_row(args: argparse.Namespace, run: Run, cache: dict) -> dict:
 # ------------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
-    """The study; 2 for input a user must fix (said in one line, before any run is trained)."""
+    """The study; 2 for input a user must fix (said in one line, before any run is trained). It holds OUT/lock
+    (run_folder.lock) throughout, so a second study on the same --out exits 2 at once."""
     args = parse_args(argv)
     runs = plan(args)
-    train.parser().parse_args(train_argv(args, runs[0]))  # a bad pass-through option fails now, not after hours
-    try:
-        check_runs(args, runs)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    for run in runs:  # a bad pass-through option, or a run's own one, fails now, not after hours
+        train.parser().parse_args(train_argv(args, run))
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(run_folder.lock(args.out, "reproduce.py", study=True))
+            check_runs(args, runs)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return study(args, runs)
+
+
+def study(args: argparse.Namespace, runs: list[Run]) -> int:
+    """Train, evaluate and report every run of the study (`main`, which holds the study folder's lock)."""
     if args.generated and not (Path(args.data) / "metadata.jsonl").is_file():
         phantoms.make_phantom_folder(args.data, args.generated["images"], args.generated["size"], args.data_seed)
     print(f"{len(runs)} runs: {', '.join(r.name for r in runs)}")

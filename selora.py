@@ -240,7 +240,9 @@ class SeLoRA(Controller):
     logged in `log`.
 
     max_rank: none by default, as in the paper; a layer that reaches it stops growing and is no longer tested
-    (logged once, as an event with "reached_max_rank"). A fixed capacity (train.py --compile) needs one.
+    (logged once, as an event with "reached_max_rank"). A fixed capacity (train.py --compile) needs one. A layer
+    stops so at min(d_in, d_out) in any case (`rank_cap`): there its update A B has full rank already, and an
+    adapter of more ranks would be refused where it is loaded (kohya.check_update).
     """
     expansion_test = "paper"  # which rule decides growth (methods.selora_script.ScriptSeLoRA: "script")
     exceeds = staticmethod(operator.gt)  # the threshold: a layer grows when its FI-ratio > lambda (section 3.2)
@@ -274,6 +276,8 @@ class SeLoRA(Controller):
             raise ValueError(f"max_rank must be None or an integer >= 1, got {max_rank!r}")
         super().__init__(adapters, optimizer, total_steps, reduce)
         self.lam, self.t, self.fisher, self.seed, self.max_rank = float(lam), t, fisher, seed, max_rank
+        self.rank_cap = {name: min(a.base.in_features, a.base.out_features, max_rank or math.inf)
+                         for name, a in adapters.items()}  # each layer's most ranks
         self.log: list[RankTest] = []
         self._tested_step: int | None = None
         self._candidates: dict[str, torch.Tensor] = {}  # the layers tested this step, each with its K (eq. 2)
@@ -290,14 +294,14 @@ class SeLoRA(Controller):
     def capture(self, step: int, batch_size: int) -> Iterator[None]:
         """Around the forward and backward of training step `step` (counted from 1). On a test step: a candidate K
         (eq. 2, Kaiming-uniform, drawn from (seed, step, layer), so resumed and data-parallel runs draw the same) for
-        every layer below max_rank, and a forward hook on each that keeps its input x and, once backward reaches
+        every layer below its cap (max_rank, min(d_in, d_out)), and a forward hook on each that keeps its input x and, once backward reaches
         its output, the gradient g (`_keep`). Other steps: nothing. (A second capture of the same test step, the
         script rule's second pass, keeps the candidates it has.)"""
         self.last_step = step
         if self.is_test_step(step) and step != self._tested_step:
             self._tested_step = step
             self._candidates = {name: draw_candidate(a.base.in_features, self.seed, step, name)
-                                for name, a in self.adapters.items() if self.max_rank is None or a.rank < self.max_rank}
+                                for name, a in self.adapters.items() if a.rank < self.rank_cap[name]}
         hooks = [self.adapters[name].register_forward_hook(partial(self._keep, name, batch_size))
                  for name in self._candidates] if step == self._tested_step else []
         try:
@@ -341,7 +345,7 @@ class SeLoRA(Controller):
     def step(self) -> list[dict]:
         """After optimizer.step(), on a test step: each tested layer's FI-ratio (eq. 5), and the expansion (eq. 2) of
         those above lambda, the optimizer's state resized; the tests logged in `log` and returned as dicts (and an
-        event for a layer that reaches max_rank). Other steps: nothing."""
+        event for a layer that reaches its cap, max_rank or min(d_in, d_out)). Other steps: nothing."""
         if self._tested_step is None:
             return []
         tests, events = [], []
@@ -351,7 +355,7 @@ class SeLoRA(Controller):
             if grow:
                 expand(layer, self._candidates[name], self.optimizer)  # eq. 2
             tests.append(RankTest(self._tested_step, name, original, ratio, layer.rank, grow))
-            if grow and layer.rank == self.max_rank:
+            if grow and layer.rank == self.rank_cap[name]:
                 events.append({"step": self._tested_step, "layer": name, "rank": layer.rank, "reached_max_rank": True})
         self.log += tests
         self._tested_step, self._candidates, self._scores = None, {}, {}

@@ -99,8 +99,8 @@ def parser() -> argparse.ArgumentParser:
     a("--scheduler", default="pndm", choices=SCHEDULERS,
       help="sampler of those samples (default pndm: SD 1.5's, which made the paper's images)")
     a("--sample-steps", type=cli.integer(1, MAX_STEPS), default=50, help="sampler steps for those samples (default 50)")
-    a("--guidance", type=cli.number(0.0), help="classifier-free guidance of those samples (default 7.5: "
-                                               f"StableDiffusionPipeline's; embedded default {EMBEDDED['guidance']:g})")
+    a("--guidance", type=cli.guidance, help="classifier-free guidance of those samples, 0 to 100 (default 7.5: "
+                                            f"StableDiffusionPipeline's; embedded default {EMBEDDED['guidance']:g})")
     a("--stop-after", type=cli.integer(1), help=argparse.SUPPRESS)  # tests: interrupt after this many steps
     return p
 
@@ -263,6 +263,7 @@ def start(args: argparse.Namespace) -> Training:
     run counts as started (config.json "started") only once all of it has succeeded."""
     fast = args.fast_test_step or args.compile or distributed.world_size() > 1  # SeLoRA's fast test step
     method = method_table.build(args.method, fast, **method_table.options(args.method, args))  # refuses clashes
+    check_end(args)
     device = distributed.init(args.device, args.timeout)  # under torchrun; else torch.device(args.device)
     if args.compile:
         torch_compile.check_compiler(device, args.compile_mode)
@@ -288,6 +289,7 @@ def start(args: argparse.Namespace) -> Training:
         named = adapters.load_adapters(parts, ckpt / "adapters.safetensors", method.make_adapter)[0]
     else:  # before the data, so that a --targets pattern matching nothing fails before the latents are encoded
         named = adapters.inject(parts, method.make_adapter, args.targets)
+        method_table.check_ranks(args.method, named)  # a rank the export would refuse
     fractions = {part: adapters.trainable_fraction(getattr(sd, part))[2] for part in ("unet", "text_encoder")}
     dataset, split, train_ex, val_ex = load_data(args, run, sd)
     if args.precision != "fp32":  # frozen weights in low precision; adapters (trainable) stay fp32
@@ -318,6 +320,17 @@ def start(args: argparse.Namespace) -> Training:
     if is_main:
         open_run(training, fractions, resumed_from=ckpt)
     return training
+
+
+def check_end(args: argparse.Namespace) -> None:
+    """What the end of the run needs beyond its own files, checked before step 1: the phantom reader that scores
+    the embedded default's phantoms (`phantom_scorer`), a file of the project that may be missing or damaged."""
+    if args.data is None and args.samples:
+        try:
+            readback.load_reader(readback.asset("phantoms"), "phantoms")
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{err}. The run scores its phantoms with it at the end: restore it (git checkout -- "
+                             "assets/readers), or give --samples 0") from None
 
 
 def open_run(training: Training, fractions: dict[str, float], resumed_from: Path | None) -> None:
@@ -381,7 +394,7 @@ def phantom_scorer(args: argparse.Namespace):
     real_images, _ = phantoms.drawn(SCORED["real"], args.size, SCORED["seed"])
     _, prompts = phantoms.drawn(SCORED["prompts"], args.size, SCORED["seed"] + 1)
     real = torch.stack([readback.to_tensor(im) for im in real_images])
-    reader = readback.load_reader(readback.ASSETS / "phantoms.safetensors").to(args.device)
+    reader = readback.load_reader(readback.asset("phantoms"), "phantoms").to(args.device)
     return lambda sd: eval_fid.domain_scores(sd, reader, real, prompts, args.seed, args.size, args.sample_steps,
                                              args.scheduler, args.guidance)
 
@@ -400,16 +413,21 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, OSError) as err:  # bad options, files, folders: the message names them
                 print(f"error: {err}", file=sys.stderr)
                 return 2
-            if fit(training) and training.is_main:
-                summary = finish(training)
-                run, dataset, split = training.run, training.dataset, training.split
-                del training  # the trained model's memory, before export_best loads a fresh one
-                scores = export_best(args, run, dataset, split)
-                run_folder.write_json(run / "summary.json", {**summary, "phantom_scores": scores} if scores else summary)
-                for when, v in scores.items():
-                    print(f"{when} fine-tuning: phantom-FID {v['FID-phantoms']:.2f}, KID {v['KID']:.4f}, adherence "
-                          f"{v['adherence']:.3f} ({v['images']} images of drawn phantom captions)")
-                print(f"done: {run} (best epoch {summary['best_epoch']}, total rank {summary['total_rank']})")
+            try:
+                if fit(training) and training.is_main:
+                    summary = finish(training)
+                    run, dataset, split = training.run, training.dataset, training.split
+                    del training  # the trained model's memory, before export_best loads a fresh one
+                    scores = export_best(args, run, dataset, split)
+                    run_folder.write_json(run / "summary.json",
+                                          {**summary, "phantom_scores": scores} if scores else summary)
+                    for when, v in scores.items():
+                        print(f"{when} fine-tuning: phantom-FID {v['FID-phantoms']:.2f}, KID {v['KID']:.4f}, adherence "
+                              f"{v['adherence']:.3f} ({v['images']} images of drawn phantom captions)")
+                    print(f"done: {run} (best epoch {summary['best_epoch']}, total rank {summary['total_rank']})")
+            except OSError as err:  # a full disk or a file-size limit in a log line or the export: checkpoints are whole
+                raise TrainingError(f"{err.strerror or err}: {err.filename or args.out}; the run is not finished. Make "
+                                    f"room, then finish it with --resume {args.out}") from None
             distributed.barrier()  # the other processes wait for the main one's export, then all shut down together
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -90,12 +90,12 @@ def intro(args: argparse.Namespace, runs: list, status: dict[str, str], rows: li
     if args.smoke:
         md.append("**Smoke study**: the embedded tiny SD 1.5 (pretrained on shapes) and a few generated phantoms. It shows that the "
                   "pipeline runs end to end; its numbers say nothing about the methods.\n")
-    splits = {json.dumps(splits.read_split(r["folder"] / run_folder.SPLIT)) for r in rows}
-    first = json.loads(next(iter(splits))) if splits else {}
+    found = {json.dumps(splits.read_split(r["folder"] / run_folder.SPLIT)) for r in rows}
+    first = json.loads(next(iter(found))) if found else {}
     md.append(f"Model: {args.model or 'the embedded tiny model pretrained on shapes (assets/tiny-sd)'}. Methods: {', '.join(args.methods)}; seeds "
               f"{', '.join(map(str, args.seeds))}. Every run uses the split of data seed {args.data_seed} ("
               + (", ".join(f"{len(v)} {k}" for k, v in first.items()) if first else "no finished run") + "): "
-              + ("the same in all runs, checked." if len(splits) <= 1 else "**the runs' splits differ**.")
+              + ("the same in all runs, checked." if len(found) <= 1 else "**the runs' splits differ**.")
               + f" Device {args.device}. Extra train.py options: {' '.join(args.train_options) or 'none'}.\n")
     if any(r.method == "selora" for r in runs):
         md.append(selora_rule(args, runs))

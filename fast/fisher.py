@@ -82,7 +82,7 @@ class FastSeLoRA(SeLoRA):
         if self.is_test_step(step) and step != self._tested_step:  # K, as SeLoRA.capture draws it
             self._tested_step = step
             self._candidates = {name: draw_candidate(a.base.in_features, self.seed, step, name)
-                                for name, a in self.adapters.items() if self.max_rank is None or a.rank < self.max_rank}
+                                for name, a in self.adapters.items() if a.rank < self.rank_cap[name]}
         if step != self._tested_step:
             yield
             return

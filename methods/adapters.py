@@ -421,6 +421,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike,
             # a copy of its own: load_file's tensors are views into one buffer, not 64-byte aligned, and
             # CPU matmul kernels round differently on unaligned data, so a resumed run would drift
             value = tensors[full].to(device=own.device, dtype=own.dtype, copy=True)
+            weights.check_finite(path, full, value)  # a NaN would train on (--resume) or make black images
             owner, _, leaf = key.rpartition(".")
             module = adapter.get_submodule(owner)
             if leaf in module._parameters:

@@ -96,9 +96,7 @@ def check_values(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
     """Refuse an adapter file's tensors that would make every image black or change nothing, naming the key:
     a NaN or an infinity anywhere, or an alpha (kohya) or scale (ours) that is not above 0."""
     for key, value in tensors.items():
-        if value.is_floating_point() and not value.isfinite().all():
-            raise ValueError(f"{path}: key '{key}' holds NaN or infinite values; applied, they would make every "
-                             "image black")
+        weights.check_finite(path, key, value, "; applied, they would make every image black")
         if key.rsplit(".", 1)[-1] in ("alpha", "scale") and not (value > 0).all():
             raise ValueError(f"{path}: key '{key}' is {value.flatten()[0].item()}: expected an alpha (scale) above 0 "
                              "(0 adapts nothing, a negative one reverses the update)")

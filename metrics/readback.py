@@ -110,16 +110,22 @@ def save_reader(reader: Reader, path: str | os.PathLike) -> None:
               {"domain": reader.domain, "attributes": json.dumps(reader.attributes)})
 
 
-def load_reader(path: str | os.PathLike) -> Reader:
-    """A reader saved by `save_reader`; a file that is not one is refused with a line naming it."""
+def asset(domain: str) -> Path:
+    """The committed reader of `domain`: assets/readers/<domain>.safetensors."""
+    return ASSETS / f"{domain}.safetensors"
+
+
+def load_reader(path: str | os.PathLike, domain: str | None = None) -> Reader:
+    """A reader saved by `save_reader` (of `domain` where given); a file that is not one (missing, truncated,
+    another domain's, weights that are not finite) is refused with a line naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such reader file (expected a .safetensors written by "
                                 "tools/pretrain_tiny.py, e.g. assets/readers/phantoms.safetensors)")
-    domain = load_metadata(path).get("domain")
-    if domain not in DOMAINS:
-        raise ValueError(f"{path}: not a reader file (metadata 'domain' is {domain!r}, expected one of {sorted(DOMAINS)})")
-    reader = Reader(domain)
+    found, expected = load_metadata(path).get("domain"), [domain] if domain else sorted(DOMAINS)
+    if found not in expected:
+        raise ValueError(f"{path}: not a reader file of {' or '.join(expected)} (its metadata 'domain' is {found!r})")
+    reader = Reader(found)
     return load_strict(reader, load_file(path), path).eval()
 
 

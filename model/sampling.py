@@ -29,6 +29,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 STEPS_OFFSET = 1  # SD 1.5's scheduler_config `steps_offset`
 SCHEDULERS = ("pndm", "ddim", "dpmpp2m")
 GUIDANCE = 7.5  # StableDiffusionPipeline's default, with which the paper's images were made
+MAX_GUIDANCE = 100.0  # the most the commands take: far beyond any useful scale (1e30 overflows to black images)
 MAX_STEPS = NUM_TRAIN_TIMESTEPS - 1  # 1000 "leading" steps with the offset would visit timestep 1000, past the end
 
 Eps = Callable[[torch.Tensor, int], torch.Tensor]  # the guided noise prediction eps(x, t) that a sampler steps with

@@ -149,7 +149,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 
     Readers never see a half-written file, and an existing file survives a crash mid-write. The file is
     created as open() creates one (mode 0666 less the umask), so a shared run folder stays readable to
-    whom the user's umask allows; tempfile.mkstemp would make it 0600.
+    whom the user's umask allows; tempfile.mkstemp would make it 0600. A failed write (a full disk) names `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,9 +166,31 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # write(), fsync()
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Make `folder` (and its parents) if missing and write a file into it, so that a command whose output
+    cannot go there (a read-only file system, no permission) stops before its work, naming `what`."""
+    folder = Path(folder)
+    probe = folder / f".write-test.{secrets.token_hex(6)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{what}: cannot write there ({err.strerror or err}: {err.filename or folder})") from None
+
+
+def check_finite(source: str | os.PathLike, key: str, tensor: torch.Tensor, consequence: str = "") -> None:
+    """Refuse a floating tensor that holds a NaN or an infinity, naming its file and key, where weights are
+    loaded: one NaN weight makes every output NaN (black images, a NaN loss at the first step)."""
+    if tensor.is_floating_point() and not tensor.isfinite().all():
+        raise ValueError(f"{source}: key '{key}' holds NaN or infinite values{consequence}")
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -275,7 +297,8 @@ def resolve_component(path: str | os.PathLike, subfolder: str, filenames: tuple[
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
                 dtype: torch.dtype | None = None, hint: str = "") -> torch.nn.Module:
-    """Copy `state` into `module`, refusing missing keys, unexpected keys and shape mismatches.
+    """Copy `state` into `module`, refusing missing keys, unexpected keys, shape mismatches and values that are
+    not finite (`check_finite`).
 
     Floating tensors are cast to `dtype` (default: the module's own dtype, fp32 unless changed),
     so an fp16 file loads into an fp32 model unless asked otherwise. `hint` ends the error message (e.g.
@@ -300,4 +323,5 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
     with torch.no_grad():
         for name, target in own.items():
             target.copy_(state[name])  # copy_ casts, e.g. fp16 file -> fp32 model
+            check_finite(source, name, target, f" (as {target.dtype}); {type(module).__name__} would compute NaN")
     return module

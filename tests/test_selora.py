@@ -220,6 +220,8 @@ def test_ratio_by_hand_on_a_two_layer_toy():
     expected = {n: (o + c) / o for n, (o, c) in fisher.items()}
     x, y = torch.tensor(xs, dtype=torch.float64)[:, None], torch.tensor(ts, dtype=torch.float64)[:, None]
     control = SeLoRA(ads, lam=1e9, t=1)
+    assert control.rank_cap == {"0": 1, "1": 1}  # 1 x 1 layers are at full rank: a run never tests them ...
+    control.rank_cap = {"0": 2, "1": 2}  # ... here they are, so that the scalar sums above check eq. 3-5 by hand
     with control.capture(1, batch_size=3):
         per_sample_mse(model, x, y).mean().backward()
     control.after_backward()

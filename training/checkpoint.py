@@ -103,11 +103,17 @@ def non_finite(named: dict[str, adapters.Adapter], what: str, grad: bool = False
     return f"{what} {first} non-finite" if what.endswith("made") else f"{what} {first} is not finite"
 
 
-def stopped_at(run: Path, step: int, what: str) -> str:
+def stopped_at(run: Path, step: int, what: str, trained: bool = True) -> str:
     """The message of a run stopped at a step that is not finite (`non_finite`), before anything of that step was
-    written: it names the last checkpoint, which holds only finite values, and what resuming from it does."""
+    written: it names the last checkpoint, which holds only finite values, and what resuming from it does.
+    trained: whether any update came before (not so at step 1's loss and gradient: then the base model with its
+    fresh adapters gives the non-finite value, and the learning rate plays no part)."""
     last = run_folder.last_checkpoint(run)
-    if last is None:
+    if not trained:
+        after = ("No update was taken yet, so the learning rate plays no part: the model gives it on its first batch "
+                 "(its weights overflow in the forward or backward pass, or at --precision fp16 / bf16); check the "
+                 "base model (--model), or train at --precision fp32")
+    elif last is None:
         after = "No checkpoint was written yet: start again with a lower --lr (or --precision fp32)"
     else:
         at = weights.load_metadata(last / "adapters.safetensors").get("step", "?")

@@ -1,6 +1,6 @@
 """What the command lines (train.py, sample.py, eval_fid.py, reproduce.py) share: option types that refuse
 out-of-range values when the command line is parsed, with the option's name and the allowed range, so no
-long work starts on input that can only fail later.
+long work starts on input that can only fail later; and text that must be UTF-8 (`utf8`, `read_text`: a prompt).
 
 argparse reports a refused value as "argument --batch: must be >= 1, got 0" and exits with status 2, the
 status every command uses for input a user must fix.
@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 import torch
+
+from model.sampling import MAX_GUIDANCE
 
 SEEDS = 2 ** 32  # seeds are 0 .. 2^32 - 1
 
@@ -34,18 +38,46 @@ def integer(low: int, high: int | None = None):
     return parse
 
 
-def number(low: float, inclusive: bool = True):
-    """An argparse type: a finite float >= low (> low when not inclusive)."""
+def number(low: float, inclusive: bool = True, high: float | None = None):
+    """An argparse type: a finite float >= low (> low when not inclusive), and <= high where given."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                                             f"got {text}")
+        if (not math.isfinite(value) or value < low or (value == low and not inclusive)
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {low:g}"
+                                             + (f" and <= {high:g}" if high is not None else "") + f", got {text}")
         return value
     return parse
+
+
+# classifier-free guidance: beyond MAX_GUIDANCE the guided noise estimate overflows into black images
+guidance = number(0.0, high=MAX_GUIDANCE)
+
+
+def utf8(text: str) -> str:
+    """An argparse type: text that is UTF-8. Python keeps a command-line byte that is not UTF-8 as a lone
+    surrogate (PEP 383), which fails only later, when the text is encoded; refused here with its byte offset."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        offset, char = len(text[:err.start].encode("utf-8")), ord(text[err.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: {what} at byte offset {offset}") from None
+    return text
+
+
+def read_text(path: str | os.PathLike, option: str) -> str:
+    """A UTF-8 text file given as `option` (e.g. a --prompts file); one that is not UTF-8 is refused naming the
+    option, the file and the offset of its first byte that is not."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{option} {path}: not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset "
+                         f"{err.start}") from None
 
 
 def image_size(text: str) -> int:

@@ -103,21 +103,22 @@ class Entry:
     over_total_steps: bool = False  # the controller lays its schedule out over the run's total steps
     compiled_max_rank: int | None = None  # max_rank of a compiled run that sets none (its factors' capacity)
     param_options: tuple[str, ...] = ()  # OPTIONS that param_groups reads (LoRA^2's --rate-lr)
+    rank_option: str | None = None  # the OPTIONS dest of the rank a layer starts at (None: SeLoRA's, 1)
     # what a run is told at its start about option values that make the method something else (SeLoRA's --t)
     notes: Callable[[argparse.Namespace, int], list[str]] = lambda options, total_steps: []
 
 
 TABLE: dict[str, Entry] = {
-    "lora": Entry(LoRALinear, Controller, {"r": "rank"}),
+    "lora": Entry(LoRALinear, Controller, {"r": "rank"}, rank_option="rank"),
     "selora": Entry(SeLoRALinear, SeLoRA, {"lam": "lam", "t": "t", "fisher": "fisher", "seed": "seed",
                                            "max_rank": "max_rank", "expansion_test": "expansion_test"},
                     adaptive=True, compiled_max_rank=16, notes=_selora_notes),
-    "dylora": Entry(DyLoRALinear, DyLoRA, {"r": "rank", "mode": "dylora_mode", "seed": "seed"}),
+    "dylora": Entry(DyLoRALinear, DyLoRA, {"r": "rank", "mode": "dylora_mode", "seed": "seed"}, rank_option="rank"),
     "adalora": Entry(AdaLoRALinear, AdaLoRA, {"init_r": "init_r", "target_r": "target_r"}, check=_check_adalora,
-                     adaptive=True, over_total_steps=True),
+                     adaptive=True, over_total_steps=True, rank_option="init_r"),
     "lora2": Entry(LoRA2Linear, LoRA2, {"rank": "rank", "seed": "seed", "max_rank": "max_rank"},
                    param_groups=lambda adapters, lr, options: lora2.param_groups(adapters, lr, options.rate_lr),
-                   check=_check_lora2, adaptive=True, param_options=("rate_lr",)),
+                   check=_check_lora2, adaptive=True, param_options=("rate_lr",), rank_option="rank"),
 }
 METHODS = tuple(TABLE)
 
@@ -197,6 +198,21 @@ def not_taken(name: str, dests) -> list[str]:
 def notes(name: str, args: argparse.Namespace, total_steps: int) -> list[str]:
     """Lines a run of method `name` prints at its start: option values that silently make it another method."""
     return TABLE[name].notes(args, total_steps)
+
+
+def check_ranks(name: str, adapters: dict[str, Adapter]) -> None:
+    """Refuse, at the start of a new run of method `name`, a rank above an adapted layer's min(d_in, d_out),
+    naming the narrowest layer: the update A B of a d_in x d_out layer has at most that many ranks, so more
+    add nothing, and the run's own adapter file would be refused where it is loaded (kohya.check_update)."""
+    def width(adapter: Adapter) -> int:
+        return min(adapter.base.in_features, adapter.base.out_features)
+    above = [(layer, adapter) for layer, adapter in adapters.items() if adapter.rank > width(adapter)]
+    if above:
+        layer, narrowest = min(above, key=lambda item: width(item[1]))
+        option = cli.flag(TABLE[name].rank_option or "rank")
+        raise ValueError(f"{option} {narrowest.rank}: above the width of the adapted layer '{layer}', min(d_in, d_out) "
+                         f"= {width(narrowest)}, the most ranks its update can have; give {option} "
+                         f"{width(narrowest)} or less, or --targets without the narrower layers")
 
 
 def param_groups(name: str, adapters: dict[str, Adapter], lr: float, args: argparse.Namespace) -> list:

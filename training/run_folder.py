@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -43,6 +44,9 @@ SPLIT = "split.json"
 LOG = "log.jsonl"
 CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 LOCK = "lock"
+# the lock's own files beside it, each there only for a moment (`lock`): one a kill left never makes a folder foreign
+LOCK_FILES = re.compile(rf"{LOCK}|\.{LOCK}\.[0-9a-f]{{16}}|\.{LOCK}\.[0-9a-f]{{12}}\.stale")
+MAX_PID = 2 ** 31 - 1  # pids are positive 32-bit integers (pid_t)
 FIGURES = ("loss.png", "rank_growth.png", "memory.png", "rank_unet.png", "rank_text_encoder.png")
 MADE = (CONFIG, SPLIT, LOG, CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD, "summary.json", "best.safetensors",
         "last.safetensors", "best.kohya.safetensors", *FIGURES, "previews", "phantoms", "samples", "real",
@@ -214,7 +218,7 @@ def clear(run: Path) -> list[str]:
     entries, which are kept. The lock (held by the caller) stays."""
     kept = []
     for entry in sorted(run.iterdir()):
-        if entry.name == LOCK:
+        if LOCK_FILES.fullmatch(entry.name):
             continue
         if entry.name not in MADE:
             kept.append(entry.name)
@@ -225,11 +229,16 @@ def clear(run: Path) -> list[str]:
     return kept
 
 
+def _holds_more_than_a_lock(run: Path) -> bool:
+    """Whether `run` is a folder holding anything but the lock's own files (LOCK_FILES)."""
+    return run.is_dir() and any(not LOCK_FILES.fullmatch(e.name) for e in run.iterdir())
+
+
 def _check_may_write(run: Path) -> None:
     """Refuse a --out that is a file, or a non-empty folder train.py did not make."""
     if run.exists() and not run.is_dir():
         raise RunFolderError(f"--out {run}: is a file, not a folder")
-    if run.is_dir() and any(e.name != LOCK for e in run.iterdir()) and not is_run_folder(run):
+    if _holds_more_than_a_lock(run) and not is_run_folder(run):
         raise RunFolderError(f"--out {run}: the folder exists and is not a run folder (no {CONFIG} written by "
                              "train.py); --overwrite replaces only run folders: choose another --out")
 
@@ -239,7 +248,7 @@ def prepare(out: str | os.PathLike, overwrite: bool) -> Path:
     --overwrite a run folder. Anything else is refused with the reason."""
     run = Path(out)
     _check_may_write(run)
-    if run.is_dir() and any(e.name != LOCK for e in run.iterdir()):
+    if _holds_more_than_a_lock(run):
         fresh = not started(read_config(run))
         if not (fresh or overwrite):
             raise RunFolderError(f"--out {run}: run folder exists; give --overwrite to replace it or "
@@ -261,8 +270,11 @@ def _holder(path: Path) -> dict | None:
         return None
     except (UnicodeDecodeError, json.JSONDecodeError):
         holder = None
-    if not (isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)):
-        raise RunFolderError(f"{path}: a lock file that is not one this project wrote; if no command is using "
+    ours = isinstance(holder, dict) and isinstance(holder.get("host"), str)
+    pid = holder.get("pid") if ours else None
+    if not (type(pid) is int and 0 < pid <= MAX_PID):  # else os.kill would overflow, or signal a process group
+        why = f" (pid {pid!r}: a process id is an integer from 1 to {MAX_PID})" if ours else ""
+        raise RunFolderError(f"{path}: a lock file that is not one this project wrote{why}; if no command is using "
                              f"{path.parent}, remove {path}")
     return holder
 
@@ -297,24 +309,27 @@ def _take_over(path: Path, holder: dict) -> None:
 
 
 @contextlib.contextmanager
-def lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
+def lock(out: str | os.PathLike, command: str, study: bool = False) -> Iterator[Path]:
     """Hold RUN/lock while `command` writes into the run folder (made if missing). A second writer is refused
     naming the holder's pid and host; a lock whose process has ended on this machine is taken over, with a line.
+    study: the folder is reproduce.py's study folder, not a run folder (which must be new, empty or train.py's).
+    A lock that cannot be written (a full disk) is refused naming it, and a refused command leaves nothing.
 
     The lock file is written whole beside RUN/lock and hard-linked to that name: link() fails when the name
     exists, atomically, on local file systems and on NFS (the usual NFS-safe lock file; a link whose reply was
     lost is confirmed by the link count). The process of a lock held on another machine cannot be checked: if
     that machine stopped, remove RUN/lock by hand, as the refusal says."""
     run = Path(out)
-    _check_may_write(run)
+    if not study:
+        _check_may_write(run)
     made = [folder for folder in (run, *run.parents) if not folder.exists()]  # removed again if left empty
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "token": secrets.token_hex(8)}
     mine = run / f".{LOCK}.{me['token']}"
-    mine.write_text(json.dumps(me), encoding="utf-8")
     try:
         try:
+            _write_lock_file(mine, me)
             while True:
                 try:
                     os.link(mine, path)
@@ -334,7 +349,7 @@ def lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
                                          f"end. If that process has stopped, remove {path}")
                 _take_over(path, holder)
         finally:
-            mine.unlink()
+            mine.unlink(missing_ok=True)
     except BaseException:
         _remove_empty(made)
         raise
@@ -345,6 +360,15 @@ def lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
             if _holder(path) == me:
                 path.unlink()
         _remove_empty(made)
+
+
+def _write_lock_file(path: Path, me: dict) -> None:
+    """The lock's content, written whole before it is linked into place; a full disk is named here."""
+    try:
+        path.write_text(json.dumps(me), encoding="utf-8")
+    except OSError as err:
+        raise RunFolderError(f"{path.parent}: cannot write its lock file {path} ({err.strerror or err}); make room "
+                             "there, or choose another folder") from None
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -94,7 +94,7 @@ def fit(training: Training) -> bool:
                 bad = None if math.isfinite(loss) else f"the loss is {loss}"
                 bad = bad or checkpoint.non_finite(training.named, "the gradient of", grad=True)
                 if bad:
-                    raise TrainingError(checkpoint.stopped_at(training.run, step, bad))
+                    raise TrainingError(checkpoint.stopped_at(training.run, step, bad, trained=step > 1))
                 training.optimizer.step()
                 if training.controller.second_pass(step):  # SeLoRA --expansion-test script
                     diffusion.second_pass(training.sd, batch, step, training.controller, training.params, training.autocast)
