@@ -294,9 +294,9 @@ class SeLoRA(Controller):
     def capture(self, step: int, batch_size: int) -> Iterator[None]:
         """Around the forward and backward of training step `step` (counted from 1). On a test step: a candidate K
         (eq. 2, Kaiming-uniform, drawn from (seed, step, layer), so resumed and data-parallel runs draw the same) for
-        every layer below its cap (max_rank, min(d_in, d_out)), and a forward hook on each that keeps its input x and, once backward reaches
-        its output, the gradient g (`_keep`). Other steps: nothing. (A second capture of the same test step, the
-        script rule's second pass, keeps the candidates it has.)"""
+        every layer below its cap (`rank_cap`), and a forward hook on each that keeps its input x and, once backward
+        reaches its output, the gradient g (`_keep`). Other steps: nothing. (A second capture of the same test step,
+        the script rule's second pass, keeps the candidates it has.)"""
         self.last_step = step
         if self.is_test_step(step) and step != self._tested_step:
             self._tested_step = step
@@ -334,8 +334,9 @@ class SeLoRA(Controller):
             if not calls:
                 continue
             layer = self.adapters[name]
-            b = calls[0][0].shape[0]  # a layer called twice in the forward: the tokens of both calls
-            x, g = (torch.cat([t.reshape(b, -1, t.shape[-1]).to(layer.A.dtype) for t in part], 1) for part in zip(*calls))
+            b = calls[0][0].shape[0]
+            x, g = (torch.cat([t.reshape(b, -1, t.shape[-1]).to(layer.A.dtype) for t in part], 1)  # [b, n, d]
+                    for part in zip(*calls))  # a layer called twice in the forward: the tokens of both calls
             # b g: each sample's own gradient (the module's docstring)
             grad_A, grad_B, grad_new = per_sample_grads(x, b * g, layer.A, layer.B, K.to(layer.A), layer.scale)
             original = fisher_score([grad_A, grad_B], self.fisher)  # eq. 3-4
