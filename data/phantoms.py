@@ -63,9 +63,10 @@ def random_attributes(rng: np.random.Generator) -> dict[str, str]:
     return attrs if lobe == "no opacity" else {**attrs, "size": ATTRIBUTES["size"][rng.integers(2)]}
 
 
-def draw(rng: np.random.Generator, size: int, attrs: dict[str, str]) -> Image.Image:
+def draw(rng: np.random.Generator, size: int, attrs: dict[str, str], noise: float = 6.0) -> Image.Image:
     """One greyscale chest-like phantom: body (wider shoulders for a male, breast shadows for a female), two
-    dark lungs, spine, ribs, heart; the opacity and the pacemaker (a bright box, its lead to the heart) as named."""
+    dark lungs, spine, ribs, heart; the opacity and the pacemaker (a bright box, its lead to the heart) as named;
+    film noise of std `noise` grey levels (0: the noiseless drawing, from the same random draws)."""
     s = size / 64  # all geometry in a 64 px frame
     im = Image.new("L", (size, size), 20)
     d = ImageDraw.Draw(im)
@@ -93,8 +94,8 @@ def draw(rng: np.random.Generator, size: int, attrs: dict[str, str]) -> Image.Im
         d.line([x + 2 * s, y + 4 * s, 36 * s, 14 * s, 35 * s, 44 * s], fill=245, width=max(1, round(s)))  # lead
         d.rectangle([x, y, x + 7 * s, y + 5 * s], fill=250)                                    # generator
     im = im.filter(ImageFilter.GaussianBlur(0.8 * s))
-    noise = rng.normal(0, 6, (size, size))
-    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    grain = rng.normal(0, 1, (size, size)) * noise
+    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
 
 
 def draw_phantom(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:

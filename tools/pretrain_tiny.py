@@ -92,29 +92,62 @@ def learn_bpe(words: Counter, max_merges: int = 400) -> tuple[dict[str, int], li
 
 # ---------------------------------------------------------------- 2. VAE
 
+def ground(rng: np.random.Generator, size: int, colour) -> np.ndarray:
+    """A flat, linear-gradient or radial-gradient background between two random colours, (size, size, 3)."""
+    c0, c1 = np.array(colour(), dtype=np.float64), np.array(colour(), dtype=np.float64)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    kind = rng.integers(3)
+    if kind == 0:
+        t = np.zeros((size, size))
+    elif kind == 1:
+        angle = rng.uniform(0, 2 * np.pi)
+        t = xx * np.cos(angle) + yy * np.sin(angle)
+        t = (t - t.min()) / (np.ptp(t) + 1e-9)
+    else:
+        cx, cy = rng.uniform(0, 1, 2)
+        t = np.clip(np.hypot(xx - cx, yy - cy) / rng.uniform(0.3, 1.0), 0, 1)
+    return c0 + (c1 - c0) * t[..., None]
+
+
 def collage(rng: np.random.Generator, size: int) -> Image.Image:
-    """A generic image: a few ellipses, boxes and lines of random grey or colour on a random ground, maybe
-    blurred and noised; what a VAE of natural images has seen plenty of, no phantom among them."""
+    """A generic image: on a flat or graded ground, a few filled ellipses and boxes, thin lines, arcs and rings,
+    and patches of parallel lines or arcs (gratings of 2-6 px period); maybe blurred and noised. What a VAE of
+    natural images has seen plenty of (edges, thin structure, gradients, texture), no phantom among them."""
     grey = rng.random() < 0.5
     def colour():
         return (int(rng.integers(256)),) * 3 if grey else tuple(int(c) for c in rng.integers(0, 256, 3))
-    im = Image.new("RGB", (size, size), colour())
+    im = Image.fromarray(ground(rng, size, colour).astype(np.uint8))
     d = ImageDraw.Draw(im)
-    for _ in range(rng.integers(1, 8)):
-        box = sorted(rng.uniform(-0.2, 1.2, 2) * size), sorted(rng.uniform(-0.2, 1.2, 2) * size)
-        xy = [box[0][0], box[1][0], box[0][1], box[1][1]]
-        kind = rng.integers(3)
+    for _ in range(rng.integers(1, 9)):
+        xs, ys = sorted(rng.uniform(-0.2, 1.2, 2) * size), sorted(rng.uniform(-0.2, 1.2, 2) * size)
+        xy = [xs[0], ys[0], xs[1], ys[1]]
+        kind, width = rng.integers(6), int(rng.integers(1, 3))
         if kind == 0:
             d.ellipse(xy, fill=colour())
         elif kind == 1:
             d.rectangle(xy, fill=colour())
-        else:
-            d.line(xy, fill=colour(), width=int(rng.integers(1, 4)))
-    a = np.asarray(im, dtype=np.float64)
+        elif kind == 2:
+            d.line(list(rng.uniform(-0.1, 1.1, 4) * size), fill=colour(), width=width)
+        elif kind == 3:
+            d.arc(xy, *sorted(rng.uniform(0, 360, 2)), fill=colour(), width=width)
+        elif kind == 4:
+            d.ellipse(xy, outline=colour(), width=width)
+        else:  # a grating: parallel lines, or stacked arcs, 2 to 6 px apart
+            period, fill, arcs = rng.uniform(2, 6) * size / 32, colour(), rng.random() < 0.5
+            for y in np.arange(ys[0], ys[1], period):
+                if arcs:
+                    d.arc([xs[0], y - period, xs[1], y + 2 * period], 200, 340, fill=fill, width=1)
+                else:
+                    d.line([xs[0], y, xs[1], y], fill=fill, width=1)
     if rng.random() < 0.5:
-        a = np.asarray(im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5))), dtype=np.float64)
-    a = a + rng.normal(0, rng.uniform(0, 10), a.shape)
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    a = np.asarray(im, dtype=np.float64)
+    a = a + rng.normal(0, rng.uniform(0, 10), (size, size, 1 if grey else 3))  # grey images keep grey noise
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
 def train_vae(steps: int, batch: int, seed: int, log) -> tuple[VAE, list[float]]:
@@ -125,20 +158,21 @@ def train_vae(steps: int, batch: int, seed: int, log) -> tuple[VAE, list[float]]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=max(steps, 1))
     losses = []
     for step in range(steps):
-        ims = [collage(rng, SIZE) if rng.random() < 0.5 else shapes.draw(rng, SIZE, shapes.random_attributes(rng))
+        ims = [collage(rng, SIZE) if rng.random() < 0.75 else shapes.draw(rng, SIZE, shapes.random_attributes(rng))
                for _ in range(batch)]
         x = torch.stack([readback.to_tensor(im) for im in ims])
         mean, logvar = vae.encode(x)
         recon = vae.decode(mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = F.mse_loss(recon, x) + 1e-6 * kl
+        detail = sum(F.l1_loss(a, b) for a, b in zip(edges(recon), edges(x)))  # thin lines and texture
+        loss = F.mse_loss(recon, x) + 0.5 * detail + 1e-6 * kl
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
-            log(f"vae: step {step}, reconstruction + KL {loss.item():.5f}")
+            log(f"vae: step {step}, reconstruction + detail + KL {loss.item():.5f}")
     return vae.eval(), losses
 
 
@@ -154,6 +188,42 @@ def rescale_latents(vae: VAE, images: torch.Tensor) -> float:
     vae.quant_conv.bias[z:] += 2 * np.log(c)
     vae.post_quant_conv.weight /= c
     return c
+
+
+def high_pass(images: torch.Tensor) -> torch.Tensor:
+    """The grey level minus its 3x3 box mean: the detail (ribs, edges) a round trip must keep."""
+    grey = images.mean(dim=1, keepdim=True)
+    return grey - F.avg_pool2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
+@torch.no_grad()
+def round_trip(vae: VAE, reader: readback.Reader, n: int = 256, seed: int = 99) -> tuple[dict, torch.Tensor]:
+    """Real phantoms through the VAE (encode's mean, decode), as the fine-tuned model can at best draw them:
+    - adherence of the originals and of the round trips, read by the phantoms reader;
+    - detail: the correlation of the high-passed image with the noiseless drawing's (the same geometry drawn
+      with noise 0), for the originals and for the round trips: ribs lost give a low figure;
+    - tint: the mean spread between the colour channels, in grey levels (the originals have none).
+    Returns the figures and a (2n, 3, H, W) stack, the originals then their round trips, for the figure."""
+    rng = np.random.default_rng(seed)
+    noisy, clean, prompts = [], [], []
+    for _ in range(n):
+        attrs, state = phantoms.random_attributes(rng), rng.bit_generator.state
+        clean.append(readback.to_tensor(phantoms.draw(rng, SIZE, attrs, noise=0.0)))
+        rng.bit_generator.state = state
+        noisy.append(readback.to_tensor(phantoms.draw(rng, SIZE, attrs)))
+        prompts.append(phantoms.caption(attrs))
+    x, clean = torch.stack(noisy), torch.stack(clean)
+    y = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
+    def detail(images):
+        return float(torch.corrcoef(torch.stack([high_pass(images).flatten(), high_pass(clean).flatten()]))[0, 1])
+    figures = {"images": n, "size": SIZE,
+               "adherence": {"originals": readback.adherence(reader, x, prompts)["adherence"],
+                             "round_trip": readback.adherence(reader, y, prompts)["adherence"]},
+               "detail_correlation": {"originals": detail(x), "round_trip": detail(y)},
+               "tint_grey_levels": {"originals": 0.0,
+                                    "round_trip": float((y.amax(1) - y.amin(1)).mean() * 127.5)},
+               "mse": float(F.mse_loss(y, x))}
+    return figures, torch.cat([x[:16], y[:16]])
 
 
 # ---------------------------------------------------------------- 3. UNet and text encoder
@@ -223,19 +293,29 @@ def check(sd: SD15, reader: readback.Reader, per_combination: int, seed: int) ->
              "sampler": "pndm, 50 steps, guidance 7.5", "size": SIZE}, images, prompts)
 
 
-def figure(losses: dict[str, list[float]], images: torch.Tensor, path: Path) -> None:
+def figure(losses: dict[str, list[float]], trip: torch.Tensor, images: torch.Tensor, path: Path) -> None:
+    """Loss curves; 16 real phantoms above their VAE round trips; the check's images. Pixels shown 4x (nearest)."""
     smooth = {name: (list(range(0, len(v), 20)), [float(np.mean(v[i:i + 20])) for i in range(0, len(v), 20)])
               for name, v in losses.items()}
     curves = [plots.line_plot({name: series}, title=f"{name} loss", xlabel="step", ylabel="loss")
               for name, series in smooth.items()]
-    grid = plots.grid([plots.to_pil(im).resize((64, 64), Image.NEAREST) for im in images], columns=16)
-    width = max(grid.width, sum(c.width for c in curves))
-    out = Image.new("RGB", (width, max(c.height for c in curves) + grid.height + 10), "white")
+    def big(stack):
+        return [plots.to_pil(im).resize((4 * SIZE, 4 * SIZE), Image.NEAREST) for im in stack]
+    panels = [("real phantoms (above) and their VAE round trips (below)", plots.grid(big(trip), columns=16)),
+              ("the check: 8 images of each held-out shapes caption, one caption per half row", plots.grid(big(images), columns=16))]
+    fnt = plots.font(16)
+    width = max(sum(c.width for c in curves), *(p.width for _, p in panels))
+    height = max(c.height for c in curves) + sum(p.height + 30 for _, p in panels)
+    out = Image.new("RGB", (width, height), "white")
     x = 0
     for c in curves:
         out.paste(c, (x, 0))
         x += c.width
-    out.paste(grid, (0, max(c.height for c in curves) + 10))
+    y = max(c.height for c in curves)
+    for title, panel in panels:
+        ImageDraw.Draw(out).text((4, y + 6), title, fill="black", font=fnt)
+        out.paste(panel, (0, y + 30))
+        y += panel.height + 30
     plots.save_png(out, path)
 
 
@@ -246,7 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--figure", default="docs/tiny-sd.png", help="loss curves and the check's images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=16000, help="base-domain training images")
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--reader-steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
@@ -265,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # tiny weights and gradients as denormals slow a CPU several times over
     out, readers = Path(args.out), Path(args.readers)
     started, timings = time.time(), {}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     def log(msg):
         print(f"[{time.time() - started:7.1f} s] {msg}", flush=True)
 
@@ -272,14 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer(vocab, merges, source="learned BPE")
     log(f"tokenizer: {len(merges)} merges, {len(vocab)} ids")
 
+    readers.mkdir(parents=True, exist_ok=True)
+    for i, domain in enumerate(readback.DOMAINS):
+        reader = readback.train_reader(domain, args.reader_steps, seed=args.seed + 4 + i, log=log)
+        readback.save_reader(reader, readers / f"{domain}.safetensors")
+    timings["readers_s"] = round(time.time() - started, 1)
+
     vae, vae_losses = train_vae(args.vae_steps, args.batch, args.seed, log)
     images, captions = base_data(args.images, args.seed + 1)
     scale = rescale_latents(vae, images[:512])
     with torch.no_grad():
         posterior = [vae.encode(images[i:i + 256]) for i in range(0, len(images), 256)]
     mean, logvar = torch.cat([m for m, _ in posterior]), torch.cat([lv for _, lv in posterior])
-    timings["vae_s"] = round(time.time() - started, 1)
-    log(f"vae: latents rescaled by {scale:.4f}; {len(images)} base images encoded")
+    trip, trip_images = round_trip(vae, readback.load_reader(readers / "phantoms.safetensors"))
+    timings["vae_s"] = round(time.time() - started - timings["readers_s"], 1)
+    log(f"vae: latents rescaled by {scale:.4f}; {len(images)} base images encoded; phantoms' round trip {trip}")
 
     torch.manual_seed(args.seed + 2)
     text_config = CLIPTextConfig(**{**TEXT.__dict__, "vocab_size": len(vocab), "eos_token_id": tokenizer.end_id})
@@ -287,27 +375,20 @@ def main(argv: list[str] | None = None) -> int:
     ids = tokenizer.encode(captions)[0]
     diff_losses, sd.unet, sd.text_encoder = train_diffusion(sd, mean, logvar, ids, args.unet_steps, args.batch,
                                                             args.seed + 3, log)
-    timings["diffusion_s"] = round(time.time() - started - timings["vae_s"], 1)
-
-    readers.mkdir(parents=True, exist_ok=True)
-    for i, domain in enumerate(readback.DOMAINS):
-        reader = readback.train_reader(domain, args.reader_steps, seed=args.seed + 4 + i, log=log)
-        readback.save_reader(reader, readers / f"{domain}.safetensors")
-    timings["readers_s"] = round(time.time() - started - timings["vae_s"] - timings["diffusion_s"], 1)
+    timings["diffusion_s"] = round(time.time() - started - timings["vae_s"] - timings["readers_s"], 1)
 
     result, check_images, _ = check(sd, readback.load_reader(readers / "shapes.safetensors"), args.check_images, args.seed)
     log(f"check: adherence on held-out captions {result['generated']['adherence']:.3f} "
         f"(drawn images: {result['drawn']['adherence']:.3f}); per attribute {result['generated']['per_attribute']}")
     save_sd15(sd, out, merges)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"command": "python tools/pretrain_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": commit, "seed": args.seed, "threads": args.threads, "native_size": SIZE,
               "options": vars(args), "timings": {**timings, "total_s": round(time.time() - started, 1)},
-              "latent_rescale": scale, "check": result,
+              "latent_rescale": scale, "vae_round_trip": trip, "check": result,
               "loss_every_50_steps": {"vae": [float(np.mean(vae_losses[i:i + 50])) for i in range(0, len(vae_losses), 50)],
                                       "diffusion": [float(np.mean(diff_losses[i:i + 50])) for i in range(0, len(diff_losses), 50)]}}
     (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
-    figure({"VAE": vae_losses, "diffusion": diff_losses}, check_images, Path(args.figure))
+    figure({"VAE": vae_losses, "diffusion": diff_losses}, trip_images, check_images, Path(args.figure))
     log(f"wrote {out}, {readers} and {args.figure}")
     return 0
 
