@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from metrics import clip_image, inception, readback
+from metrics import clip_image, inception, intervals, readback
 from metrics.fid_kid import FID_SQRTM, fid_kid
 from model import clip_tokenizer, sampling
 from model.sd15 import generate
@@ -119,29 +119,74 @@ def inception_features(model: inception.InceptionV3, files: list[Path], dims: tu
 @torch.no_grad()
 def reader_features(reader: readback.Reader, files: list[Path], batch_size: int = 50,
                     device: str | torch.device = "cpu", desc: str = "reader") -> tuple[dict[str, np.ndarray], torch.Tensor]:
-    """({domain: (n, 64) float64 array} of a reader's penultimate features (metrics/readback.py), and the images
+    """({domain: (n, 64) float64 array} of a reader's bounded features (metrics/readback.py), and the images
     as read, for adherence."""
     images = torch.stack([readback.to_tensor(read_image(f).resize((readback.SIZE, readback.SIZE), Image.BICUBIC))
-                          for _, chunk in batches(files, batch_size, desc) for f in chunk])
-    feats = torch.cat([reader.features(images[i:i + batch_size].to(device)).double().cpu()
-                       for i in range(0, len(images), batch_size)])
-    return {reader.domain: feats.numpy()}, images
+                          for _, chunk in batches(files, batch_size, desc) for f in chunk]).to(device)
+    return {reader.domain: features_of(reader, images, batch_size)}, images
 
 
-# ---------------------------------------------------------------- a model's domain scores
+@torch.no_grad()
+def features_of(reader: readback.Reader, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """(n, 64) float64 bounded features of images (n, 3, H, W) in [-1, 1] on the reader's device."""
+    return torch.cat([reader.features(images[i:i + batch_size]).double().cpu()
+                      for i in range(0, len(images), batch_size)]).numpy()
+
+
+# ---------------------------------------------------------------- a reader's scores, with intervals
+
+def reader_scores(reader: readback.Reader, real: np.ndarray, fake: np.ndarray, images: torch.Tensor | None,
+                  prompts: list[str] | None, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict:
+    """FID and KID on a reader's bounded features (real and fake, (n, 64)), and the fake images' caption adherence
+    per attribute where prompts are given; each with its bootstrap 95% interval (metrics/intervals.py)."""
+    report = fid_kid({reader.domain: real}, {reader.domain: fake}, kid_subsets, kid_subset_size, seed)
+    report["intervals"] = {f"FID-{reader.domain}": intervals.fid_interval(real, fake, seed=seed),
+                           "KID": intervals.kid_interval(real, fake, seed=seed)}
+    if prompts:
+        report["adherence"] = readback.adherence(reader, images, prompts, seed=seed)
+    return report
+
 
 @torch.no_grad()
 def domain_scores(sd, reader: readback.Reader, real: torch.Tensor, prompts: list[str], seed: int, size: int,
                   steps: int = 50, scheduler: str = "pndm", guidance: float = sampling.GUIDANCE) -> dict:
-    """Phantom-FID, KID and caption adherence of `sd`'s images of `prompts` against `real` images (N, 3, H, W)
-    in [-1, 1], all by `reader` (metrics/readback.py): what train.py reports for the embedded default before and after
-    fine-tuning."""
-    images = generate(sd, prompts, steps, guidance, seed=seed, size=size, batch=32, progress=False, scheduler=scheduler)
-    feats = [{reader.domain: reader.features(x.to(sd.device)).double().cpu().numpy()} for x in (real, images)]
-    scores = fid_kid(*feats, kid_subsets=100, kid_subset_size=1000, seed=seed)
-    return {f"FID-{reader.domain}": scores["fid"][reader.domain], "KID": scores["kid"]["mean"],
-            "adherence": readback.adherence(reader, images.to(sd.device), prompts)["adherence"],
-            "images": len(prompts), "real_images": len(real)}
+    """Phantom-FID, KID and caption adherence, with intervals, of `sd`'s images of `prompts` against `real` images
+    (N, 3, H, W) in [-1, 1], all by `reader` (metrics/readback.py): what train.py reports for the embedded
+    default before and after fine-tuning (`flat_scores`)."""
+    images = generate(sd, prompts, steps, guidance, seed=seed, size=size, batch=32, progress=False,
+                      scheduler=scheduler).to(sd.device)
+    report = reader_scores(reader, features_of(reader, real.to(sd.device)), features_of(reader, images), images,
+                           prompts, seed=seed)
+    return {**flat_scores(report), "images": len(prompts), "real_images": len(real)}
+
+
+def intervals_of(report: dict) -> dict[str, list[float]]:
+    """A report's bootstrap 95% intervals (a reader's), keyed as the tables' columns and by attribute."""
+    out = dict(report.get("intervals", {}))
+    if "interval" in report.get("adherence", {}):
+        out.update({"adherence": report["adherence"]["interval"], **report["adherence"]["per_attribute_interval"]})
+    return out
+
+
+def flat_scores(report: dict) -> dict:
+    """A reader report's headline figures and their intervals, keyed as the tables' columns; per attribute too."""
+    return {**flat_metrics(report), "per_attribute": report["adherence"]["per_attribute"],
+            "intervals": intervals_of(report)}
+
+
+@torch.no_grad()
+def reference_scores(reader: readback.Reader, real: torch.Tensor, drawn: torch.Tensor, prompts: list[str],
+                     seed: int) -> dict:
+    """What real images score, the bounds a model's scores sit between:
+    - "floor": FID and KID of `drawn` (real images drawn for `prompts`, disjoint from `real`) against `real`;
+    - "adherence": the drawn images read against their own prompts (near 1 when the reader can be trusted);
+    - "shuffled": against each other's prompts, rotated by one, beside "chance", the share the captions alone allow
+      (readback.chance)."""
+    report = reader_scores(reader, features_of(reader, real), features_of(reader, drawn), drawn, prompts, seed=seed)
+    shuffled = readback.adherence(reader, drawn, prompts[1:] + prompts[:1], seed=seed)
+    return {**flat_scores(report), "images": len(prompts), "real_images": len(real),
+            "shuffled": {"adherence": shuffled["adherence"], "interval": shuffled["interval"],
+                         "chance": readback.chance(reader.domain, prompts)}}
 
 
 # ---------------------------------------------------------------- CLIP score
@@ -235,19 +280,27 @@ def report_lines(report: dict) -> list[str]:
     kid_ = report["kid"]
     rows = [("images", f"real {n['real']}, fake {n['fake']}"),
             ("fake made by", sampling.describe(report["sampling"]))]
-    rows += [(f"FID ({d})", f"{v:.4f}") for d, v in report["fid"].items()]  # d: Inception width or reader domain
+    ci = report.get("intervals", {})  # a reader's: bootstrap 95% intervals
+    rows += [(f"FID ({d})", f"{v:.4f}" + interval(ci.get(f"FID-{d}"))) for d, v in report["fid"].items()]
     rows.append((f"KID ({kid_['dims']})", f"{kid_['mean']:.6f} ± {kid_['std']:.6f} "
-                                           f"({kid_['subsets']} subsets of {kid_['subset_size']})"))
+                                           f"({kid_['subsets']} subsets of {kid_['subset_size']})"
+                 + interval(ci.get("KID"), ".6f")))
     if "adherence" in report:
         a = report["adherence"]
-        rows.append(("adherence", f"{a['adherence']:.4f} (" + ", ".join(f"{k} {v:.3f}" for k, v in a["per_attribute"].items())
-                     + f"; {a['images']} images)"))
+        rows.append(("adherence", f"{a['adherence']:.4f}{interval(a['interval'])} ({a['images']} images)"))
+        rows += [(f"  {k}", f"{v:.3f}{interval(a['per_attribute_interval'][k], '.3f')}")
+                 for k, v in a["per_attribute"].items()]
     if "clip" in report:
         c = report["clip"]
         rows.append(("CLIP score", f"{c['clip_score']:.4f} (pairs clamped: {c['clip_score_pair_clamped']:.4f}; "
                                    f"{c['truncated_prompts']} of {c['pairs']} prompts truncated to 77 tokens)"))
     width = max(len(k) for k, _ in rows)
     return [f"{k:<{width}}  {v}" for k, v in rows]
+
+
+def interval(bounds: list[float] | None, fmt: str = ".4f") -> str:
+    """" [low, high] 95%" for a bootstrap interval; "" where there is none."""
+    return f" [{bounds[0]:{fmt}}, {bounds[1]:{fmt}}] 95%" if bounds else ""
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
@@ -361,17 +414,20 @@ def evaluate(args: argparse.Namespace) -> dict:
         fake, images = features(files, folder.name)
         made = sampling.read_settings(files[0].parent)  # the images' own folder (with --runs: RUN/samples)
         report = {"real": str(real_folder), "fake": str(folder), "sampling": made,
-                  "features": f"reader of {reader.domain}" if reader else "inception",
-                  **fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed, args.fid_sqrtm)}
+                  "features": f"reader of {reader.domain}" if reader else "inception"}
+        if reader:
+            report.update(reader_scores(reader, real[reader.domain], fake[reader.domain], images, prompts,
+                                        args.kid_subsets, args.kid_subset_size, args.seed))
+        else:
+            report.update(fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed, args.fid_sqrtm))
         if clip:
             report["clip"] = clip_score(*clip, files, prompts, args.batch_size, args.device)
-        if reader and prompts:
-            report["adherence"] = readback.adherence(reader, images, prompts)
         print(f"\n{folder}\n" + "\n".join(report_lines(report)))
         reports.append(report)
     result = reports[0] if args.fake else {"runs": reports}
     if args.runs:
-        rows = [{"method": m, "seed": s, **flat_metrics(r)} for r, (m, s) in zip(reports, infos)]
+        rows = [{"method": m, "seed": s, **flat_metrics(r), "intervals": intervals_of(r)}
+                for r, (m, s) in zip(reports, infos)]
         metrics = list(flat_metrics(reports[0]))
         result["table"] = summary = tables.summarise(rows, metrics)
         markdown, csv_text = tables.markdown_and_csv(summary, metrics)

@@ -307,7 +307,8 @@ class Scorer:
         self.inception_key = args.inception and {"file": str(Path(args.inception).resolve()), "dims": args.dims,
                                                  "kid_subsets": args.kid_subsets, "fid_sqrtm": args.fid_sqrtm}
         self.clip_key = args.clip and {"model": str(Path(args.clip).resolve())}
-        self.reader_key = args.reader and {"file": str(Path(args.reader).resolve()), "kid_subsets": args.kid_subsets}
+        self.reader_key = args.reader and {"file": str(Path(args.reader).resolve()), "kid_subsets": args.kid_subsets,
+                                           "features": "bounded, with intervals"}  # older caches are scored again
 
     def fid_kid(self, run_dir: Path) -> dict:
         a = self.args
@@ -330,8 +331,9 @@ class Scorer:
                                                               device=a.device, desc=part)
                                      for part in (heldout.REAL, heldout.SAMPLES))
         prompts = eval_fid.read_prompts(run_dir / heldout.SAMPLES / heldout.PROMPTS)
-        return {"key": self.reader_key, **fid_kid.fid_kid(real, fake, a.kid_subsets),
-                "adherence": readback.adherence(self._reader, images.to(a.device), prompts)}
+        domain = self._reader.domain
+        return {"key": self.reader_key,
+                **eval_fid.reader_scores(self._reader, real[domain], fake[domain], images, prompts, a.kid_subsets)}
 
 
 def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:
@@ -404,6 +406,7 @@ def run_row(args: argparse.Namespace, run: Run, cache: dict) -> dict:
         row.update({f"FID-{d}": v for d, v in cache["reader"]["fid"].items()})
         row["KID"] = cache["reader"]["kid"]["mean"]
         row["adherence"] = cache["reader"]["adherence"]["adherence"]
+        row["intervals"] = eval_fid.intervals_of(cache["reader"])
     overhead = expansion_overhead(log) if run.t else None  # AdaLoRA's and LoRA^2's steps log events too
     if overhead:
         row.update(overhead, **{"bound 1 + 1/t": 1 + 1 / run.t})

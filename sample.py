@@ -21,10 +21,10 @@ import torch
 
 from model import sampling, weights
 from model.sd15 import generate, load_model
-from training import cli, method_table, plots
+from training import cli, method_table, sheets
 import eval_fid
 
-IMAGE = re.compile(r"\d{5}\.png")  # the names sample.py gives its images (plots.write_images), beside grid.png
+IMAGE = re.compile(r"\d{5}\.png")  # the names sample.py gives its images (sheets.write_images), beside grid.png
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     sd.to(args.device)
     images = generate(sd, texts, args.steps, args.guidance, args.seed, size, args.batch, args.eta,
                       scheduler=args.scheduler)
-    paths = plots.write_images(images, out)
+    paths = sheets.write_images(images, out)
     for stale in set(previous) - set(paths):  # an earlier run's images beyond this one's
         stale.unlink()
     sampling.write_settings(out, args.scheduler, args.steps, args.guidance, args.eta, args.seed, size)

@@ -39,7 +39,7 @@ from metrics import readback
 from model import sampling, weights
 from model.sampling import GUIDANCE, MAX_STEPS, SCHEDULERS
 from model.sd15 import SD15, generate, load_model
-from training import checkpoint, cli, diffusion, method_table, plots, run_folder
+from training import checkpoint, cli, diffusion, method_table, run_folder, sheets
 from training.train_loop import Training, TrainingError, base_metadata, finish, fit
 import eval_fid
 
@@ -362,8 +362,8 @@ def export_best(args: argparse.Namespace, run: Path, dataset: datasets.DataSet, 
     names = (split["test"] or split["validation"] or split["train"])[:args.samples]
     examples = splits.select(dataset, names, run / "split.json")
     prompts = [e.caption for e in examples]
-    score = phantom_scorer(args) if args.data is None and args.samples else None
-    scores, rows = {}, []
+    reference, score = phantom_scorer(args) if args.data is None and args.samples else ({}, None)
+    scores, rows = ({"real": reference} if reference else {}), []
 
     def score_and_preview(when: str) -> None:  # the model as it is now: its phantom scores and previews
         if score:
@@ -379,7 +379,8 @@ def export_best(args: argparse.Namespace, run: Path, dataset: datasets.DataSet, 
     score_and_preview("after")
     if args.samples:
         real = torch.stack([datasets.load_image(e.path, args.size) for e in examples])
-        plots.write_images(torch.cat([real, *rows]), run / "previews", columns=len(examples))
+        sheets.write_images(torch.cat([real, *rows]), run / "previews", columns=len(examples),
+                           rows=["real", "base model", "fine-tuned"], captions=prompts)
         sampling.write_settings(run / "previews", args.scheduler, args.sample_steps, args.guidance, 0.0, args.seed,
                                 args.size)
         run_folder.write_json(run / "previews" / "prompts.json", {"real": names, "prompts": prompts,
@@ -388,15 +389,35 @@ def export_best(args: argparse.Namespace, run: Path, dataset: datasets.DataSet, 
 
 
 def phantom_scorer(args: argparse.Namespace):
-    """A function of a model: its phantom-FID, KID and caption adherence (eval_fid.domain_scores, by the phantom
-    reader) on SCORED["prompts"] freshly drawn phantom captions, against SCORED["real"] freshly drawn phantoms;
-    the reader and the real set are made once, for the model before and after fine-tuning."""
+    """The real phantoms' own scores (eval_fid.reference_scores: the floor of phantom-FID and KID, adherence read
+    back and with shuffled captions), and a function of a model: its phantom-FID, KID and caption adherence
+    (eval_fid.domain_scores, by the phantom reader) on SCORED["prompts"] freshly drawn phantom captions, against
+    SCORED["real"] freshly drawn phantoms; the reader and the real sets are made once."""
     real_images, _ = phantoms.drawn(SCORED["real"], args.size, SCORED["seed"])
-    _, prompts = phantoms.drawn(SCORED["prompts"], args.size, SCORED["seed"] + 1)
-    real = torch.stack([readback.to_tensor(im) for im in real_images])
+    drawn_images, prompts = phantoms.drawn(SCORED["prompts"], args.size, SCORED["seed"] + 1)
+    real, drawn = (torch.stack([readback.to_tensor(im) for im in ims]).to(args.device)
+                   for ims in (real_images, drawn_images))
     reader = readback.load_reader(readback.asset("phantoms"), "phantoms").to(args.device)
-    return lambda sd: eval_fid.domain_scores(sd, reader, real, prompts, args.seed, args.size, args.sample_steps,
-                                             args.scheduler, args.guidance)
+    reference = eval_fid.reference_scores(reader, real, drawn, prompts, args.seed)
+    return reference, lambda sd: eval_fid.domain_scores(sd, reader, real, prompts, args.seed, args.size,
+                                                        args.sample_steps, args.scheduler, args.guidance)
+
+
+def print_scores(scores: dict[str, dict]) -> None:
+    """The embedded default's phantom scores, each with its bootstrap 95% interval: the real phantoms' (the
+    bounds), then the model's before and after fine-tuning, with each attribute's accuracy."""
+    def ci(value: float, bounds: list[float], fmt: str) -> str:
+        return f"{value:{fmt}} [{bounds[0]:{fmt}}, {bounds[1]:{fmt}}]"
+    for when, v in scores.items():
+        iv = v["intervals"]
+        print(f"{'real phantoms (a disjoint draw)' if when == 'real' else when + ' fine-tuning'}: "
+              f"phantom-FID {ci(v['FID-phantoms'], iv['FID-phantoms'], '.2f')}, KID {ci(v['KID'], iv['KID'], '.4f')}, "
+              f"adherence {ci(v['adherence'], iv['adherence'], '.3f')} ({v['images']} images of drawn phantom "
+              "captions; 95% intervals)")
+        shuffled = v.get("shuffled")
+        print("    " + ", ".join(f"{k} {ci(x, iv[k], '.2f')}" for k, x in v["per_attribute"].items())
+              + (f"; with shuffled captions {shuffled['adherence']:.3f} (chance {shuffled['chance']:.3f})"
+                 if shuffled else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,9 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                     scores = export_best(args, run, dataset, split)
                     run_folder.write_json(run / "summary.json",
                                           {**summary, "phantom_scores": scores} if scores else summary)
-                    for when, v in scores.items():
-                        print(f"{when} fine-tuning: phantom-FID {v['FID-phantoms']:.2f}, KID {v['KID']:.4f}, adherence "
-                              f"{v['adherence']:.3f} ({v['images']} images of drawn phantom captions)")
+                    print_scores(scores)
                     print(f"done: {run} (best epoch {summary['best_epoch']}, total rank {summary['total_rank']})")
             except OSError as err:  # a full disk or a file-size limit in a log line or the export: checkpoints are whole
                 raise TrainingError(f"{err.strerror or err}: {err.filename or args.out}; the run is not finished. Make "

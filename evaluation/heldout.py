@@ -19,7 +19,7 @@ from data import datasets, splits
 from model import sampling
 from model.sd15 import generate, load_model
 from model.weights import atomic_write
-from training import method_table, plots, run_folder
+from training import method_table, run_folder, sheets
 
 SAMPLES, REAL, PROMPTS = "samples", "real", "prompts.txt"  # RUN/samples/prompts.txt: one line per image, in order
 ADAPTER = "adapter.json"  # RUN/samples/adapter.json: {"file": "best.safetensors", "sha256": ...}, written last
@@ -45,9 +45,9 @@ def generate_test_split(run: str | os.PathLike, steps: int = 50, batch: int = 8,
     sd.to(device)
     prompts = [e.caption for e in examples]
     images = generate(sd, prompts, steps, guidance, options["seed"], options["size"], batch, scheduler=scheduler)
-    plots.write_images(images, run / SAMPLES)
+    sheets.write_images(images, run / SAMPLES)
     sampling.write_settings(run / SAMPLES, scheduler, steps, guidance, 0.0, options["seed"], options["size"])
-    plots.write_images(torch.stack([datasets.load_image(e.path, options["size"]) for e in examples]), run / REAL)
+    sheets.write_images(torch.stack([datasets.load_image(e.path, options["size"]) for e in examples]), run / REAL)
     with atomic_write(run / SAMPLES / PROMPTS, "w") as f:
         f.write("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
     with atomic_write(run / SAMPLES / ADAPTER, "w") as f:

@@ -1,4 +1,4 @@
-"""report.md of reproduce.py's study: the paper's tables (1-3, 7, 8) as mean ± std over seeds, the cost of SeLoRA's
+"""report.md of reproduce.py's study: the paper's tables (1-3, 7, 8) as mean [95% interval] over seeds, the cost of SeLoRA's
 tests (eq. 6), the figures (2-4, 7, 11, 12), and which sampler made every number.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from data import splits
 from metrics import readback
 from model import sampling, weights
 from evaluation import heldout, tables
-from training import method_table, plots, run_folder
+from training import method_table, plots, run_folder, sheets
 import eval_fid
 
 PAPER_PERCENT = ("the paper (IU X-Ray, section 4): SeLoRA 0.368% of the UNet and 0.121% of the text encoder; "
@@ -28,8 +28,8 @@ def quality_metrics(args: argparse.Namespace) -> list[str]:
 
 
 def table(rows: list[dict], label, first: str, columns: list[str], marked: tuple[str, ...] = ()) -> str:
-    """Markdown: rows grouped by label(run), each column's mean ± std over the group, the best of each `marked`
-    column in bold (tables.summarise, tables.markdown_table)."""
+    """Markdown: rows grouped by label(run), each column's mean and 95% interval over the group, the best of each
+    `marked` column in bold where its interval separates from the others' (tables.summarise, tables.markdown_table)."""
     summary = tables.summarise([{**r, "method": label(r["run"])} for r in rows], columns)
     return tables.markdown_table(summary, columns, first, marked)
 
@@ -109,8 +109,10 @@ def quality_section(args: argparse.Namespace, main: list[dict]) -> list[str]:
     """Tables 1 and 2: FID, KID and CLIP score of each method, and which sampler made the test images."""
     quality, md = quality_metrics(args), []
     md.append("## Image quality (tables 1 and 2)\n")
-    md.append("Mean ± std over seeds of each method's test images against the held-out test images; best in bold "
-              "(FID, KID: lowest; CLIP score, adherence: highest).\n")
+    md.append("Mean and 95% interval of each method's test images against the held-out test images: over seeds, "
+              "Student's t interval of the mean; for a single run, its own bootstrap interval where the scorer gives "
+              "one (a reader's). Best in bold only where its interval separates from every other method's (FID, KID: "
+              "lowest; CLIP score, adherence: highest).\n")
     paper = heldout.settings(args.scheduler, args.sample_steps, args.guidance) == {"scheduler": "pndm", "steps": 50, "guidance": 7.5}
     md.append(f"Every FID, KID and CLIP score in this report is of test images made by "
               f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps, args.guidance))} (`--scheduler`, `--sample-steps`, `--guidance`). The paper's images were "
@@ -197,7 +199,7 @@ def images_section(args: argparse.Namespace, main: list[dict]) -> list[str]:
         r0 = first_seed[0]["folder"]
         columns = {"real": r0 / heldout.REAL,
                    **{r["run"].method: r["folder"] / heldout.SAMPLES for r in first_seed}}
-        sheet, n = plots.labelled_grid({k: eval_fid.list_images(f)[:args.grid_prompts] for k, f in columns.items()})
+        sheet, n = sheets.labelled_grid({k: eval_fid.list_images(f)[:args.grid_prompts] for k, f in columns.items()})
         md.append(f"Seed {args.seeds[0]}, the first {n} test prompts (rows):\n")
         md.append(figure(args, sheet, "samples.png", "real and generated images per prompt"))
         prompts = eval_fid.read_prompts(r0 / heldout.SAMPLES / heldout.PROMPTS)[:n]
@@ -223,7 +225,7 @@ def ablation_sections(args: argparse.Namespace, runs: list, by_run: dict) -> lis
         measured = first_col == "t" and all("measured factor" in r for r in group)
         extra = ["measured factor", "bound 1 + 1/t"] if measured else []
         md.append(f"SeLoRA under the {args.expansion_test} rule, seeds {', '.join(map(str, args.ablation_seeds))}; "
-                  f"mean ± std over seeds; test images by "
+                  f"mean [95% interval] over seeds; test images by "
                   f"{sampling.describe(heldout.settings(args.scheduler, args.sample_steps, args.guidance))}.\n")
         md.append(table(group, label, first_col, [*quality, "total rank", "expansions", "UNet % end",
                                                   "text encoder % end", "time (s)", *extra], tuple(quality)))

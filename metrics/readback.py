@@ -3,10 +3,12 @@ from an image, trained on the generated images of one domain (data/shapes.py or 
 
 Inception features suit 32-pixel shapes and phantoms poorly, so, as medical image-synthesis papers use a
 feature extractor of their own domain, we use the reader's:
-- its penultimate features (`Reader.features`, 64 dimensions) give a Fréchet distance and KID through eval_fid's
-  own code: "phantom-FID" (eval_fid.py --reader);
+- its penultimate features (`Reader.features`, 64 dimensions), scaled to one length, give a Fréchet distance and
+  KID through eval_fid's own code: "phantom-FID" (eval_fid.py --reader). Bounded features keep a few saturated
+  images from outweighing the rest;
 - its predictions give **caption adherence**, the CLIP score's analogue: the share of generated images whose
-  every attribute named in their prompt is read back (`adherence`).
+  every attribute named in their prompt is read back (`adherence`), with each attribute's own accuracy and
+  bootstrap 95% intervals (metrics/intervals.py).
 Readers are trained by tools/pretrain_tiny.py and committed in assets/readers/.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from data import phantoms, shapes
+from metrics import intervals
 from model.weights import load_file, load_metadata, load_strict, save_file
 
 DOMAINS = {"shapes": shapes, "phantoms": phantoms}  # each: ATTRIBUTES, caption, parse, random_attributes, draw
@@ -44,14 +47,21 @@ class Reader(nn.Module):
             nn.Linear(4 * c, width), nn.SiLU())
         self.heads = nn.ModuleDict({k: nn.Linear(width, len(v)) for k, v in self.attributes.items()})
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 64) penultimate features of images (N, 3, H, W) in [-1, 1]."""
+    def penultimate(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 64) penultimate activations of images (N, 3, H, W) in [-1, 1], what the heads read."""
         if images.shape[-1] != SIZE or images.shape[-2] != SIZE:
             images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
         return self.body(images)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 64) bounded features for FID and KID: the penultimate activations scaled to length sqrt(64) = 8, so
+        that every image lies on one sphere (no image weighs more than a distance of 16) and KID's kernel
+        (a.b / d + 1)^3 sees a.b / d of order 1, as with Inception's features."""
+        h = self.penultimate(images)
+        return F.normalize(h, dim=1) * h.shape[1] ** 0.5
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.features(images)
+        h = self.penultimate(images)
         return {k: head(h) for k, head in self.heads.items()}
 
     @torch.no_grad()
@@ -129,15 +139,42 @@ def load_reader(path: str | os.PathLike, domain: str | None = None) -> Reader:
     return load_strict(reader, load_file(path), path).eval()
 
 
-def adherence(reader: Reader, images: torch.Tensor, prompts: list[str]) -> dict:
-    """Share of images whose every attribute named in their prompt is read back ("adherence"), and each
-    attribute's own accuracy over the images whose prompts name it."""
+def hits(reader: Reader, images: torch.Tensor, prompts: list[str]) -> dict[str, np.ndarray]:
+    """Per image, whether what is read back matches its prompt: "all" (every attribute the prompt names), and per
+    attribute over the images whose prompts name it. For phantoms also "lobe": the finding over the prompts that
+    name a lobe (chance 1 in 4), apart from telling an opacity from none."""
     if len(images) != len(prompts):
         raise ValueError(f"adherence: {len(images)} images but {len(prompts)} prompts")
     parse = DOMAINS[reader.domain].parse
     wanted = [parse(p) for p in prompts]
     read = [r for start in range(0, len(images), 64) for r in reader.read(images[start:start + 64])]
-    hits = [all(got[k] == v for k, v in want.items()) for want, got in zip(wanted, read)]
-    per = {k: float(np.mean([got[k] == want[k] for want, got in zip(wanted, read) if k in want]))
-           for k in reader.attributes if any(k in w for w in wanted)}
-    return {"adherence": float(np.mean(hits)), "per_attribute": per, "images": len(images)}
+    out = {"all": np.array([all(got[k] == v for k, v in want.items()) for want, got in zip(wanted, read)])}
+    for k in reader.attributes:
+        if any(k in w for w in wanted):
+            out[k] = np.array([got[k] == want[k] for want, got in zip(wanted, read) if k in want])
+    if reader.domain == "phantoms":
+        out["lobe"] = np.array([got["finding"] == want["finding"] for want, got in zip(wanted, read)
+                                if want["finding"] in phantoms.PHANTOM_LOBES])
+    return out
+
+
+def adherence(reader: Reader, images: torch.Tensor, prompts: list[str], resamples: int = intervals.RESAMPLES,
+              seed: int = 0) -> dict:
+    """Share of images whose every attribute named in their prompt is read back ("adherence"), and each
+    attribute's own accuracy, each with its bootstrap 95% interval."""
+    found = hits(reader, images, prompts)
+    every = found.pop("all")
+    return {"adherence": float(every.mean()), "interval": intervals.mean_interval(every, resamples, seed),
+            "per_attribute": {k: float(v.mean()) for k, v in found.items() if len(v)},
+            "per_attribute_interval": {k: intervals.mean_interval(v, resamples, seed) for k, v in found.items() if len(v)},
+            "images": len(images)}
+
+
+def chance(domain: str, prompts: list[str]) -> float:
+    """The adherence a reader that reads every image right gives when each image is scored against another
+    image's prompt: the share of ordered pairs (i, j), i != j, whose prompt j names only what image i shows."""
+    parse = DOMAINS[domain].parse
+    attrs = [parse(p) for p in prompts]
+    agree = [all(truth.get(k) == v for k, v in want.items()) for i, truth in enumerate(attrs)
+             for j, want in enumerate(attrs) if i != j]
+    return float(np.mean(agree))

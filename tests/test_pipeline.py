@@ -20,7 +20,7 @@ from methods.kohya import export_kohya, load_kohya
 from model import sampling, weights
 from model.clip_tokenizer import load_tokenizer
 from model.sd15 import SD15, generate, load_sd15
-from training import plots
+from training import sheets
 from training.method_table import METHODS
 from clip_text import CLIPTextConfig, load_text_encoder
 import sample
@@ -158,7 +158,7 @@ def test_sample_command_writes_pngs(pipeline, tmp_path):
     # made by the sampler asked for (to 8-bit rounding), not the default one
     sd = load_sd15(root)
     for scheduler, differ in (("dpmpp2m", False), ("pndm", True)):
-        image = plots.to_pil(generate(sd, PROMPTS[:1], 3, seed=5, size=32, progress=False, scheduler=scheduler)[0])
+        image = sheets.to_pil(generate(sd, PROMPTS[:1], 3, seed=5, size=32, progress=False, scheduler=scheduler)[0])
         assert (np.abs(np.asarray(image, dtype=int) - first).max() > 1) == differ, scheduler
     again = tmp_path / "again"
     subprocess.run([str(again) if c == str(out) else c for c in cmd], check=True, capture_output=True, cwd=tmp_path)

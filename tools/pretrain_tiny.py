@@ -41,7 +41,7 @@ from metrics import readback  # noqa: E402
 from model.clip_tokenizer import END, END_OF_WORD, START, Tokenizer, bytes_to_unicode, merge_pair  # noqa: E402
 from model.sampling import NUM_TRAIN_TIMESTEPS, add_noise  # noqa: E402
 from model.sd15 import SD15, generate, save_sd15  # noqa: E402
-from training import plots  # noqa: E402
+from training import plots, sheets  # noqa: E402
 from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from sd_unet import UNet, UNetConfig  # noqa: E402
 from vae import LATENT_SCALE, VAE, VAEConfig, posterior_to_latents  # noqa: E402
@@ -300,9 +300,9 @@ def figure(losses: dict[str, list[float]], trip: torch.Tensor, images: torch.Ten
     curves = [plots.line_plot({name: series}, title=f"{name} loss", xlabel="step", ylabel="loss")
               for name, series in smooth.items()]
     def big(stack):
-        return [plots.to_pil(im).resize((4 * SIZE, 4 * SIZE), Image.NEAREST) for im in stack]
-    panels = [("real phantoms (above) and their VAE round trips (below)", plots.grid(big(trip), columns=16)),
-              ("the check: 8 images of each held-out shapes caption, one caption per half row", plots.grid(big(images), columns=16))]
+        return [sheets.enlarged(sheets.to_pil(im)) for im in stack]
+    panels = [("real phantoms (above) and their VAE round trips (below)", sheets.grid(big(trip), columns=16)),
+              ("the check: 8 images of each held-out shapes caption, one caption per half row", sheets.grid(big(images), columns=16))]
     fnt = plots.font(16)
     width = max(sum(c.width for c in curves), *(p.width for _, p in panels))
     height = max(c.height for c in curves) + sum(p.height + 30 for _, p in panels)

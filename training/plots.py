@@ -1,6 +1,5 @@
-"""PNG figures drawn with Pillow alone: rank heatmaps laid out like the paper's figures 3 and 4, line plots, and
-generated images written as PNGs with a contact sheet (`write_images`); which of them a run writes is
-train_loop.run_figures.
+"""PNG figures drawn with Pillow alone: rank heatmaps laid out like the paper's figures 3 and 4 and line plots;
+which of them a run writes is train_loop.run_figures (generated images and their sheets: training/sheets.py).
 
 A heatmap places each adapted layer in a grid cell given by a `Layout` (layer name -> (row, column) plus the
 row and column labels). `text_encoder_layout` and `unet_layout` build the paper's grids from our module
@@ -13,10 +12,8 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from model.weights import atomic_write
@@ -64,35 +61,6 @@ def _vertical_text(text: str, fnt) -> Image.Image:
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
     with atomic_write(path) as f:
         image.save(f, format="PNG")
-
-
-# ---------------------------------------------------------------- generated images
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A (3, H, W) image in [-1, 1] as an 8-bit RGB picture."""
-    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(pixels, "RGB")
-
-
-def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Images of one size side by side, `columns` per row (default: a near-square grid)."""
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    w, h = images[0].size
-    sheet = Image.new("RGB", (columns * w, math.ceil(len(images) / columns) * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
-    return sheet
-
-
-def write_images(images: torch.Tensor, out: Path, names: list[str] | None = None,
-                 columns: int | None = None) -> list[Path]:
-    """One PNG per image in [-1, 1] (named `names[i]` or `{i:05d}.png`) and `grid.png` (`columns` wide)."""
-    pictures = [to_pil(im) for im in images]
-    paths = [out / (names[i] if names else f"{i:05d}.png") for i in range(len(pictures))]
-    for picture, path in zip(pictures, paths):
-        save_png(picture, path)
-    save_png(grid(pictures, columns), out / "grid.png")
-    return paths
 
 
 # ---------------------------------------------------------------- layouts of figures 3 and 4
@@ -411,22 +379,3 @@ def _legend(d: ImageDraw.ImageDraw, labels: list[str], fnt, right: int, top: int
         y = by + 4 + row_h * i + row_h // 2
         d.line([(bx + 6, y), (bx + 24, y)], fill=PALETTE[i % len(PALETTE)], width=3)
         d.text((bx + 30, y), label, fill=INK, font=fnt, anchor="lm")
-
-
-def labelled_grid(files: dict[str, list[Path]]) -> tuple[Image.Image, int]:
-    """Figures 2 and 7: one row per test prompt (numbered), one column of image files per label; as many rows as
-    the shortest column has images. Returns the sheet and that number."""
-    n = min(len(f) for f in files.values())
-    w, h = Image.open(files[next(iter(files))][0]).size
-    fnt = font(12)
-    top, left, pad = 20, 24, 2
-    sheet = Image.new("RGB", (left + len(files) * (w + pad), top + n * (h + pad)), "white")
-    d = ImageDraw.Draw(sheet)
-    for c, (label, paths) in enumerate(files.items()):
-        d.text((left + c * (w + pad) + w // 2, 4), label, fill=INK, font=fnt, anchor="mt")
-        for r, path in enumerate(paths[:n]):
-            with Image.open(path) as im:
-                sheet.paste(im.convert("RGB"), (left + c * (w + pad), top + r * (h + pad)))
-    for r in range(n):
-        d.text((left // 2, top + r * (h + pad) + h // 2), str(r + 1), fill=INK, font=fnt, anchor="mm")
-    return sheet, n
