@@ -147,46 +147,12 @@ def reader_scores(reader: readback.Reader, real: np.ndarray, fake: np.ndarray, i
     return report
 
 
-@torch.no_grad()
-def domain_scores(sd, reader: readback.Reader, real: torch.Tensor, prompts: list[str], seed: int, size: int,
-                  steps: int = 50, scheduler: str = "pndm", guidance: float = sampling.GUIDANCE) -> dict:
-    """Phantom-FID, KID and caption adherence, with intervals, of `sd`'s images of `prompts` against `real` images
-    (N, 3, H, W) in [-1, 1], all by `reader` (metrics/readback.py): what train.py reports for the embedded
-    default before and after fine-tuning (`flat_scores`)."""
-    images = generate(sd, prompts, steps, guidance, seed=seed, size=size, batch=32, progress=False,
-                      scheduler=scheduler).to(sd.device)
-    report = reader_scores(reader, features_of(reader, real.to(sd.device)), features_of(reader, images), images,
-                           prompts, seed=seed)
-    return {**flat_scores(report), "images": len(prompts), "real_images": len(real)}
-
-
 def intervals_of(report: dict) -> dict[str, list[float]]:
     """A report's bootstrap 95% intervals (a reader's), keyed as the tables' columns and by attribute."""
     out = dict(report.get("intervals", {}))
     if "interval" in report.get("adherence", {}):
         out.update({"adherence": report["adherence"]["interval"], **report["adherence"]["per_attribute_interval"]})
     return out
-
-
-def flat_scores(report: dict) -> dict:
-    """A reader report's headline figures and their intervals, keyed as the tables' columns; per attribute too."""
-    return {**flat_metrics(report), "per_attribute": report["adherence"]["per_attribute"],
-            "intervals": intervals_of(report)}
-
-
-@torch.no_grad()
-def reference_scores(reader: readback.Reader, real: torch.Tensor, drawn: torch.Tensor, prompts: list[str],
-                     seed: int) -> dict:
-    """What real images score, the bounds a model's scores sit between:
-    - "floor": FID and KID of `drawn` (real images drawn for `prompts`, disjoint from `real`) against `real`;
-    - "adherence": the drawn images read against their own prompts (near 1 when the reader can be trusted);
-    - "shuffled": against each other's prompts, rotated by one, beside "chance", the share the captions alone allow
-      (readback.chance)."""
-    report = reader_scores(reader, features_of(reader, real), features_of(reader, drawn), drawn, prompts, seed=seed)
-    shuffled = readback.adherence(reader, drawn, prompts[1:] + prompts[:1], seed=seed)
-    return {**flat_scores(report), "images": len(prompts), "real_images": len(real),
-            "shuffled": {"adherence": shuffled["adherence"], "interval": shuffled["interval"],
-                         "chance": readback.chance(reader.domain, prompts)}}
 
 
 # ---------------------------------------------------------------- CLIP score

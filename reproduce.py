@@ -331,9 +331,8 @@ class Scorer:
                                                               device=a.device, desc=part)
                                      for part in (heldout.REAL, heldout.SAMPLES))
         prompts = eval_fid.read_prompts(run_dir / heldout.SAMPLES / heldout.PROMPTS)
-        domain = self._reader.domain
-        return {"key": self.reader_key,
-                **eval_fid.reader_scores(self._reader, real[domain], fake[domain], images, prompts, a.kid_subsets)}
+        return {"key": self.reader_key, **eval_fid.reader_scores(
+            self._reader, *(f[self._reader.domain] for f in (real, fake)), images, prompts, a.kid_subsets)}
 
 
 def evaluate(args: argparse.Namespace, run: Run, scorer: Scorer) -> dict:

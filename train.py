@@ -41,14 +41,13 @@ from model.sampling import GUIDANCE, MAX_STEPS, SCHEDULERS
 from model.sd15 import SD15, generate, load_model
 from training import checkpoint, cli, diffusion, method_table, run_folder, sheets
 from training.train_loop import Training, TrainingError, base_metadata, finish, fit
-import eval_fid
+from evaluation import phantom_scores
 
 PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 3.5 (paper:148); other data sets default to 10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the embedded default: 400 phantoms, 320 of them for training, 20 epochs of 40 steps, so t = 40 gives 20 tests; the
 # tiny model learns the phantoms at lr 1e-3, not at the authors' 1e-4, and its images saturate at guidance 7.5
 EMBEDDED = dict(size=32, epochs=20, images=400, lr=1e-3, guidance=3.0)
-SCORED = dict(prompts=128, real=256, seed=10_007)  # the embedded default's phantom-FID and adherence (phantom_scorer)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -324,7 +323,7 @@ def start(args: argparse.Namespace) -> Training:
 
 def check_end(args: argparse.Namespace) -> None:
     """What the end of the run needs beyond its own files, checked before step 1: the phantom reader that scores
-    the embedded default's phantoms (`phantom_scorer`), a file of the project that may be missing or damaged."""
+    the embedded default's phantoms (evaluation/phantom_scores.py), a file of the project that may be missing or damaged."""
     if args.data is None and args.samples:
         try:
             readback.load_reader(readback.asset("phantoms"), "phantoms")
@@ -357,12 +356,12 @@ def export_best(args: argparse.Namespace, run: Path, dataset: datasets.DataSet, 
     """Load the best adapter into a fresh model; export it in the kohya format, and generate a few images from
     held-out prompts, by the base model and by the fine-tuned one, beside the real images (run/previews/, one row
     each; eval_fid.py --runs generates the whole test split). On generated phantoms (no --data), returns their
-    phantom-FID, KID and adherence before and after fine-tuning (`phantom_scorer`); else, or with --samples 0, {}."""
+    phantom-FID, KID and adherence before and after fine-tuning (evaluation/phantom_scores.py); else, or with --samples 0, {}."""
     sd = load_model(args.model, args.tokenizer).to(args.device)
     names = (split["test"] or split["validation"] or split["train"])[:args.samples]
     examples = splits.select(dataset, names, run / "split.json")
     prompts = [e.caption for e in examples]
-    reference, score = phantom_scorer(args) if args.data is None and args.samples else ({}, None)
+    reference, score = phantom_scores.scorer(args) if args.data is None and args.samples else ({}, None)
     scores, rows = ({"real": reference} if reference else {}), []
 
     def score_and_preview(when: str) -> None:  # the model as it is now: its phantom scores and previews
@@ -388,38 +387,6 @@ def export_best(args: argparse.Namespace, run: Path, dataset: datasets.DataSet, 
     return scores
 
 
-def phantom_scorer(args: argparse.Namespace):
-    """The real phantoms' own scores (eval_fid.reference_scores: the floor of phantom-FID and KID, adherence read
-    back and with shuffled captions), and a function of a model: its phantom-FID, KID and caption adherence
-    (eval_fid.domain_scores, by the phantom reader) on SCORED["prompts"] freshly drawn phantom captions, against
-    SCORED["real"] freshly drawn phantoms; the reader and the real sets are made once."""
-    real_images, _ = phantoms.drawn(SCORED["real"], args.size, SCORED["seed"])
-    drawn_images, prompts = phantoms.drawn(SCORED["prompts"], args.size, SCORED["seed"] + 1)
-    real, drawn = (torch.stack([readback.to_tensor(im) for im in ims]).to(args.device)
-                   for ims in (real_images, drawn_images))
-    reader = readback.load_reader(readback.asset("phantoms"), "phantoms").to(args.device)
-    reference = eval_fid.reference_scores(reader, real, drawn, prompts, args.seed)
-    return reference, lambda sd: eval_fid.domain_scores(sd, reader, real, prompts, args.seed, args.size,
-                                                        args.sample_steps, args.scheduler, args.guidance)
-
-
-def print_scores(scores: dict[str, dict]) -> None:
-    """The embedded default's phantom scores, each with its bootstrap 95% interval: the real phantoms' (the
-    bounds), then the model's before and after fine-tuning, with each attribute's accuracy."""
-    def ci(value: float, bounds: list[float], fmt: str) -> str:
-        return f"{value:{fmt}} [{bounds[0]:{fmt}}, {bounds[1]:{fmt}}]"
-    for when, v in scores.items():
-        iv = v["intervals"]
-        print(f"{'real phantoms (a disjoint draw)' if when == 'real' else when + ' fine-tuning'}: "
-              f"phantom-FID {ci(v['FID-phantoms'], iv['FID-phantoms'], '.2f')}, KID {ci(v['KID'], iv['KID'], '.4f')}, "
-              f"adherence {ci(v['adherence'], iv['adherence'], '.3f')} ({v['images']} images of drawn phantom "
-              "captions; 95% intervals)")
-        shuffled = v.get("shuffled")
-        print("    " + ", ".join(f"{k} {ci(x, iv[k], '.2f')}" for k, x in v["per_attribute"].items())
-              + (f"; with shuffled captions {shuffled['adherence']:.3f} (chance {shuffled['chance']:.3f})"
-                 if shuffled else ""))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run train.py; 2 for input a user must fix (said in one line, before any training), 1 for a run that
     stopped (a non-finite step, a failed write, another process's failure), 0 when done. The main process holds
@@ -442,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     scores = export_best(args, run, dataset, split)
                     run_folder.write_json(run / "summary.json",
                                           {**summary, "phantom_scores": scores} if scores else summary)
-                    print_scores(scores)
+                    phantom_scores.print_scores(scores)
                     print(f"done: {run} (best epoch {summary['best_epoch']}, total rank {summary['total_rank']})")
             except OSError as err:  # a full disk or a file-size limit in a log line or the export: checkpoints are whole
                 raise TrainingError(f"{err.strerror or err}: {err.filename or args.out}; the run is not finished. Make "

@@ -120,9 +120,9 @@ def quality_section(args: argparse.Namespace, main: list[dict]) -> list[str]:
               "see docs/paper-vs-code.md)" + (": the same sampler.\n" if paper else
                                                ": compare these numbers with the paper's with care.\n"))
     if args.reader:
-        md.append(f"Scored by the domain reader `{args.reader}` (metrics/readback.py), as medical image-synthesis papers use a "
-                  "feature extractor of their domain: FID and KID on its 64 penultimate features, and caption "
-                  "adherence (best highest), the share of test images whose every attribute named in the prompt "
+        md.append(f"Scored by the domain reader `{args.reader}` (metrics/readback.py), as medical image-synthesis papers "
+                  "use a feature extractor of their domain: FID and KID on its 64 penultimate features scaled to one "
+                  "length, and caption adherence (best highest), the share of test images whose every attribute named in the prompt "
                   "is read back, in place of the CLIP score.\n")
     elif not args.inception:
         md.append("FID and KID are not computed: they need `--inception pt_inception-2015-12-05-6726825d.pth` "

@@ -9,10 +9,14 @@ every score here is a weighted form of its own formula:
 - FID (metrics/fid_kid.py): the Frechet distance of the weighted means and covariances;
 - KID: the unbiased squared MMD with KID's kernel, where pairs of one image with its own copy count as the
   diagonal the unbiased estimate leaves out.
-FID is biased upward as sets shrink, and a resample holds about 63% distinct images, so the resampled FIDs sit
-above the estimate by a bias b (their mean minus the estimate). FID's interval is the percentile interval moved
-down by b (the bootstrap's bias correction, Efron & Tibshirani 1993, section 10.2), and not below 0. KID's
-estimate is unbiased and adherence is a mean, so theirs are the plain percentile intervals.
+FID is biased upward as sets shrink (by about d (1/n_real + 1/n_fake) for d-dimensional features), and a resample
+holds about 63% distinct images, so the resampled FIDs sit above the estimate by a further bias b (their mean
+minus the estimate). FID's interval is the percentile interval moved down by b (the bootstrap's bias correction,
+Efron & Tibshirani 1993, section 10.2), and not below 0: an interval for FID at these set sizes (its expectation
+over draws of as many images), which is how FIDs of equal-size sets are compared. FID at infinitely many images
+is lower by the bias that a real-against-real floor at the same sizes shows (evaluation/phantom_scores.py, `reference_scores`).
+tests/test_intervals.py measures the coverage: of FID's expectation at the set sizes, 0.95 to 1. KID's estimate
+is unbiased and adherence is a mean, so theirs are the plain percentile intervals.
 """
 from __future__ import annotations
 

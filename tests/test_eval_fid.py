@@ -217,9 +217,12 @@ def test_runs_make_the_papers_table(inception_file, tmp_path):
     assert [(r["method"], r["runs"]) for r in rows] == [("selora", "2"), ("lora", "1")]
     assert float(rows[0]["FID-64 mean"]) == pytest.approx(np.mean(fids[:2]), rel=1e-5)
     assert float(rows[0]["FID-64 std"]) == pytest.approx(np.std(fids[:2], ddof=1), rel=1e-5)
-    assert rows[1]["FID-64 std"] == ""
+    assert rows[1]["FID-64 std"] == "" and rows[1]["FID-64 low"] == ""  # one run, Inception: no interval
+    half = 12.706 * np.std(fids[:2], ddof=1) / np.sqrt(2)  # Student's t(0.975, 1)
+    assert float(rows[0]["FID-64 low"]) == pytest.approx(np.mean(fids[:2]) - half, rel=1e-4)
     markdown = (tmp_path / "table.md").read_text()
-    assert markdown.startswith("| method | runs | FID-64 | KID |") and "| selora | 2 | " in markdown and " ± " in markdown
+    assert markdown.startswith("| method | runs | FID-64 | KID |") and "| selora | 2 | " in markdown
+    assert f"| lora | 1 | {fids[2]:.4g} |" in markdown
 
 
 def test_runs_without_images_say_how_to_make_them(inception_file, tmp_path, capsys):

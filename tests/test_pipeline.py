@@ -154,7 +154,7 @@ def test_sample_command_writes_pngs(pipeline, tmp_path):
                                                                "eta": 0.0, "seed": 5, "size": 32}
     first = np.asarray(Image.open(out / "00000.png"))
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8 and first.std() > 0
-    assert Image.open(out / "grid.png").size == (64, 32)
+    assert Image.open(out / "grid.png").size == (2 * (128 + 2), 128 + 2)  # 32 px shown 4x
     # made by the sampler asked for (to 8-bit rounding), not the default one
     sd = load_sd15(root)
     for scheduler, differ in (("dpmpp2m", False), ("pndm", True)):

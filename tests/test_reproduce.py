@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 import pytest
 import torch
 from PIL import Image
@@ -84,13 +85,15 @@ def test_report_has_every_section_with_finite_numbers_from_the_runs(study):
         assert runs == "2"
         for column, cell in zip(columns, cells):
             assert all(math.isfinite(v) for v in values[column])
-            mean, std = cell.strip("*").split(" ± ")
-            assert mean == f"{np.mean(values[column]):.4g}" and std == f"{np.std(values[column], ddof=1):.2g}"
-            means[column][method] = np.mean(values[column])
-    for i, column in enumerate(columns, 1):
+            mean, low, high = cell.strip("*").replace("[", "").replace("]", "").replace(",", "").split()
+            half = stats.t.ppf(0.975, 1) * np.std(values[column], ddof=1) / np.sqrt(2)
+            assert mean == f"{np.mean(values[column]):.4g}" and low == f"{np.mean(values[column]) - half:.4g}"
+            assert high == f"{np.mean(values[column]) + half:.4g}"
+            means[column][method] = (np.mean(values[column]) - half, np.mean(values[column]) + half)
+    for i, column in enumerate(columns, 1):  # bold only where the best's interval clears the other's
         bold = [m for m in quality if quality[m][i].startswith("**")]
-        pick = max if column == "CLIP score" else min
-        assert bold == [pick(means[column], key=means[column].get)], column
+        (a_low, a_high), (b_low, b_high) = means[column]["lora"], means[column]["selora"]
+        assert bool(bold) == (a_high < b_low or b_high < a_low), column
 
     # which sampler made the numbers, against the paper's
     assert ("Every FID, KID and CLIP score in this report is of test images made by pndm, 4 steps, guidance 7.5"

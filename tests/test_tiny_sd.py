@@ -15,6 +15,7 @@ from data import phantoms, shapes
 from metrics import fid_kid, readback
 from model import sd15
 from model.sd15 import EMBEDDED_MODEL, generate, load_sd15
+from evaluation import phantom_scores
 import eval_fid
 import train
 
@@ -71,7 +72,7 @@ def test_embedded_default_teaches_the_phantoms(tmp_path, monkeypatch):
     scores = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())["phantom_scores"]
     before, after = scores["before"], scores["after"]
     assert after["FID-phantoms"] < 0.9 * before["FID-phantoms"]  # measured: 9,980 -> 2,340
-    assert after["adherence"] >= before["adherence"] + 8 / train.SCORED["prompts"]  # measured: 0.086 -> 0.203
+    assert after["adherence"] >= before["adherence"] + 8 / phantom_scores.SCORED["prompts"]  # measured: 0.086 -> 0.203
 
 
 @pytest.mark.parametrize("domain", ["shapes", "phantoms"])
@@ -114,6 +115,26 @@ def test_phantom_scores_tell_phantoms_from_shapes():
     assert readback.adherence(reader, images, captions)["adherence"] >= 0.95
 
 
+def test_adherence_is_valid_real_phantoms_read_back_and_shuffled_captions_at_chance():
+    """The instrument checked before it is trusted: real phantoms with their own captions are read back whole in at
+    least 95% of cases, and with each other's captions at chance (what the captions alone allow, inside the
+    shuffled figure's 95% interval). Their features lie on one sphere, and two disjoint draws of real phantoms
+    give the floor of phantom-FID, far below phantoms against shapes."""
+    reader = readback.load_reader(READERS / "phantoms.safetensors")
+    real = torch.stack([readback.to_tensor(im) for im in phantoms.drawn(256, 32, seed=1)[0]])
+    drawn, prompts = phantoms.drawn(256, 32, seed=2)
+    drawn = torch.stack([readback.to_tensor(im) for im in drawn])
+    reference = phantom_scores.reference_scores(reader, real, drawn, prompts, seed=0)
+    assert reference["adherence"] >= 0.95 and reference["intervals"]["adherence"][0] >= 0.9
+    assert all(reference["per_attribute"][k] >= 0.95 for k in ("sex", "lobe", "size", "device"))
+    shuffled = reference["shuffled"]
+    assert shuffled["chance"] < 0.1 and shuffled["interval"][0] <= shuffled["chance"] <= shuffled["interval"][1]
+    norms = torch.linalg.norm(reader.features(real), dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 8.0))
+    low, high = reference["intervals"]["FID-phantoms"]
+    assert low <= reference["FID-phantoms"] <= high < 5  # measured 0.5 [0.0, 1.3] at 128 against 256
+
+
 def test_eval_fid_reader_option_scores_folders_with_adherence(tmp_path, capsys):
     for name, seed in (("real", 1), ("fake", 2)):
         images, captions = phantoms.drawn(80, 32, seed)
@@ -127,6 +148,10 @@ def test_eval_fid_reader_option_scores_folders_with_adherence(tmp_path, capsys):
     assert report["features"] == "reader of phantoms" and set(report["fid"]) == {"phantoms"}
     assert report["adherence"]["adherence"] >= 0.95
     assert "adherence" in eval_fid.flat_metrics(report) and "FID-phantoms" in eval_fid.flat_metrics(report)
+    assert set(eval_fid.intervals_of(report)) == {"FID-phantoms", "KID", "adherence", "sex", "finding", "lobe",
+                                                  "size", "device"}
+    printed = capsys.readouterr().out
+    assert printed.count("95%") == 8 and "  lobe " in printed  # FID, KID, adherence and each attribute
     (tmp_path / "bad.txt").write_text("a large red circle in the upper left\n" * 80)
     with pytest.raises(SystemExit) as stop:
         eval_fid.main(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),

@@ -2,6 +2,7 @@
 the non-finite guard, and run-folder protection."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +11,7 @@ from methods import adapters
 from model import weights
 from model.sampling import add_noise
 from model.sd15 import tiny_sd15
+from evaluation import phantom_scores
 from training import diffusion, method_table
 import train
 
@@ -57,13 +59,23 @@ def test_embedded_default_writes_the_whole_run_folder(tmp_path, monkeypatch, cap
     assert json.loads(meta["ranks"]) == summary["final_ranks"] and meta["lambda"] == "1.1" and meta["t"] == "4"
     # figures are real PNGs; the samples are rows of real images (2), the base model's and the fine-tuned one's, 32 px
     assert Image.open(out / "rank_unet.png").size[0] > 200
-    assert Image.open(out / "previews" / "grid.png").size == (64, 96)
+    # the sheet: each image 4x (nearest), rows labelled at the left, captions over the columns
+    sheet, real = Image.open(out / "previews" / "grid.png").convert("RGB"), Image.open(out / "previews" / "00000.png")
+    left, top = sheet.width - 2 * (128 + 2), sheet.height - 3 * (128 + 2)
+    assert left > 30 and top > 20
+    assert np.array_equal(np.asarray(sheet.crop((left, top, left + 128, top + 128))),
+                          np.asarray(real.convert("RGB").resize((128, 128), Image.NEAREST)))
     assert json.loads((out / "previews" / "sampling.json").read_text()) == {
         "scheduler": "pndm", "steps": 3, "guidance": 3.0, "eta": 0.0, "seed": 0, "size": 32}  # the tiny model's
     config = json.loads((out / "config.json").read_text())["options"]
     assert (config["lr"], config["guidance"]) == (1e-3, 3.0)  # the embedded default's, recorded
-    assert set(summary["phantom_scores"]) == {"before", "after"}
-    assert summary["phantom_scores"]["before"]["images"] == train.SCORED["prompts"]
+    assert list(summary["phantom_scores"]) == ["real", "before", "after"]
+    for when, scores in summary["phantom_scores"].items():
+        for key in ("FID-phantoms", "KID", "adherence", *scores["per_attribute"]):
+            low, high = scores["intervals"][key]
+            assert low <= scores.get(key, scores["per_attribute"].get(key)) <= high, (when, key)
+    assert set(summary["phantom_scores"]["after"]["per_attribute"]) == {"sex", "finding", "lobe", "size", "device"}
+    assert summary["phantom_scores"]["before"]["images"] == phantom_scores.SCORED["prompts"]
 
 
 def test_resume_continues_exactly(tmp_path):
