@@ -45,9 +45,10 @@ from evaluation import phantom_scores
 
 PAPER_EPOCHS = {"iu-xray": 10, "montgomery": 100}  # section 3.5 (paper:148); other data sets default to 10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# the embedded default: 400 phantoms, 320 of them for training, 20 epochs of 40 steps, so t = 40 gives 20 tests; the
-# tiny model learns the phantoms at lr 1e-3, not at the authors' 1e-4, and its images saturate at guidance 7.5
-EMBEDDED = dict(size=32, epochs=20, images=400, lr=1e-3, guidance=3.0)
+# the embedded default (docs/tiny-sd.md, "How the recipe was chosen"): 2000 phantoms, 1600 of them for training, 8
+# epochs of 200 steps, so t = 80 gives 20 tests; the tiny model learns the phantoms at lr 1e-3, not at the authors'
+# 1e-4, its images saturate at guidance 7.5, and 400 phantoms were too few to bind the lobes to their words
+EMBEDDED = dict(size=32, epochs=8, images=2000, lr=1e-3, guidance=3.0, caption_dropout=0.0, t=80)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     a("--optimizer", default="adam", choices=("adam", "adamw"),
       help="Adam: the authors' script's (its line 450; the paper's table 4 was lost)")
     a("--weight-decay", type=cli.number(0.0), default=0.0)
+    a("--caption-dropout", type=cli.number(0.0, high=1.0),
+      help="share of training captions replaced by the empty one, for classifier-free guidance (default 0: the paper's "
+           f"and the script's; embedded default {EMBEDDED['caption_dropout']:g})")
     add_hardware_options(a)  # precision, memory and speed: --precision ... --timeout
     a("--seed", type=cli.integer(0, cli.SEEDS - 1), default=0)
     a("--data-seed", type=cli.integer(0, cli.SEEDS - 1),
@@ -155,7 +159,8 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--phantoms {args.phantoms}: the number of generated phantoms, which --data replaces; give one")
     if args.compile_mode != "default" and not args.compile:
         raise ValueError(f"--compile-mode {args.compile_mode} goes with --compile")
-    foreign = method_table.not_taken(args.method, given_options(p, argv))
+    given = given_options(p, argv)
+    foreign = method_table.not_taken(args.method, given)
     if foreign:
         own = ", ".join(map(cli.flag, method_table.taken(args.method))) or "none"
         raise ValueError(f"{', '.join(map(cli.flag, foreign))}: not an option of --method {args.method}, which "
@@ -167,6 +172,10 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
         args.phantoms = args.phantoms or EMBEDDED["images"]
     phantoms_default = embedded and args.data is None
     args.lr = args.lr or (EMBEDDED["lr"] if phantoms_default else 1e-4)
+    if phantoms_default and args.method == "selora" and "t" not in given:
+        args.t = EMBEDDED["t"]
+    if args.caption_dropout is None:
+        args.caption_dropout = EMBEDDED["caption_dropout"] if phantoms_default else 0.0
     if args.guidance is None:
         args.guidance = EMBEDDED["guidance"] if phantoms_default else GUIDANCE
     args.epochs = args.epochs or (EMBEDDED["epochs"] if phantoms_default else PAPER_EPOCHS.get(args.dataset, 10))
@@ -203,7 +212,7 @@ def resumed(p: argparse.ArgumentParser, argv: list[str] | None, run: Path) -> ar
     if options["guidance"] is None:  # a run from before --guidance: its previews were made at the pipeline's
         options["guidance"] = GUIDANCE
     if options["data"] is None and options["phantoms"] is None:  # a run from before --phantoms (its are kept)
-        options["phantoms"] = EMBEDDED["images"]
+        options["phantoms"] = 400  # the embedded default's count then
     args = argparse.Namespace(**options)
     run_folder.check_out(run, inputs(args))
     return args

@@ -1,5 +1,5 @@
 """Shared test set-up: make the flat top-level modules importable, fix seeds, and give in-process runs of train.py's
-embedded default 96 phantoms instead of 400 (the mechanics are the same; test_tiny_sd's check of what the default
+embedded default 96 phantoms instead of 2000 (the mechanics are the same; test_tiny_sd's check of what the default
 teaches runs it as it is)."""
 import sys
 from pathlib import Path

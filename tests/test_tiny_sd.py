@@ -64,15 +64,22 @@ def test_base_model_draws_held_out_captions_that_the_reader_reads_back():
 
 
 @pytest.mark.embedded_default_as_is
-def test_embedded_default_teaches_the_phantoms(tmp_path, monkeypatch):
-    """`python train.py` as it is (no options): the fine-tuned model's phantom-FID is lower and its adherence to
-    phantom captions higher than the base model's, on the same prompts, seed and real phantoms."""
+def test_embedded_default_teaches_the_phantoms(tmp_path, monkeypatch, capsys):
+    """`python train.py` as it is (no options): on the same prompts, seed and real phantoms, the fine-tuned model's
+    phantom-FID is far lower and its adherence higher than the base model's, it draws the named sex and places the
+    opacity's lobe above chance. Thresholds sit below the 95% intervals measured here (docs/tiny-sd.md), so that
+    another machine's run, which parts from this one's in the last bits, passes too."""
     monkeypatch.chdir(tmp_path)
     assert train.main([]) == 0
     scores = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())["phantom_scores"]
     before, after = scores["before"], scores["after"]
-    assert after["FID-phantoms"] < 0.9 * before["FID-phantoms"]  # measured: 9,980 -> 2,340
-    assert after["adherence"] >= before["adherence"] + 8 / phantom_scores.SCORED["prompts"]  # measured: 0.086 -> 0.203
+    assert after["FID-phantoms"] < 0.5 * before["FID-phantoms"]  # measured: 43.0 -> 3.0 [2.2, 4.0]
+    assert after["intervals"]["FID-phantoms"][1] < before["intervals"]["FID-phantoms"][0]
+    assert after["adherence"] >= before["adherence"] + 16 / phantom_scores.SCORED["prompts"]  # 0.086 -> 0.35 [0.27, 0.43]
+    assert after["per_attribute"]["sex"] >= 0.85  # 0.50 -> 1.00
+    assert after["per_attribute"]["lobe"] > 0.25  # chance; measured 0.00 -> 0.45 [0.35, 0.55]
+    printed = capsys.readouterr().out
+    assert "real phantoms (a disjoint draw): phantom-FID" in printed and "lobe" in printed and "95% intervals" in printed
 
 
 @pytest.mark.parametrize("domain", ["shapes", "phantoms"])

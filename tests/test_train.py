@@ -158,7 +158,7 @@ def test_a_run_configured_before_scheduler_resumes_with_pndm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"options": {"method": "selora", "seed": 0, "batch": 8,
                                                                   "epochs": 2}}))
     resumed = train.resolve(["--resume", str(tmp_path)])
-    assert (resumed.scheduler, resumed.guidance, resumed.phantoms) == ("pndm", 7.5, train.EMBEDDED["images"])
+    assert (resumed.scheduler, resumed.guidance, resumed.phantoms) == ("pndm", 7.5, 400)  # the count then
 
 
 def test_phantoms_go_without_data(tmp_path, capsys):
@@ -238,3 +238,22 @@ def test_gradient_checkpointing_end_to_end_and_on_resume(tmp_path):
                 assert (key in x) == (key in y)
                 if key in x:
                     assert y[key] == pytest.approx(x[key], rel=1e-6), (other.name, x["step"], key)
+
+
+def test_caption_dropout_empties_that_share_of_captions_and_at_zero_draws_nothing_more():
+    """--caption-dropout p: each training caption becomes the empty one with probability p, so the unconditional
+    prediction that guidance pushes from learns the new domain; at 0 (the paper's) the batch is the one without
+    the option, every random draw the same."""
+    class Ex:  # what noisy_batch reads of diffusion.Examples
+        mean, logvar = torch.randn(64, 4, 4, 4), torch.full((64, 4, 4, 4), -4.0)
+        ids, empty = torch.arange(64)[:, None].repeat(1, 77) + 1000, torch.zeros(77, dtype=torch.long)
+    index = torch.arange(64)
+    plain = diffusion.noisy_batch(Ex, index, torch.Generator().manual_seed(3))
+    zero = diffusion.noisy_batch(Ex, index, torch.Generator().manual_seed(3), 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
+    assert torch.equal(plain[3], Ex.ids)
+    dropped = [(diffusion.noisy_batch(Ex, index, torch.Generator().manual_seed(s), 0.25)[3] == 0).all(1) for s in range(20)]
+    share = torch.cat(dropped).float().mean().item()
+    assert 0.2 < share < 0.3  # 1,280 draws of p = 0.25: std 0.012
+    every = diffusion.noisy_batch(Ex, index, torch.Generator().manual_seed(0), 1.0)[3]
+    assert torch.equal(every, Ex.empty.repeat(64, 1))

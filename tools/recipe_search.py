@@ -21,6 +21,11 @@ CANDIDATES = {  # name -> train.py options beyond the embedded default's (train.
     "steps-1600": ["--epochs", "40", "--t", "80"],
     "phantoms-1000": ["--phantoms", "1000", "--epochs", "16", "--t", "80"],
     "lr-2e-3": ["--epochs", "40", "--t", "80", "--lr", "2e-3"],
+    "dropout-0.1": ["--caption-dropout", "0.1"],
+    "phantoms-2000": ["--phantoms", "2000", "--epochs", "8", "--t", "80"],
+    "phantoms-2000-dropout": ["--phantoms", "2000", "--epochs", "8", "--t", "80", "--caption-dropout", "0.1"],
+    "phantoms-2000-lr-2e-3": ["--phantoms", "2000", "--epochs", "8", "--t", "80", "--lr", "2e-3"],
+    "phantoms-3000": ["--phantoms", "3000", "--epochs", "5", "--t", "80"],
 }
 
 

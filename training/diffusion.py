@@ -70,6 +70,7 @@ class Examples:
         self.names = [e.name for e in examples]
         self.captions = [e.caption for e in examples]
         self.ids, self.truncated = sd.tokenizer.encode(self.captions) if examples else (torch.zeros(0, 77, dtype=torch.long), 0)
+        self.empty = sd.tokenizer.encode([""])[0][0]  # the empty caption's ids, what a dropped caption becomes
         if not examples:
             return
         vae_dtype = next(sd.vae.parameters()).dtype
@@ -84,13 +85,18 @@ class Examples:
 
 # ---------------------------------------------------------------- the step
 
-def noisy_batch(ex: Examples, index: torch.Tensor, gen: torch.Generator):
+def noisy_batch(ex: Examples, index: torch.Tensor, gen: torch.Generator, caption_dropout: float = 0.0):
     """(noisy latents, t, true noise, token ids) for the examples at `index`, drawn from `gen` on the CPU, so a
-    seed gives the same batch on every device."""
+    seed gives the same batch on every device. With `caption_dropout` p > 0, each caption is replaced by the
+    empty one with probability p (as SD 1.5 was trained, 10%), so that the model's unconditional prediction, the
+    one classifier-free guidance pushes away from, learns the new domain too; at 0, nothing more is drawn."""
     x0 = posterior_to_latents(ex.mean[index], ex.logvar[index], gen)
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(index),), generator=gen)
-    return add_noise(x0, noise, t), t, noise, ex.ids[index]
+    ids = ex.ids[index]
+    if caption_dropout > 0:
+        ids = torch.where((torch.rand(len(index), generator=gen) < caption_dropout)[:, None], ex.empty, ids)
+    return add_noise(x0, noise, t), t, noise, ids
 
 
 def denoising_loss(sd: SD15, batch, autocast) -> torch.Tensor:

@@ -45,7 +45,8 @@ OPTIONS = {
     "lam": dict(type=cli.number(1.0), help="SeLoRA threshold lambda, >= 1. Default: the rule's own, 1.1 for "
                                            "--expansion-test paper (the FI-ratio is never below 1, so 1 accepts any "
                                            "improvement), 1.3 for script (the script's call; expand when >=)"),
-    "t": dict(type=cli.integer(1), default=40, help="SeLoRA: test for expansion every t steps (paper and script: 40)"),
+    "t": dict(type=cli.integer(1), default=40, help="SeLoRA: test for expansion every t steps (paper and script: 40; "
+                                                              "train.py's embedded default: 80)"),
     "fisher": dict(choices=FISHER_MODES, help="SeLoRA Fisher estimator: per-sample (eq. 3; the paper rule's default) "
                                               "or squared batch gradient (the script's, and its rule's only one)"),
     "expansion_test": dict(default="paper", choices=EXPANSION_TESTS,

@@ -88,7 +88,8 @@ def fit(training: Training) -> bool:
                 if step <= counters["step"]:
                     continue  # resumed mid-epoch: these batches were trained before the interruption
                 tic = time.time()
-                batch = diffusion.noisy_batch(training.train_ex, index, training.gen)  # the global batch, in every process
+                batch = diffusion.noisy_batch(training.train_ex, index, training.gen,  # the global batch, in every process
+                                              args.caption_dropout or 0.0)  # None: a run from before the option
                 loss = diffusion.train_step(training.sd, batch, step, training.controller, training.optimizer, training.params, training.autocast,
                                             training.compiled)
                 bad = None if math.isfinite(loss) else f"the loss is {loss}"
