@@ -1,7 +1,7 @@
 """The search for the embedded default's recipe (docs/tiny-sd.md): train.py on the phantoms with each candidate's
 options, one after the other, and a table of what each reached (wall time, adherence and each attribute with their
 95% intervals, phantom-FID, total rank). A finished candidate's folder is kept and read again, so the search
-resumes where it stopped.
+resumes where it stopped. The search of issue 33 ran two candidates at a time, each with OMP_NUM_THREADS=1.
 
     .venv/bin/python tools/recipe_search.py [--out runs/recipe] [NAME ...]     # all candidates, or those named
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CANDIDATES = {  # name -> train.py options beyond the embedded default's (train.EMBEDDED), in the order tried
-    "default-800": [],
-    "steps-1600": ["--epochs", "40", "--t", "80"],
+    "default-800": ["--phantoms", "400", "--epochs", "20", "--t", "40"],  # the default before issue 33
+    "steps-1600": ["--phantoms", "400", "--epochs", "40", "--t", "80"],
     "phantoms-1000": ["--phantoms", "1000", "--epochs", "16", "--t", "80"],
     "lr-2e-3": ["--epochs", "40", "--t", "80", "--lr", "2e-3"],
-    "dropout-0.1": ["--caption-dropout", "0.1"],
+    "dropout-0.1": ["--phantoms", "400", "--epochs", "20", "--t", "40", "--caption-dropout", "0.1"],
     "phantoms-2000": ["--phantoms", "2000", "--epochs", "8", "--t", "80"],
     "phantoms-2000-dropout": ["--phantoms", "2000", "--epochs", "8", "--t", "80", "--caption-dropout", "0.1"],
     "phantoms-2000-lr-2e-3": ["--phantoms", "2000", "--epochs", "8", "--t", "80", "--lr", "2e-3"],
