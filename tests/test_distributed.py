@@ -30,6 +30,17 @@ RUN = ["--phantoms", "96", "--epochs", "2", "--t", "4", "--split", "43,11,46", "
 STEPS = 12  # 2 epochs of ceil(41 / 8) = 6 steps
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process runs sum on one thread, as torchrun's workers (OMP_NUM_THREADS=1) do: Adam turns the last-bit
+    differences of another thread count into steps of lr on parameters whose gradients are near 0, beyond any
+    tolerance the adapters are compared at."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,8 +69,8 @@ def double(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return out, torchrun("train.py", "--out", str(out), "--batch", "4", *RUN)
 
 
-def assert_same_training(a: Path, b: Path) -> None:
-    """Same steps, losses within float tolerance, the same expansion decisions, the same adapters."""
+def assert_same_training(a: Path, b: Path, atol: float = 1e-5) -> None:
+    """Same steps, losses within float tolerance, the same expansion decisions, the same adapters (within atol)."""
     la, lb = steps(a), steps(b)
     assert [(x["step"], "val_loss" in x) for x in la] == [(x["step"], "val_loss" in x) for x in lb]
     for x, y in zip(la, lb):
@@ -73,7 +84,7 @@ def assert_same_training(a: Path, b: Path) -> None:
         ta, tb = weights.load_file(a / name), weights.load_file(b / name)
         assert ta.keys() == tb.keys()
         for key in ta:
-            torch.testing.assert_close(tb[key], ta[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+            torch.testing.assert_close(tb[key], ta[key], rtol=1e-4, atol=atol, msg=f"{name}: {key}")
 
 
 def test_two_processes_train_what_one_process_with_twice_the_batch_trains(single, double):

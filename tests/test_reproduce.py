@@ -170,13 +170,18 @@ def test_reader_scores_the_kept_test_images_with_adherence_highest_best(study):
     assert set(rows) == {"lora", "selora"}
     header = report.split("## Image quality", 1)[1].split("| method | runs | ", 1)[1].split(" |\n", 1)[0]
     assert header.split(" | ") == ["FID-phantoms", "KID", "adherence"]
-    adherence = {m: float(cells[3].strip("*").split(" ± ")[0]) for m, cells in rows.items()}
-    assert all(0 <= a <= 1 for a in adherence.values())
-    best = max(adherence, key=adherence.get)
-    assert rows[best][3].startswith("**") and not rows[min(adherence, key=adherence.get)][3].startswith("**") \
-        or adherence["lora"] == adherence["selora"]
+    adherence = {m: cell(cells[3]) for m, cells in rows.items()}  # (mean, low, high): t interval over 2 seeds
+    assert all(0 <= a[0] <= 1 and a[1] <= a[0] <= a[2] for a in adherence.values())
+    best, worst = sorted(adherence, key=lambda m: adherence[m][0], reverse=True)
+    separated = adherence[best][1] > adherence[worst][2]
+    assert rows[best][3].startswith("**") == separated and not rows[worst][3].startswith("**")
     for cells in rows.values():
-        assert all(math.isfinite(float(c.strip("*").split(" ± ")[0])) for c in cells[1:])
+        assert all(math.isfinite(v) for c in cells[1:] for v in cell(c))
+
+
+def cell(text: str) -> tuple[float, ...]:
+    """A table cell 'mean [low, high]' (bold or not) as numbers."""
+    return tuple(float(v) for v in text.strip("*").replace("[", "").replace("]", "").replace(",", "").split())
 
 
 def test_mini_is_the_whole_study_scored_by_the_phantom_reader(tmp_path, capsys):

@@ -20,7 +20,7 @@ from model import weights
 from training import method_table
 from selora import SeLoRA, SeLoRALinear
 import train
-from tests.test_distributed import RUN, assert_same_training, torchrun
+from tests.test_distributed import RUN, assert_same_training, one_thread, torchrun  # noqa: F401 (one_thread: autouse)
 from tests.test_selora import MLP
 
 B = 8
@@ -200,7 +200,10 @@ def test_two_processes_decide_as_one_under_the_script_rule(single_script, tmp_pa
     result = torchrun("train.py", "--out", str(out), "--batch", "4", *RUN, *SCRIPT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert decisions(out) == decisions(single_script)
-    assert_same_training(single_script, out)
+    # The script rule resets Adam's state where a layer grows: its first steps move each weight by about lr
+    # whatever the gradient's size, so the all-reduced sums' last bits can flip a near-zero gradient's step. The
+    # decisions and losses are the same; the adapters within 2 x 12 steps of lr 1e-3.
+    assert_same_training(single_script, out, atol=0.024)
 
 
 def test_a_resumed_script_run_decides_as_an_uninterrupted_one(single_script, tmp_path):
